@@ -1,0 +1,154 @@
+"""Gemma 1 / Gemma 2 decoder as big_vision's `gemma.py` runs it.
+
+Per layer: RMSNorm -> attention (RoPE, MQA/GQA, optional logit softcap) [-> RMSNorm] -> residual
+-> RMSNorm -> GeGLU MLP [-> RMSNorm] -> residual. The bracketed post-norms are Gemma 2 only.
+Every layer attends globally: big_vision has no Gemma 2 sliding window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+from .kv_cache import KVCache
+
+RMS_NORM_EPS = 1e-6  # hard-coded in big_vision; config.norm_eps is never read
+MASK_FILL = -2.3819763e38  # big_vision's K_MASK; a finite fill keeps fully masked rows NaN-free
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
+        return (xf * (1.0 + self.scale.float())).to(x.dtype)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float) -> torch.Tensor:
+    """Rotate-half RoPE. x: [B, heads, T, H], positions: [B, T] -> [B, heads, T, H]."""
+    half = x.shape[-1] // 2
+    fraction = 2 * torch.arange(half, device=x.device, dtype=torch.float32) / x.shape[-1]
+    timescale = max_wavelength ** fraction
+    angles = positions.float()[:, None, :, None] / timescale  # [B, 1, T, half]
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache_index: int = 0) -> torch.Tensor:
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = may attend).
+
+        Without a cache S == T. With one, this call's keys land in slots
+        [cache_index, cache_index + T) and S == cache_index + T.
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        kv_heads, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
+        q = apply_rope(q, positions, cfg.rope_max_wavelength) * cfg.query_scale
+        k = apply_rope(k, positions, cfg.rope_max_wavelength)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_index, k, v)
+        # Query head n reads kv head n // groups: view q as [B, K, G, T, H], no kv copies.
+        q = q.view(b, kv_heads, groups, t, cfg.head_dim)
+        scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, K, G, T, S]
+        scores = softcap(scores, cfg.attn_logits_softcap)
+        scores = scores.masked_fill(~mask[:, None, None], MASK_FILL)
+        probs = scores.softmax(-1).to(v.dtype)
+        out = (probs @ v.unsqueeze(2)).view(b, cfg.num_heads, t, cfg.head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GeGLU(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pre_attention_norm = RMSNorm(cfg.width)
+        self.attn = Attention(cfg)
+        self.pre_ffw_norm = RMSNorm(cfg.width)
+        self.mlp = GeGLU(cfg)
+        if cfg.post_norms:
+            self.post_attention_norm = RMSNorm(cfg.width)
+            self.post_ffw_norm = RMSNorm(cfg.width)
+        self.post_norms = cfg.post_norms
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache_index: int = 0) -> torch.Tensor:
+        h = self.attn(self.pre_attention_norm(x), positions, mask, cache_index)
+        if self.post_norms:
+            h = self.post_attention_norm(h)
+        x = x + h
+        h = self.mlp(self.pre_ffw_norm(x))
+        if self.post_norms:
+            h = self.post_ffw_norm(h)
+        return x + h
+
+
+class GemmaDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedder = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.depth))
+        self.final_norm = RMSNorm(cfg.width)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, T] -> [B, T, D], scaled by sqrt(width) (image tokens never are)."""
+        return self.embedder(tokens) * self.cfg.embed_scale
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache_index: int = 0) -> torch.Tensor:
+        """Input embeddings [B, T, D] -> final-normed hidden states [B, T, D]."""
+        for layer in self.layers:
+            x = layer(x, positions, mask, cache_index)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., V] float32 through the tied embedding, final softcap if configured."""
+        logits = (hidden @ self.embedder.weight.T.to(hidden.dtype)).float()
+        return softcap(logits, self.cfg.final_logits_softcap)
+
+    def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocates one KVCache per layer (dtype defaults to the weights' dtype)."""
+        weight = self.embedder.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
+                                          dtype or weight.dtype, weight.device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
