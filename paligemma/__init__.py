@@ -1,9 +1,17 @@
 """PaliGemma 1 and 2 in PyTorch, numerically faithful to the official big_vision JAX code."""
 
 from .config import VARIANTS, PaliGemmaConfig, TextConfig, VisionConfig, get_config
-from .model import PaliGemma, make_attn_mask
+from .model import PaliGemmaModel, make_attn_mask
 from .weights import load_official
 
-__all__ = ["PaliGemma", "PaliGemmaConfig", "TextConfig", "VisionConfig", "VARIANTS",
-           "get_config", "load_official", "make_attn_mask"]
+__all__ = [
+    "PaliGemmaModel",
+    "PaliGemmaConfig",
+    "TextConfig",
+    "VisionConfig",
+    "VARIANTS",
+    "get_config",
+    "load_official",
+    "make_attn_mask",
+]
 __version__ = "0.1.0"

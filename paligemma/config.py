@@ -30,10 +30,14 @@ class VisionConfig:
     image_size: int = 224
 
     def __post_init__(self) -> None:
-        _require(self.width % self.num_heads == 0, f"vision width {self.width} is not divisible "
-                 f"by num_heads {self.num_heads}")
-        _require(self.image_size % self.patch_size == 0, f"image_size {self.image_size} is not "
-                 f"a multiple of patch_size {self.patch_size}")
+        _require(
+            self.width % self.num_heads == 0,
+            f"vision width {self.width} is not divisible by num_heads {self.num_heads}",
+        )
+        _require(
+            self.image_size % self.patch_size == 0,
+            f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -72,19 +76,25 @@ class TextConfig:
         for name in ("attn_logits_softcap", "final_logits_softcap"):
             if not getattr(self, name):
                 object.__setattr__(self, name, None)
-        _require(self.num_heads % self.num_kv_heads == 0, f"num_heads {self.num_heads} is not a "
-                 f"multiple of num_kv_heads {self.num_kv_heads}")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}",
+        )
         _require(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
-        _require(self.query_pre_attn_norm in ("rsqrt_head_dim", "rsqrt_emb_per_head"),
-                 f"unknown query_pre_attn_norm {self.query_pre_attn_norm!r}")
-        _require(self.param_dtype in ("float32", "bfloat16", "float16"),
-                 f"unknown param_dtype {self.param_dtype!r}")
+        _require(
+            self.query_pre_attn_norm in ("rsqrt_head_dim", "rsqrt_emb_per_head"),
+            f"unknown query_pre_attn_norm {self.query_pre_attn_norm!r}",
+        )
+        _require(
+            self.param_dtype in ("float32", "bfloat16", "float16"),
+            f"unknown param_dtype {self.param_dtype!r}",
+        )
 
     @property
     def query_scale(self) -> float:
         if self.query_pre_attn_norm == "rsqrt_emb_per_head":
             return (self.width // self.num_heads) ** -0.5
-        return self.head_dim ** -0.5
+        return self.head_dim**-0.5
 
     @property
     def embed_scale(self) -> float:
@@ -103,31 +113,35 @@ class PaliGemmaConfig:
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
-    def replace(self, **text_or_vision: Any) -> "PaliGemmaConfig":
+    def replace(self, **text_or_vision: Any) -> PaliGemmaConfig:
         """Copy with some fields changed, e.g. `cfg.replace(final_logits_softcap=None)`."""
         text = {k: v for k, v in text_or_vision.items() if k in _field_names(TextConfig)}
         vision = {k: v for k, v in text_or_vision.items() if k in _field_names(VisionConfig)}
         unknown = set(text_or_vision) - set(text) - set(vision)
         _require(not unknown, f"unknown config fields {sorted(unknown)}")
-        return PaliGemmaConfig(dataclasses.replace(self.vision, **vision),
-                               dataclasses.replace(self.text, **text), self.name)
+        return PaliGemmaConfig(
+            dataclasses.replace(self.vision, **vision),
+            dataclasses.replace(self.text, **text),
+            self.name,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PaliGemmaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PaliGemmaConfig:
         for part, typ in (("vision", VisionConfig), ("text", TextConfig)):
             unknown = set(d.get(part, {})) - _field_names(typ)
             _require(not unknown, f"unknown {part} config fields {sorted(unknown)}")
-        return cls(VisionConfig(**d.get("vision", {})), TextConfig(**d.get("text", {})),
-                   d.get("name"))
+        return cls(
+            VisionConfig(**d.get("vision", {})), TextConfig(**d.get("text", {})), d.get("name")
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "PaliGemmaConfig":
+    def load(cls, path: str | Path) -> PaliGemmaConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -144,24 +158,55 @@ def _require(ok: bool, message: str) -> None:
 # released and fine-tuned with final_logits_softcap=0.0 ("Better for transfer", forkme.py),
 # so the registry leaves the final softcap off; the attention softcap (50) stays.
 _GEMMA = {
-    "gemma_2b": TextConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1,
-                           head_dim=256),
-    "gemma2_2b": TextConfig(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4,
-                            head_dim=256, attn_logits_softcap=50.0, post_norms=True),
-    "gemma2_9b": TextConfig(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8,
-                            head_dim=256, attn_logits_softcap=50.0, post_norms=True),
-    "gemma2_27b": TextConfig(width=4608, depth=46, mlp_dim=36864, num_heads=32,
-                             num_kv_heads=16, head_dim=128, attn_logits_softcap=50.0,
-                             post_norms=True, query_pre_attn_norm="rsqrt_emb_per_head"),
+    "gemma_2b": TextConfig(
+        width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256
+    ),
+    "gemma2_2b": TextConfig(
+        width=2304,
+        depth=26,
+        mlp_dim=9216,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        attn_logits_softcap=50.0,
+        post_norms=True,
+    ),
+    "gemma2_9b": TextConfig(
+        width=3584,
+        depth=42,
+        mlp_dim=14336,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        attn_logits_softcap=50.0,
+        post_norms=True,
+    ),
+    "gemma2_27b": TextConfig(
+        width=4608,
+        depth=46,
+        mlp_dim=36864,
+        num_heads=32,
+        num_kv_heads=16,
+        head_dim=128,
+        attn_logits_softcap=50.0,
+        post_norms=True,
+        query_pre_attn_norm="rsqrt_emb_per_head",
+    ),
 }
-_FAMILIES = {"pg1-3b": "gemma_2b", "pg2-3b": "gemma2_2b", "pg2-10b": "gemma2_9b",
-             "pg2-28b": "gemma2_27b"}
+_FAMILIES = {
+    "pg1-3b": "gemma_2b",
+    "pg2-3b": "gemma2_2b",
+    "pg2-10b": "gemma2_9b",
+    "pg2-28b": "gemma2_27b",
+}
 RESOLUTIONS = (224, 448, 896)
 
 VARIANTS: dict[str, PaliGemmaConfig] = {
-    f"{family}-{res}": PaliGemmaConfig(VisionConfig(image_size=res), _GEMMA[gemma],
-                                       name=f"{family}-{res}")
-    for family, gemma in _FAMILIES.items() for res in RESOLUTIONS
+    f"{family}-{res}": PaliGemmaConfig(
+        VisionConfig(image_size=res), _GEMMA[gemma], name=f"{family}-{res}"
+    )
+    for family, gemma in _FAMILIES.items()
+    for res in RESOLUTIONS
 }
 
 

@@ -39,7 +39,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float) 
     """Rotate-half RoPE. x: [B, heads, T, H], positions: [B, T] -> [B, heads, T, H]."""
     half = x.shape[-1] // 2
     fraction = 2 * torch.arange(half, device=x.device, dtype=torch.float32) / x.shape[-1]
-    timescale = max_wavelength ** fraction
+    timescale = max_wavelength**fraction
     angles = positions.float()[:, None, :, None] / timescale  # [B, 1, T, half]
     sin, cos = torch.sin(angles), torch.cos(angles)
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -56,8 +56,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache_index: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
+    ) -> torch.Tensor:
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = may attend).
 
         Without a cache S == T. With one, this call's keys land in slots
@@ -106,8 +107,9 @@ class DecoderLayer(nn.Module):
             self.post_ffw_norm = RMSNorm(cfg.width)
         self.post_norms = cfg.post_norms
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache_index: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
+    ) -> torch.Tensor:
         h = self.attn(self.pre_attention_norm(x), positions, mask, cache_index)
         if self.post_norms:
             h = self.post_attention_norm(h)
@@ -130,8 +132,9 @@ class GemmaDecoder(nn.Module):
         """tokens: [B, T] -> [B, T, D], scaled by sqrt(width) (image tokens never are)."""
         return self.embedder(tokens) * self.cfg.embed_scale
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache_index: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
+    ) -> torch.Tensor:
         """Input embeddings [B, T, D] -> final-normed hidden states [B, T, D]."""
         for layer in self.layers:
             x = layer(x, positions, mask, cache_index)
@@ -146,8 +149,14 @@ class GemmaDecoder(nn.Module):
         """Allocates one KVCache per layer (dtype defaults to the weights' dtype)."""
         weight = self.embedder.weight
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
-                                          dtype or weight.dtype, weight.device)
+            layer.attn.kv_cache = KVCache(
+                batch,
+                self.cfg.num_kv_heads,
+                max_len,
+                self.cfg.head_dim,
+                dtype or weight.dtype,
+                weight.device,
+            )
 
     def clear_kv_cache(self) -> None:
         for layer in self.layers:

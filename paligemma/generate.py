@@ -8,12 +8,12 @@ continues each row's positions from its own length, so rows of any length share 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .model import PaliGemma, make_attn_mask
+from .model import PaliGemmaModel, make_attn_mask
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> tokens [B]
 
@@ -39,9 +39,15 @@ def right_align(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill(model: PaliGemma, images: torch.Tensor, tokens: torch.Tensor, mask_ar: torch.Tensor,
-            input_mask: torch.Tensor, max_new_tokens: int,
-            cache_dtype: torch.dtype | None = None) -> DecodeState:
+def prefill(
+    model: PaliGemmaModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    mask_ar: torch.Tensor,
+    input_mask: torch.Tensor,
+    max_new_tokens: int,
+    cache_dtype: torch.dtype | None = None,
+) -> DecodeState:
     """Runs the prompts and fills a fresh KV cache of P + max_new_tokens slots.
 
     images [B, 3, H, W]; tokens, mask_ar, input_mask [B, T], left-aligned (valid text tokens
@@ -65,23 +71,32 @@ def prefill(model: PaliGemma, images: torch.Tensor, tokens: torch.Tensor, mask_a
 
 
 @torch.no_grad()
-def decode_step(model: PaliGemma, state: DecodeState, tokens: torch.Tensor) -> DecodeState:
+def decode_step(model: PaliGemmaModel, state: DecodeState, tokens: torch.Tensor) -> DecodeState:
     """Feeds one token per row [B]; returns the state with the logits that follow it."""
     index = state.index
     key_valid = state.key_valid.clone()
     key_valid[:, index] = True
     x = model.decoder.embed_tokens(tokens[:, None])
-    hidden = model.decoder(x, state.next_position[:, None], key_valid[:, None, : index + 1],
-                           cache_index=index)
-    return DecodeState(key_valid, state.next_position + 1, index + 1,
-                       model.decoder.logits(hidden[:, -1]))
+    hidden = model.decoder(
+        x, state.next_position[:, None], key_valid[:, None, : index + 1], cache_index=index
+    )
+    return DecodeState(
+        key_valid, state.next_position + 1, index + 1, model.decoder.logits(hidden[:, -1])
+    )
 
 
 @torch.no_grad()
-def generate(model: PaliGemma, images: torch.Tensor, tokens: torch.Tensor, mask_ar: torch.Tensor,
-             input_mask: torch.Tensor, max_new_tokens: int, sampler: Sampler = greedy,
-             eos_id: int | None = None, cache_dtype: torch.dtype | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: PaliGemmaModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    mask_ar: torch.Tensor,
+    input_mask: torch.Tensor,
+    max_new_tokens: int,
+    sampler: Sampler = greedy,
+    eos_id: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generates up to max_new_tokens per row -> (tokens [B, n], logits [B, n, V]).
 
     Logits are those each token was chosen from. With eos_id, generation stops once every row

@@ -15,8 +15,15 @@ class KVCache(nn.Module):
     `cache_dtype="bfloat16"` does.
     """
 
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        batch: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -26,13 +33,16 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, index: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, index: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [B, K, T, H] written at `index`; returns all keys/values up to index + T."""
         end = index + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache overflow: writing slots [{index}, {end}) into a cache "
-                             f"of {self.max_len} slots")
+            raise ValueError(
+                f"KV cache overflow: writing slots [{index}, {end}) into a cache "
+                f"of {self.max_len} slots"
+            )
         self.k[:, :, index:end] = k
         self.v[:, :, index:end] = v
         return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)

@@ -1,4 +1,4 @@
-"""PaliGemma: SigLIP image tokens -> linear projector -> Gemma decoder with a prefix-LM mask."""
+"""PaliGemma model: SigLIP image tokens -> linear projector -> Gemma decoder, prefix-LM mask."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def make_attn_mask(input_mask: torch.Tensor, mask_ar: torch.Tensor) -> torch.Ten
     return mask & input_mask[:, None, :] & input_mask[:, :, None]
 
 
-class PaliGemma(nn.Module):
+class PaliGemmaModel(nn.Module):
     def __init__(self, config: PaliGemmaConfig):
         super().__init__()
         self.config = config
@@ -38,8 +38,13 @@ class PaliGemma(nn.Module):
         """Image tokens followed by text tokens: [B, N + T, D_text]."""
         return torch.cat([self.embed_image(images), self.decoder.embed_tokens(tokens)], dim=1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_ar: torch.Tensor,
-                input_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        mask_ar: torch.Tensor,
+        input_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training-style forward over image + text, no cache.
 
         images [B, 3, H, W]; tokens, mask_ar [B, T]; input_mask [B, T] bool, default all True

@@ -8,9 +8,9 @@ bounded by the largest array, not the checkpoint. Nothing is ever unpickled.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -18,8 +18,7 @@ import torch
 PARAMS_PREFIX = "params/"
 # numpy has no bfloat16: big_vision's checkpoints store it as raw 2-byte void (`|V2`).
 _NUMPY_TO_TORCH = {"float32": torch.float32, "float16": torch.float16, "V2": torch.bfloat16}
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16",
-                     torch.bfloat16: "bfloat16"}
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 class CheckpointError(ValueError):
@@ -50,8 +49,7 @@ class OfficialNpz:
         for path in paths:
             for key, info in _read_headers(path).items():
                 if key in self.arrays:
-                    raise CheckpointError(f"{path}: key {key!r} is also in "
-                                          f"{self.arrays[key].path}")
+                    raise CheckpointError(f"{path}: key {key!r} is also in {self.arrays[key].path}")
                 self.arrays[key] = info
 
     def keys(self) -> list[str]:
@@ -89,14 +87,19 @@ def _read_headers(path: Path) -> dict[str, ArrayInfo]:
             try:
                 with zf.open(member) as f:
                     version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = read_header(f)
             except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
                 raise CheckpointError(f"{path}: cannot read the header of {key!r}: {e}") from e
             name = "V2" if dtype == np.dtype("V2") else dtype.name
             if name not in _NUMPY_TO_TORCH:
-                raise CheckpointError(f"{path}: {key!r} has unsupported dtype {dtype.str!r} "
-                                      "(expected float32, float16 or bfloat16 stored as |V2)")
+                raise CheckpointError(
+                    f"{path}: {key!r} has unsupported dtype {dtype.str!r} "
+                    "(expected float32, float16 or bfloat16 stored as |V2)"
+                )
             arrays[key] = ArrayInfo(path, member, tuple(shape), _NUMPY_TO_TORCH[name])
     return arrays

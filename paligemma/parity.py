@@ -14,17 +14,18 @@ Every size is read from these files.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import PaliGemmaConfig, TextConfig, VisionConfig, _GEMMA
+from .config import _GEMMA, PaliGemmaConfig, TextConfig, VisionConfig
 from .gemma import softcap
 from .generate import generate
-from .model import PaliGemma, make_attn_mask
+from .model import PaliGemmaModel, make_attn_mask
 from .weights import load_official
 
 # Max-abs tolerances. f32 math on either side; the independent float64 re-implementation of the
@@ -38,8 +39,10 @@ TOL_LOGITS = 5e-3
 # itself moves them by 0.9-1.6 from the f32 cache. Tokens stay exact.
 TOL_BF16_CACHE_LOGITS = 0.5
 
-SOFTCAP_NOTE = ("official logits are pre-softcap here (big_vision skips the final softcap in "
-                "__call__ and prefill); compared after applying it")
+SOFTCAP_NOTE = (
+    "official logits are pre-softcap here (big_vision skips the final softcap in "
+    "__call__ and prefill); compared after applying it"
+)
 
 
 @dataclass
@@ -63,13 +66,23 @@ class Report:
 
     def table(self) -> str:
         rows = [("stage", "shape", "max_abs_err", "tol", "ok")]
-        rows += [(s.name, "x".join(map(str, s.shape)), f"{s.max_abs_err:.3g}", f"{s.tol:g}",
-                  "ok" if s.ok else "FAIL") for s in self.stages]
+        rows += [
+            (
+                s.name,
+                "x".join(map(str, s.shape)),
+                f"{s.max_abs_err:.3g}",
+                f"{s.tol:g}",
+                "ok" if s.ok else "FAIL",
+            )
+            for s in self.stages
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         notes = sorted({f"  * {s.name.split('[')[0]}: {s.note}" for s in self.stages if s.note})
-        verdict = f"{self.case}: {'PASS' if self.ok else 'FAIL'} " \
-                  f"({sum(s.ok for s in self.stages)}/{len(self.stages)} stages ok)"
+        verdict = (
+            f"{self.case}: {'PASS' if self.ok else 'FAIL'} "
+            f"({sum(s.ok for s in self.stages)}/{len(self.stages)} stages ok)"
+        )
         return "\n".join(lines + (["notes:"] + notes if notes else []) + [verdict])
 
 
@@ -80,13 +93,32 @@ def case_config(case: dict[str, Any], image_size: int) -> PaliGemmaConfig:
     patch = patch if isinstance(patch, int) else patch[0]
     variant = {**case.get("llm_variant_config", {}), **llm}  # model config overrides the variant
     base = _GEMMA.get(variant.get("variant", ""), TextConfig())
-    fields = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
-              "attn_logits_softcap", "final_logits_softcap", "post_norms", "query_pre_attn_norm")
+    fields = (
+        "width",
+        "depth",
+        "mlp_dim",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "vocab_size",
+        "attn_logits_softcap",
+        "final_logits_softcap",
+        "post_norms",
+        "query_pre_attn_norm",
+    )
     text = {f: variant[f] for f in fields if f in variant}
     return PaliGemmaConfig(
-        VisionConfig(width=img["width"], depth=img["depth"], mlp_dim=img["mlp_dim"],
-                     num_heads=img["num_heads"], patch_size=patch, image_size=image_size),
-        TextConfig(**{**asdict(base), **text}), name=case.get("case"))
+        VisionConfig(
+            width=img["width"],
+            depth=img["depth"],
+            mlp_dim=img["mlp_dim"],
+            num_heads=img["num_heads"],
+            patch_size=patch,
+            image_size=image_size,
+        ),
+        TextConfig(**{**asdict(base), **text}),
+        name=case.get("case"),
+    )
 
 
 class _Capture:
@@ -96,22 +128,31 @@ class _Capture:
         self.values: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
 
-    def output(self, name: str, module: torch.nn.Module,
-               fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
-        self.handles.append(module.register_forward_hook(
-            lambda m, args, out: self.values.__setitem__(name, fn(out))))
+    def output(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> None:
+        self.handles.append(
+            module.register_forward_hook(
+                lambda m, args, out: self.values.__setitem__(name, fn(out))
+            )
+        )
 
     def input(self, name: str, module: torch.nn.Module) -> None:
-        self.handles.append(module.register_forward_pre_hook(
-            lambda m, args: self.values.__setitem__(name, args[0])))
+        self.handles.append(
+            module.register_forward_pre_hook(lambda m, args: self.values.__setitem__(name, args[0]))
+        )
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def _capture_forward(model: PaliGemma, images: torch.Tensor, text: torch.Tensor,
-                     mask_ar: torch.Tensor) -> dict[str, torch.Tensor]:
+def _capture_forward(
+    model: PaliGemmaModel, images: torch.Tensor, text: torch.Tensor, mask_ar: torch.Tensor
+) -> dict[str, torch.Tensor]:
     cap = _Capture()
     vision, decoder = model.vision, model.decoder
     cap.output("img_stem", vision.patch_embed, lambda t: t.permute(0, 2, 3, 1))  # NCHW -> NHWC
@@ -156,11 +197,18 @@ def run_case(case_dir: str | Path) -> Report:
     cap_final = config.text.final_logits_softcap
     stages: list[Stage] = []
 
-    def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float, note: str = "",
-                exact: bool = False) -> None:
+    def compare(
+        name: str,
+        ours: torch.Tensor,
+        ref: torch.Tensor,
+        tol: float,
+        note: str = "",
+        exact: bool = False,
+    ) -> None:
         if tuple(ours.shape) != tuple(ref.shape):
-            raise ValueError(f"stage {name}: our shape {list(ours.shape)} != official "
-                             f"{list(ref.shape)}")
+            raise ValueError(
+                f"stage {name}: our shape {list(ours.shape)} != official {list(ref.shape)}"
+            )
         if exact:  # integers / booleans: count mismatches
             err = float((ours.long() != ref.long()).sum())
         else:
@@ -170,51 +218,102 @@ def run_case(case_dir: str | Path) -> Report:
     # Forward (Model.__call__): every recorded activation, in order.
     acts = _capture_forward(model, images, vec["text"].long(), vec["mask_ar"].long())
     n_img = acts["zimg"].shape[1]
-    full_ar = torch.cat([torch.zeros(images.shape[0], n_img, dtype=torch.long),
-                         vec["mask_ar"].long()], 1)
+    full_ar = torch.cat(
+        [torch.zeros(images.shape[0], n_img, dtype=torch.long), vec["mask_ar"].long()], 1
+    )
     if "attn_mask" in vec:
-        compare("attn_mask", make_attn_mask(torch.ones_like(full_ar, dtype=torch.bool), full_ar),
-                vec["attn_mask"], 0, "mismatching entries", exact=True)
+        compare(
+            "attn_mask",
+            make_attn_mask(torch.ones_like(full_ar, dtype=torch.bool), full_ar),
+            vec["attn_mask"],
+            0,
+            "mismatching entries",
+            exact=True,
+        )
     for name, ours in acts.items():
         if name in vec and name not in ("text_logits", "llm_logits"):
             compare(name, ours, vec[name], TOL_ZIMG if name == "zimg" else TOL_HIDDEN)
     if "llm_logits" in vec:
         compare("llm_logits", acts["llm_logits"], vec["llm_logits"], TOL_LOGITS)
     valid = vec["input_mask"].bool()
-    compare("text_logits", acts["text_logits"][valid], softcap(vec["text_logits"][valid], cap_final),
-            TOL_LOGITS, (SOFTCAP_NOTE if cap_final else "") + " (valid positions only)")
+    compare(
+        "text_logits",
+        acts["text_logits"][valid],
+        softcap(vec["text_logits"][valid], cap_final),
+        TOL_LOGITS,
+        (SOFTCAP_NOTE if cap_final else "") + " (valid positions only)",
+    )
 
     # Greedy decode: prefill_cache + extend_cache.
-    prompt = (vec["prompt_text"].long(), vec["prompt_mask_ar"].long(),
-              vec["prompt_input_mask"].bool())
+    prompt = (
+        vec["prompt_text"].long(),
+        vec["prompt_mask_ar"].long(),
+        vec["prompt_input_mask"].bool(),
+    )
     steps = vec["decode_tokens"].shape[1]
     lengths = prompt[2].sum(1) + n_img
     if "prefill_cache_begin" in vec:
         p = n_img + prompt[0].shape[1]
-        compare("prefill_cache_begin", p - lengths, vec["prefill_cache_begin"], 0,
-                "right-alignment offsets", exact=True)
+        compare(
+            "prefill_cache_begin",
+            p - lengths,
+            vec["prefill_cache_begin"],
+            0,
+            "right-alignment offsets",
+            exact=True,
+        )
     if "prompt_attn_mask" in vec:
         valid_p = torch.cat([torch.ones(len(lengths), n_img, dtype=torch.bool), prompt[2]], 1)
         ar_p = torch.cat([torch.zeros(len(lengths), n_img, dtype=torch.long), prompt[1]], 1)
-        compare("prompt_attn_mask", make_attn_mask(valid_p, ar_p), vec["prompt_attn_mask"], 0,
-                "mismatching entries", exact=True)
+        compare(
+            "prompt_attn_mask",
+            make_attn_mask(valid_p, ar_p),
+            vec["prompt_attn_mask"],
+            0,
+            "mismatching entries",
+            exact=True,
+        )
 
-    def decode_stages(suffix: str, m: PaliGemma, cache_dtype: torch.dtype | None, cap: float | None,
-                      tol: float, note: str) -> None:
+    def decode_stages(
+        suffix: str,
+        m: PaliGemmaModel,
+        cache_dtype: torch.dtype | None,
+        cap: float | None,
+        tol: float,
+        note: str,
+    ) -> None:
         tokens, logits = generate(m, images, *prompt, max_new_tokens=steps, cache_dtype=cache_dtype)
         ref_logits = vec[f"decode{suffix}_logits"].clone()
         ref_logits[:, 0] = softcap(ref_logits[:, 0], cap)
         softcap_note = "; step 0 " + SOFTCAP_NOTE if cap else ""
         compare(f"decode{suffix}_logits", logits, ref_logits, tol, note + softcap_note)
-        compare(f"decode{suffix}_tokens", tokens, vec[f"decode{suffix}_tokens"], 0,
-                "mismatching tokens", exact=True)
+        compare(
+            f"decode{suffix}_tokens",
+            tokens,
+            vec[f"decode{suffix}_tokens"],
+            0,
+            "mismatching tokens",
+            exact=True,
+        )
 
     decode_stages("", model, torch.float32, cap_final, TOL_LOGITS, "f32 KV cache")
     if "decode_bf16cache_logits" in vec:
-        decode_stages("_bf16cache", model, torch.bfloat16, cap_final, TOL_BF16_CACHE_LOGITS,
-                      "bf16 KV cache (big_vision's default), prefill attends to rounded K/V")
+        decode_stages(
+            "_bf16cache",
+            model,
+            torch.bfloat16,
+            cap_final,
+            TOL_BF16_CACHE_LOGITS,
+            "bf16 KV cache (big_vision's default), prefill attends to rounded K/V",
+        )
     if "decode_final_softcap0_logits" in vec:
         model0 = load_official(case_dir / "params.npz", config.replace(final_logits_softcap=None))
-        decode_stages("_final_softcap0", model0, torch.float32, None, TOL_LOGITS,
-                      "final_logits_softcap=0.0 as in the PaliGemma 2 transfer configs")
+        decode_stages(
+            "_final_softcap0",
+            model0,
+            torch.float32,
+            None,
+            TOL_LOGITS,
+            "final_logits_softcap=0.0 as in the PaliGemma 2 transfer configs",
+        )
     return Report(case.get("case", case_dir.name), all(s.ok for s in stages), stages)

@@ -29,9 +29,11 @@ class SiglipAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D]."""
         b, n, _ = x.shape
-        q, k, v = (proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        scores = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)  # [B, heads, N, N]
+        q, k, v = (
+            proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)  # [B, heads, N, N]
         probs = scores.float().softmax(-1).to(v.dtype)
         out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
         return self.out_proj(out)
@@ -73,8 +75,9 @@ class SiglipVisionEncoder(nn.Module):
         """images: [B, 3, H, W] in [-1, 1] -> patch features [B, N, D], N = (H/patch)*(W/patch)."""
         size = self.cfg.image_size
         if images.shape[1:] != (3, size, size):
-            raise ValueError(f"expected images of shape [B, 3, {size}, {size}], "
-                             f"got {list(images.shape)}")
+            raise ValueError(
+                f"expected images of shape [B, 3, {size}, {size}], got {list(images.shape)}"
+            )
         x = self.patch_embed(images.to(self.pos_embedding.dtype))  # [B, D, h, w]
         x = x.flatten(2).transpose(1, 2) + self.pos_embedding  # row-major patches
         for block in self.blocks:

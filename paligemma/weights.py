@@ -14,14 +14,14 @@ Official layouts (gotcha 2 of the reference notes):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
 from .config import VARIANTS, PaliGemmaConfig
-from .model import PaliGemma
+from .model import PaliGemmaModel
 from .npz import TORCH_DTYPE_NAMES, CheckpointError, OfficialNpz
 
 
@@ -42,8 +42,9 @@ CONV = Transform(lambda w: (w.permute(3, 2, 0, 1),), lambda w: w.permute(2, 3, 1
 
 def vit_qkv_kernel(heads: int) -> Transform:
     """(D, heads, head_dim) <-> Linear weight (heads * head_dim, D)."""
-    return Transform(lambda w: (w.reshape(w.shape[0], -1).T,),
-                     lambda w: w.T.reshape(w.shape[1], heads, -1))
+    return Transform(
+        lambda w: (w.reshape(w.shape[0], -1).T,), lambda w: w.T.reshape(w.shape[1], heads, -1)
+    )
 
 
 def vit_qkv_bias(heads: int) -> Transform:
@@ -53,8 +54,9 @@ def vit_qkv_bias(heads: int) -> Transform:
 
 def vit_out_kernel(heads: int) -> Transform:
     """(heads, head_dim, D) <-> Linear weight (D, heads * head_dim)."""
-    return Transform(lambda w: (w.reshape(-1, w.shape[-1]).T,),
-                     lambda w: w.T.reshape(heads, -1, w.shape[0]))
+    return Transform(
+        lambda w: (w.reshape(-1, w.shape[-1]).T,), lambda w: w.T.reshape(heads, -1, w.shape[0])
+    )
 
 
 def _einsum_in(w: torch.Tensor) -> torch.Tensor:
@@ -73,14 +75,17 @@ def einsum_in(heads: int) -> Transform:
 
 def einsum_in_stacked(heads: int) -> Transform:
     """`kv_einsum/w` (2, K, D, H) -> k, v; `qkv_einsum/w` (3, N, D, H) -> q, k, v."""
-    return Transform(lambda w: tuple(_einsum_in(p) for p in w.unbind(0)),
-                     lambda *ws: torch.stack([_einsum_in_inverse(p, heads) for p in ws]))
+    return Transform(
+        lambda w: tuple(_einsum_in(p) for p in w.unbind(0)),
+        lambda *ws: torch.stack([_einsum_in_inverse(p, heads) for p in ws]),
+    )
 
 
 def einsum_out(heads: int) -> Transform:
     """`attn_vec_einsum/w` (N, H, D) <-> Linear weight (D, N * H)."""
-    return Transform(lambda w: (w.reshape(-1, w.shape[-1]).T,),
-                     lambda w: w.T.reshape(heads, -1, w.shape[0]))
+    return Transform(
+        lambda w: (w.reshape(-1, w.shape[-1]).T,), lambda w: w.T.reshape(heads, -1, w.shape[0])
+    )
 
 
 # `gating_einsum` (2, D, F): [0] is the gate (through gelu), [1] the up projection.
@@ -90,7 +95,7 @@ GATING = Transform(lambda w: (w[0].T, w[1].T), lambda gate, up: torch.stack([gat
 @dataclass(frozen=True)
 class WeightRule:
     official: str  # big_vision name without the "params/" prefix
-    ours: tuple[str, ...]  # PaliGemma state_dict names; "{i}" is the layer index if stacked
+    ours: tuple[str, ...]  # PaliGemmaModel.state_dict() names; "{i}" is the layer index if stacked
     stacked: bool
     transform: Transform
 
@@ -100,20 +105,32 @@ class WeightRule:
 
 def weight_rules(config: PaliGemmaConfig) -> list[WeightRule]:
     v, t = config.vision, config.text
-    blk, mha = "img/Transformer/encoderblock/", "img/Transformer/encoderblock/" \
-        "MultiHeadDotProductAttention_0/"
+    blk, mha = (
+        "img/Transformer/encoderblock/",
+        "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/",
+    )
     vb, lb = "vision.blocks.{i}.", "decoder.layers.{i}."
     if t.num_kv_heads == t.num_heads:  # gemma.py then uses one fused qkv einsum
-        qkv = [("llm/layers/attn/qkv_einsum/w",
+        qkv = [
+            (
+                "llm/layers/attn/qkv_einsum/w",
                 (lb + "attn.q_proj.weight", lb + "attn.k_proj.weight", lb + "attn.v_proj.weight"),
-                einsum_in_stacked(t.num_heads))]
+                einsum_in_stacked(t.num_heads),
+            )
+        ]
     else:
-        qkv = [("llm/layers/attn/q_einsum/w", (lb + "attn.q_proj.weight",), einsum_in(t.num_heads)),
-               ("llm/layers/attn/kv_einsum/w", (lb + "attn.k_proj.weight", lb + "attn.v_proj.weight"),
-                einsum_in_stacked(t.num_kv_heads))]
-    post_norms = [("llm/layers/post_attention_norm/scale", (lb + "post_attention_norm.scale",),
-                   IDENTITY),
-                  ("llm/layers/post_ffw_norm/scale", (lb + "post_ffw_norm.scale",), IDENTITY)]
+        qkv = [
+            ("llm/layers/attn/q_einsum/w", (lb + "attn.q_proj.weight",), einsum_in(t.num_heads)),
+            (
+                "llm/layers/attn/kv_einsum/w",
+                (lb + "attn.k_proj.weight", lb + "attn.v_proj.weight"),
+                einsum_in_stacked(t.num_kv_heads),
+            ),
+        ]
+    post_norms = [
+        ("llm/layers/post_attention_norm/scale", (lb + "post_attention_norm.scale",), IDENTITY),
+        ("llm/layers/post_ffw_norm/scale", (lb + "post_ffw_norm.scale",), IDENTITY),
+    ]
     # (official name, our names, transform); stacked rows are those with "{i}" in our names.
     table = [
         ("img/embedding/kernel", ("vision.patch_embed.weight",), CONV),
@@ -142,10 +159,17 @@ def weight_rules(config: PaliGemmaConfig) -> list[WeightRule]:
         ("llm/embedder/input_embedding", ("decoder.embedder.weight",), IDENTITY),
         ("llm/layers/pre_attention_norm/scale", (lb + "pre_attention_norm.scale",), IDENTITY),
         *qkv,
-        ("llm/layers/attn/attn_vec_einsum/w", (lb + "attn.o_proj.weight",), einsum_out(t.num_heads)),
+        (
+            "llm/layers/attn/attn_vec_einsum/w",
+            (lb + "attn.o_proj.weight",),
+            einsum_out(t.num_heads),
+        ),
         ("llm/layers/pre_ffw_norm/scale", (lb + "pre_ffw_norm.scale",), IDENTITY),
-        ("llm/layers/mlp/gating_einsum", (lb + "mlp.gate_proj.weight", lb + "mlp.up_proj.weight"),
-         GATING),
+        (
+            "llm/layers/mlp/gating_einsum",
+            (lb + "mlp.gate_proj.weight", lb + "mlp.up_proj.weight"),
+            GATING,
+        ),
         ("llm/layers/mlp/linear", (lb + "mlp.down_proj.weight",), DENSE),
         *(post_norms if t.post_norms else []),
         ("llm/final_norm/scale", ("decoder.final_norm.scale",), IDENTITY),
@@ -157,29 +181,34 @@ def _depth(rule: WeightRule, config: PaliGemmaConfig) -> int:
     return config.vision.depth if rule.official.startswith("img/") else config.text.depth
 
 
-def to_official(rule: WeightRule, state: dict[str, torch.Tensor],
-                config: PaliGemmaConfig) -> torch.Tensor:
+def to_official(
+    rule: WeightRule, state: dict[str, torch.Tensor], config: PaliGemmaConfig
+) -> torch.Tensor:
     """Our tensors for one rule -> the official array (layers stacked on axis 0)."""
     if not rule.stacked:
         return rule.transform.to_official(*(state[n] for n in rule.our_names()))
-    return torch.stack([rule.transform.to_official(*(state[n] for n in rule.our_names(i)))
-                        for i in range(_depth(rule, config))])
+    return torch.stack(
+        [
+            rule.transform.to_official(*(state[n] for n in rule.our_names(i)))
+            for i in range(_depth(rule, config))
+        ]
+    )
 
 
 def to_ours(rule: WeightRule, array: torch.Tensor) -> dict[str, torch.Tensor]:
     """One official array -> {our name: tensor}."""
     if not rule.stacked:
-        return dict(zip(rule.our_names(), rule.transform.to_ours(array)))
+        return dict(zip(rule.our_names(), rule.transform.to_ours(array), strict=True))
     out = {}
     for i, layer in enumerate(array.unbind(0)):
-        out.update(zip(rule.our_names(i), rule.transform.to_ours(layer)))
+        out.update(zip(rule.our_names(i), rule.transform.to_ours(layer), strict=True))
     return out
 
 
 def official_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
     """Every official key and its shape for `config`, derived on the meta device."""
     with torch.device("meta"):
-        state = PaliGemma(config).state_dict()
+        state = PaliGemmaModel(config).state_dict()
     return {r.official: tuple(to_official(r, state, config).shape) for r in weight_rules(config)}
 
 
@@ -194,16 +223,21 @@ def check_layout(ckpt: OfficialNpz, config: PaliGemmaConfig) -> None:
     where = ", ".join(str(p) for p in ckpt.paths)
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"{where}: missing key(s) {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''} for config {config.name or ''}")
+        raise CheckpointError(
+            f"{where}: missing key(s) {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} for config {config.name or ''}"
+        )
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected key(s) {unexpected[:5]}"
-                              f"{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(
+            f"{where}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     for key, shape in expected.items():
         if found[key] != shape:
-            raise CheckpointError(f"{ckpt.arrays[key].path}: {key!r} has shape {list(found[key])}, "
-                                  f"expected {list(shape)}")
+            raise CheckpointError(
+                f"{ckpt.arrays[key].path}: {key!r} has shape {list(found[key])}, "
+                f"expected {list(shape)}"
+            )
 
 
 def resolve_config(ckpt: OfficialNpz, config: PaliGemmaConfig | str | None) -> PaliGemmaConfig:
@@ -218,7 +252,8 @@ def resolve_config(ckpt: OfficialNpz, config: PaliGemmaConfig | str | None) -> P
         if len(candidates) != 1:
             raise CheckpointError(
                 f"{', '.join(map(str, ckpt.paths))}: cannot detect the variant from the shapes "
-                f"(candidates: {candidates or 'none'}); pass a variant name or a config")
+                f"(candidates: {candidates or 'none'}); pass a variant name or a config"
+            )
         config = VARIANTS[candidates[0]]
     embedding = ckpt.arrays.get("llm/embedder/input_embedding")
     if embedding is not None:
@@ -226,11 +261,13 @@ def resolve_config(ckpt: OfficialNpz, config: PaliGemmaConfig | str | None) -> P
     return config
 
 
-def load_official(paths: str | Path | Iterable[str | Path],
-                  config: PaliGemmaConfig | str | None = None,
-                  dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> PaliGemma:
-    """Builds a PaliGemma from an official big_vision `.npz` (one file or its parts).
+def load_official(
+    paths: str | Path | Iterable[str | Path],
+    config: PaliGemmaConfig | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> PaliGemmaModel:
+    """Builds the model from an official big_vision `.npz` (one file or its parts).
 
     The model is created on the meta device and filled one official array at a time, so peak
     memory is the model in `dtype` plus one array. `dtype=float32` (default) reproduces the
@@ -240,7 +277,7 @@ def load_official(paths: str | Path | Iterable[str | Path],
     config = resolve_config(ckpt, config)
     check_layout(ckpt, config)
     with torch.device("meta"):
-        model = PaliGemma(config)
+        model = PaliGemmaModel(config)
     state = {}
     for rule in weight_rules(config):
         for name, tensor in to_ours(rule, ckpt.read(rule.official)).items():
