@@ -97,6 +97,16 @@ class TextConfig:
         return self.head_dim**-0.5
 
     @property
+    def param_math_dtype(self) -> torch.dtype | None:
+        """dtype of the two ops big_vision runs in the parameters' dtype, if it rounds them.
+
+        `embedding * sqrt(width)` and RMSNorm's `1 + scale` are computed in the parameter dtype.
+        Under jit, XLA keeps bf16 results in f32 (excess precision) but rounds f16 ones, so
+        only f16 checkpoints round (measured against big_vision on CPU).
+        """
+        return torch.float16 if self.param_dtype == "float16" else None
+
+    @property
     def embed_scale(self) -> float:
         """sqrt(width), rounded to `param_dtype` as big_vision does."""
         dtype = getattr(torch, self.param_dtype)

@@ -19,16 +19,21 @@ MASK_FILL = -2.3819763e38  # big_vision's K_MASK; a finite fill keeps fully mask
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32.
 
-    def __init__(self, dim: int):
+    `1 + scale` is rounded to `math_dtype` if given (see TextConfig.param_math_dtype).
+    """
+
+    def __init__(self, dim: int, math_dtype: torch.dtype | None = None):
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(dim))
+        self.math_dtype = math_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
-        return (xf * (1.0 + self.scale.float())).to(x.dtype)
+        gain = 1.0 + self.scale.to(self.math_dtype or torch.float32)
+        return (xf * gain.float()).to(x.dtype)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -55,6 +60,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.kv_cache: KVCache | None = None
+        self.probs = nn.Identity()  # hook point: attention probabilities [B, K, G, T, S]
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
@@ -79,7 +85,7 @@ class Attention(nn.Module):
         scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, K, G, T, S]
         scores = softcap(scores, cfg.attn_logits_softcap)
         scores = scores.masked_fill(~mask[:, None, None], MASK_FILL)
-        probs = scores.softmax(-1).to(v.dtype)
+        probs = self.probs(scores.softmax(-1)).to(v.dtype)
         out = (probs @ v.unsqueeze(2)).view(b, cfg.num_heads, t, cfg.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -98,13 +104,13 @@ class GeGLU(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.pre_attention_norm = RMSNorm(cfg.width)
+        self.pre_attention_norm = RMSNorm(cfg.width, cfg.param_math_dtype)
         self.attn = Attention(cfg)
-        self.pre_ffw_norm = RMSNorm(cfg.width)
+        self.pre_ffw_norm = RMSNorm(cfg.width, cfg.param_math_dtype)
         self.mlp = GeGLU(cfg)
         if cfg.post_norms:
-            self.post_attention_norm = RMSNorm(cfg.width)
-            self.post_ffw_norm = RMSNorm(cfg.width)
+            self.post_attention_norm = RMSNorm(cfg.width, cfg.param_math_dtype)
+            self.post_ffw_norm = RMSNorm(cfg.width, cfg.param_math_dtype)
         self.post_norms = cfg.post_norms
 
     def forward(
@@ -126,11 +132,15 @@ class GemmaDecoder(nn.Module):
         self.cfg = cfg
         self.embedder = nn.Embedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.depth))
-        self.final_norm = RMSNorm(cfg.width)
+        self.final_norm = RMSNorm(cfg.width, cfg.param_math_dtype)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, T] -> [B, T, D], scaled by sqrt(width) (image tokens never are)."""
-        return self.embedder(tokens) * self.cfg.embed_scale
+        x = self.embedder(tokens)
+        math_dtype = self.cfg.param_math_dtype
+        if math_dtype is not None:
+            return (x.to(math_dtype) * self.cfg.embed_scale).to(x.dtype)
+        return x * self.cfg.embed_scale
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0

@@ -77,7 +77,9 @@ class Report:
             for s in self.stages
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         notes = sorted({f"  * {s.name.split('[')[0]}: {s.note}" for s in self.stages if s.note})
         verdict = (
             f"{self.case}: {'PASS' if self.ok else 'FAIL'} "
@@ -296,7 +298,15 @@ def run_case(case_dir: str | Path) -> Report:
             exact=True,
         )
 
-    decode_stages("", model, torch.float32, cap_final, TOL_LOGITS, "f32 KV cache")
+    main_cache = case.get("decode", {}).get("kv_cache_dtype_decode_tokens", "float32")
+    decode_stages(
+        "",
+        model,
+        getattr(torch, main_cache),
+        cap_final,
+        TOL_LOGITS if main_cache == "float32" else TOL_BF16_CACHE_LOGITS,
+        f"{main_cache} KV cache",
+    )
     if "decode_bf16cache_logits" in vec:
         decode_stages(
             "_bf16cache",
