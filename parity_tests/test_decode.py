@@ -101,9 +101,12 @@ def test_grouped_attention_reads_kv_head_n_over_groups():
         out = attn(x, pos, mask)
         # Same weights as full multi-head attention with each kv head repeated per group.
         mha = tiny_model(num_heads=4, num_kv_heads=4).decoder.layers[0].attn
+        def per_query_head(w):  # [K * H, D] -> [N * H, D], kv head k serves heads kG..kG+G-1
+            return w.view(2, 16, 48).repeat_interleave(2, 0).reshape(64, 48)
+
         mha.load_state_dict({
             "q_proj.weight": attn.q_proj.weight, "o_proj.weight": attn.o_proj.weight,
-            "k_proj.weight": attn.k_proj.weight.view(2, 16, 48).repeat_interleave(2, 0).reshape(64, 48),
-            "v_proj.weight": attn.v_proj.weight.view(2, 16, 48).repeat_interleave(2, 0).reshape(64, 48),
+            "k_proj.weight": per_query_head(attn.k_proj.weight),
+            "v_proj.weight": per_query_head(attn.v_proj.weight),
         })
         torch.testing.assert_close(mha(x, pos, mask), out, atol=1e-5, rtol=0)
