@@ -1,15 +1,22 @@
-"""Prefill + cached decoding, separate from the model.
+"""Prefill + cached decoding, separate from the model: greedy, sampling, beam search, streaming.
 
 Layout, as big_vision's `prefill_cache` / `extend_cache`: each prompt row (image tokens, then
 text) is right-aligned so that every row ends at cache slot P-1 (P = longest prompt); padding
 sits in front and is masked out as a key. Decode step t writes all rows at slot P + t and
 continues each row's positions from its own length, so rows of any length share one cache.
+The prompt is run once; every later step feeds one token per row and reuses the cache.
+
+Logits: our model applies the final logit softcap (if configured) at every step. big_vision
+skips it on the prefill step (reference gotcha 12); argmax is unaffected, but temperature /
+top-p sampling and beam scores see the capped logits on every step here. The PaliGemma 2
+transfer configs disable the final softcap, so for them both agree exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +28,41 @@ Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> tokens [B]
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """Argmax; ties go to the lowest id as in big_vision."""
     return logits.argmax(-1)
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Sampler:
+    """Temperature 0 is greedy. Otherwise samples from softmax(logits / temperature) restricted
+    to the top_k ids and/or to the nucleus: the smallest set of most likely ids whose
+    probability reaches top_p (big_vision's `nucleus` sampler; ids tied with the cutoff stay).
+    Pass a seeded `torch.Generator` (on the logits' device) for reproducible samples.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return greedy
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -torch.inf)
+        if top_p is not None and top_p < 1:
+            ordered = logits.sort(dim=-1, descending=True).values
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            cut = (cumulative < top_p).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+            logits = logits.masked_fill(logits < ordered.gather(-1, cut), -torch.inf)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    return sample
 
 
 @dataclass
@@ -85,7 +127,45 @@ def decode_step(model: PaliGemmaModel, state: DecodeState, tokens: torch.Tensor)
     )
 
 
+
+
 @torch.no_grad()
+def stream(
+    model: PaliGemmaModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    mask_ar: torch.Tensor,
+    input_mask: torch.Tensor,
+    max_new_tokens: int,
+    sampler: Sampler = greedy,
+    eos_id: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+    pad_id: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (tokens [B], logits [B, V]) per step, up to max_new_tokens steps.
+
+    Arguments as `prefill`. With eos_id, generation ends once every row has produced it. A
+    finished row still runs with the batch, as in big_vision's decode loop; with pad_id its
+    later tokens are replaced by pad_id (that row has stopped), otherwise they are what the
+    model keeps generating.
+    """
+    state = prefill(model, images, tokens, mask_ar, input_mask, max_new_tokens, cache_dtype)
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    try:
+        for step in range(max_new_tokens):
+            token = sampler(state.logits)
+            if pad_id is not None:
+                token = token.masked_fill(done, pad_id)
+            if eos_id is not None:
+                done |= token == eos_id
+            yield token, state.logits
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return
+            state = decode_step(model, state, token)
+    finally:
+        model.decoder.clear_kv_cache()
+
+
 def generate(
     model: PaliGemmaModel,
     images: torch.Tensor,
@@ -96,26 +176,118 @@ def generate(
     sampler: Sampler = greedy,
     eos_id: int | None = None,
     cache_dtype: torch.dtype | None = None,
+    pad_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generates up to max_new_tokens per row -> (tokens [B, n], logits [B, n, V]).
 
-    Logits are those each token was chosen from. With eos_id, generation stops once every row
-    has produced it (rows that finish early keep running, as big_vision's decode loop does).
+    Logits are those each token was chosen from. See `stream` for eos_id and pad_id.
     """
+    steps = list(
+        stream(
+            model, images, tokens, mask_ar, input_mask, max_new_tokens,
+            sampler, eos_id, cache_dtype, pad_id,
+        )
+    )
+    return torch.stack([t for t, _ in steps], 1), torch.stack([lg for _, lg in steps], 1)
+
+
+def _select_rows(model: PaliGemmaModel, state: DecodeState, rows: torch.Tensor) -> DecodeState:
+    """Reorders / repeats batch rows of the KV cache and the decode state (beam bookkeeping)."""
+    for layer in model.decoder.layers:
+        cache = layer.attn.kv_cache
+        cache.k, cache.v = cache.k[rows], cache.v[rows]
+    return replace(
+        state,
+        key_valid=state.key_valid[rows],
+        next_position=state.next_position[rows],
+        logits=state.logits[rows],
+    )
+
+
+@torch.no_grad()
+def beam_search(
+    model: PaliGemmaModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    mask_ar: torch.Tensor,
+    input_mask: torch.Tensor,
+    max_new_tokens: int,
+    num_beams: int,
+    eos_id: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search -> (tokens [B, n], scores [B]): the best sequence of each row and its score.
+
+    The score is the sum of token log-probabilities (no length penalty) up to and including
+    eos, as big_vision's `beam_decode`. Each step keeps the num_beams best live continuations
+    (not ending in eos) and the best finished one; it stops when no live beam can still beat
+    the finished one (log-probabilities only decrease) or after max_new_tokens, when live
+    beams count as finished. Tokens after a row's eos are pad_id.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    b, k = tokens.shape[0], num_beams
     state = prefill(model, images, tokens, mask_ar, input_mask, max_new_tokens, cache_dtype)
-    out_tokens, out_logits = [], []
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    device = state.logits.device
+    rows = torch.arange(b, device=device)
+    state = _select_rows(model, state, rows.repeat_interleave(k))
+    scores = torch.full((b, k), -torch.inf, device=device)
+    scores[:, 0] = 0.0  # one live beam to start with, so the first step has no duplicates
+    seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+    best = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    best_scores = torch.full((b,), -torch.inf, device=device)
+    best_lengths = torch.zeros(b, dtype=torch.long, device=device)
     try:
         for step in range(max_new_tokens):
-            token = sampler(state.logits)
-            out_tokens.append(token)
-            out_logits.append(state.logits)
-            if eos_id is not None:
-                done |= token == eos_id
-                if bool(done.all()):
-                    break
-            if step + 1 < max_new_tokens:
-                state = decode_step(model, state, token)
+            logp = state.logits.float().log_softmax(-1).view(b, k, -1)
+            if eos_id is not None:  # every live beam may end here
+                finished, beam = (scores + logp[..., eos_id]).max(1)
+                better = finished > best_scores
+                best[better] = pad_id
+                best[better, :step] = seqs.view(b, k, step)[rows, beam][better]
+                best[better, step] = eos_id
+                best_scores = torch.where(better, finished, best_scores)
+                best_lengths = torch.where(better, step + 1, best_lengths)
+                logp[..., eos_id] = -torch.inf
+            vocab = logp.shape[-1]
+            scores, flat = (scores[..., None] + logp).view(b, -1).topk(k, dim=-1)
+            source = (rows[:, None] * k + flat // vocab).view(-1)
+            token = (flat % vocab).view(-1)
+            seqs = torch.cat([seqs[source], token[:, None]], 1)
+            if step + 1 == max_new_tokens or bool((best_scores >= scores[:, 0]).all()):
+                break
+            state = decode_step(model, _select_rows(model, state, source), token)
     finally:
         model.decoder.clear_kv_cache()
-    return torch.stack(out_tokens, 1), torch.stack(out_logits, 1)
+    live = scores[:, 0] > best_scores  # ran out of steps before a better beam finished
+    best[live, : seqs.shape[1]] = seqs.view(b, k, -1)[live, 0]
+    best_lengths = torch.where(live, seqs.shape[1], best_lengths)
+    return best[:, : int(best_lengths.max())], torch.where(live, scores[:, 0], best_scores)
+
+
+@contextmanager
+def record_attention(model: PaliGemmaModel) -> Iterator[list[torch.Tensor]]:
+    """Records, for every decoder call (the prefill, then each decode step), the attention
+    probabilities of its LAST query position, i.e. of the token that predicts the next one.
+
+    Yields a list that fills with one float32 tensor [B, L, N, S] per call (layers, query
+    heads, key cache slots; S grows by one per step).
+    """
+    layers = model.decoder.layers
+    pending: list[torch.Tensor] = []
+    calls: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple, probs: torch.Tensor) -> None:
+        b, kv, groups, _, s = probs.shape  # head n = kv head n // groups, group n % groups
+        pending.append(probs[:, :, :, -1].reshape(b, kv * groups, s).float())
+        if len(pending) == len(layers):
+            calls.append(torch.stack(pending, 1))
+            pending.clear()
+
+    handles = [layer.attn.probs.register_forward_hook(hook) for layer in layers]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
