@@ -167,7 +167,7 @@ def _require(ok: bool, message: str) -> None:
 # Gemma decoders used by PaliGemma (big_vision gemma.get_config). PaliGemma 2 checkpoints are
 # released and fine-tuned with final_logits_softcap=0.0 ("Better for transfer", forkme.py),
 # so the registry leaves the final softcap off; the attention softcap (50) stays.
-_GEMMA = {
+GEMMA_DECODERS = {
     "gemma_2b": TextConfig(
         width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256
     ),
@@ -213,7 +213,7 @@ RESOLUTIONS = (224, 448, 896)
 
 VARIANTS: dict[str, PaliGemmaConfig] = {
     f"{family}-{res}": PaliGemmaConfig(
-        VisionConfig(image_size=res), _GEMMA[gemma], name=f"{family}-{res}"
+        VisionConfig(image_size=res), GEMMA_DECODERS[gemma], name=f"{family}-{res}"
     )
     for family, gemma in _FAMILIES.items()
     for res in RESOLUTIONS

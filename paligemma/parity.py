@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import _GEMMA, PaliGemmaConfig, TextConfig, VisionConfig
+from .config import GEMMA_DECODERS, PaliGemmaConfig, TextConfig, VisionConfig
 from .gemma import softcap
 from .generate import generate
 from .model import PaliGemmaModel, make_attn_mask
@@ -94,7 +94,7 @@ def case_config(case: dict[str, Any], image_size: int) -> PaliGemmaConfig:
     patch = img.get("patch_size", 14)
     patch = patch if isinstance(patch, int) else patch[0]
     variant = {**case.get("llm_variant_config", {}), **llm}  # model config overrides the variant
-    base = _GEMMA.get(variant.get("variant", ""), TextConfig())
+    base = GEMMA_DECODERS.get(variant.get("variant", ""), TextConfig())
     fields = (
         "width",
         "depth",
