@@ -1,50 +1,368 @@
-"""Our checkpoint directory: `config.json` + safetensors weights (PaliGemmaModel state_dict names).
+"""Our checkpoint directory: `config.json` + safetensors weights, the usual Hugging Face layout.
+
+    config.json                    {"model_type": "paligemma", "vision": {...}, "text": {...},
+                                    "name": ...} (PaliGemmaConfig.to_dict()), or another
+                                    model_type such as "vae-oid" (see convert/)
+    model.safetensors              every tensor, PaliGemmaModel.state_dict() names, or when
+                                   larger than the shard limit:
+    model-00001-of-0000N.safetensors ... + model.safetensors.index.json
+                                   {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
+    manifest.json                  optional (written by the converter): sources and versions
 
 Loading builds the model on the meta device and assigns memory-mapped safetensors tensors, so it
-never holds two copies of the weights.
+never holds two copies of the weights. Writing plans every tensor's byte range up front and
+streams each tensor, in chunks, to its place in its shard: memory stays bounded by one chunk,
+not by a shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .config import PaliGemmaConfig
 from .model import PaliGemmaModel
+from .npz import CheckpointError, tensor_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = "manifest.json"
+MODEL_TYPE = "paligemma"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; the Hugging Face default ("5GB")
+CHUNK_BYTES = 64 << 20  # tensors are converted and written in pieces of about this size
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (sharded via the index, or single)."""
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The raw `config.json` of a checkpoint directory."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a converted checkpoint)")
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
+
+
+def weight_map(directory: str | Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of a checkpoint directory (sharded or single file)."""
+    directory = Path(directory)
     index = directory / WEIGHTS_INDEX_FILE
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / s for s in shards]
-    if (directory / WEIGHTS_FILE).is_file():
-        return [directory / WEIGHTS_FILE]
-    raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+        try:
+            files = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index: {e}") from e
+        mapping = {name: directory / file for name, file in files.items()}
+    elif (directory / WEIGHTS_FILE).is_file():
+        with _open_safetensors(directory / WEIGHTS_FILE) as f:
+            mapping = dict.fromkeys(f.keys(), directory / WEIGHTS_FILE)
+    else:
+        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+    for path in set(mapping.values()):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in {WEIGHTS_INDEX_FILE} is missing")
+    return mapping
 
 
-def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu") -> PaliGemmaModel:
-    """Loads a converted checkpoint directory. dtype None keeps the stored dtype."""
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a converted checkpoint)")
-    config = PaliGemmaConfig.load(directory / CONFIG_FILE)
-    with torch.device("meta"):
-        model = PaliGemmaModel(config)
+def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of every stored tensor, from the headers only."""
+    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    specs = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in weight_map(directory).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with _open_safetensors(path) as f:
+            for name in names:
+                if name not in f.keys():
+                    raise CheckpointError(f"{path}: no tensor {name!r} (listed in the index)")
+                sl = f.get_slice(name)
+                if sl.get_dtype() not in dtypes:
+                    raise CheckpointError(
+                        f"{path}: {name!r} has unsupported dtype {sl.get_dtype()}"
+                    )
+                specs[name] = (tuple(sl.get_shape()), dtypes[sl.get_dtype()])
+    return specs
+
+
+def read_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One tensor, memory-mapped. Only its pages are mapped while it lives (the file is closed),
+    so reading many tensors one after another does not accumulate the checkpoint in memory."""
+    with _open_safetensors(path) as f:
+        return f.get_tensor(name)
+
+
+def load_state_dict(
+    directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, memory-mapped (dtype None keeps the stored one).
+
+    With a dtype change, only one shard's file pages are mapped at a time next to the
+    converted tensors.
+    """
+    by_file: dict[Path, list[str]] = {}
+    for name, path in weight_map(directory).items():
+        by_file.setdefault(path, []).append(name)
     state = {}
-    for path in weight_files(directory):
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in f.keys():
+    for path, names in by_file.items():
+        with _open_safetensors(path, device) as f:
+            for name in names:
                 tensor = f.get_tensor(name)
                 state[name] = tensor if dtype is None else tensor.to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    return state
+
+
+def load_pretrained(
+    directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> PaliGemmaModel:
+    """Loads a converted checkpoint directory. dtype None keeps the stored dtype.
+
+    The model is built on the meta device and its parameters are the memory-mapped tensors
+    themselves (or their dtype-converted copies): one copy of the weights, never two.
+    """
+    raw = read_config(directory)
+    model_type = raw.get("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(
+            f"{directory}: model_type {model_type!r} is not a PaliGemma model "
+            "(for the segmentation VAE use paligemma.checkpoint.load_state_dict)"
+        )
+    try:
+        config = PaliGemmaConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid config: {e}") from e
+    with torch.device("meta"):
+        model = PaliGemmaModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = tensor_specs(directory)
+    check_names_and_shapes(directory, expected, {k: s for k, (s, _) in found.items()})
+    model.load_state_dict(load_state_dict(directory, dtype, device), strict=True, assign=True)
     return model.eval()
+
+
+def check_names_and_shapes(
+    directory: str | Path, expected: dict[str, tuple], found: dict[str, tuple]
+) -> None:
+    """Raises CheckpointError naming the first missing / unexpected tensor or wrong shape."""
+    for what, names in (
+        ("missing", sorted(set(expected) - set(found))),
+        ("unexpected", sorted(set(found) - set(expected))),
+    ):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise CheckpointError(f"{directory}: {what} tensor(s) {names[:3]}{more}")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise CheckpointError(
+                f"{directory}: {name!r} has shape {list(found[name])}, expected {list(shape)}"
+            )
+
+
+def _open_safetensors(path: Path, device: torch.device | str = "cpu"):
+    try:
+        return safe_open(path, framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class SafetensorsWriter:
+    """Streams planned tensors into one or more safetensors files.
+
+    `specs` ({name: (shape, dtype)}, in write order) fixes every tensor's byte range before any
+    data is written, so the header goes first and each tensor is then written, chunk by chunk,
+    straight to its place. Tensors go to shards in order, a new shard starting when the next
+    tensor would pass `max_shard_size`; within a shard, wider dtypes come first so that every
+    tensor stays aligned to its element size (memory-mapped loading needs that).
+
+    Use as a context manager: a clean exit checks that every tensor was written and writes the
+    index file when there are several shards.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.directory = Path(directory)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, (shape, dtype) in specs.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        n = len(shards)
+        files = (
+            [WEIGHTS_FILE]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.total_size = 0
+        self.weight_map: dict[str, str] = {}
+        self._where: dict[str, tuple[int, int, int, torch.dtype]] = {}  # fd, begin, end, dtype
+        self._fds: dict[int, Path] = {}
+        for file, names in zip(files, shards, strict=True):
+            path = self.directory / file
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[fd] = path
+            names = sorted(names, key=lambda k: -specs[k][1].itemsize)  # stable
+            header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+            offset = 0
+            for name in names:
+                shape, dtype = specs[name]
+                end = offset + math.prod(shape) * dtype.itemsize
+                header[name] = {
+                    "dtype": SAFETENSORS_DTYPES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, end],
+                }
+                self.weight_map[name] = file
+                offset = end
+            # Pad the header with spaces to 8 bytes, as the format allows, to keep data aligned.
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            for name in names:
+                begin, end = header[name]["data_offsets"]
+                self._where[name] = (fd, 8 + len(blob) + begin, 8 + len(blob) + end, specs[name][1])
+            self._write(fd, "the header", 0, len(blob).to_bytes(8, "little") + blob)
+            self.total_size += offset
+        self._pending = set(specs)
+
+    def write(self, name: str, chunks: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Writes tensor `name`, given whole or as pieces that concatenate along axis 0."""
+        fd, begin, end, dtype = self._where[name]
+        pos = begin
+        for chunk in [chunks] if isinstance(chunks, torch.Tensor) else chunks:
+            for piece in split_rows(chunk):
+                data = tensor_bytes(piece.to(dtype))
+                if pos + len(data) > end:
+                    raise ValueError(f"{self._fds[fd]}: {name!r} is larger than planned")
+                self._write(fd, repr(name), pos, data)
+                pos += len(data)
+        if pos != end:
+            raise ValueError(
+                f"{self._fds[fd]}: {name!r} has {pos - begin} bytes, planned {end - begin}"
+            )
+        self._pending.discard(name)
+
+    def _write(self, fd: int, what: str, offset: int, data: memoryview | bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise OSError(e.errno, f"{self._fds[fd]}: cannot write {what}: {e.strerror}") from e
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        if exc_type is not None:
+            return
+        if self._pending:
+            raise ValueError(
+                f"{self.directory}: tensors never written: {sorted(self._pending)[:3]}"
+            )
+        if len(self._fds) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            write_json(self.directory / WEIGHTS_INDEX_FILE, index)
+
+
+def split_rows(t: torch.Tensor, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Views of `t` along axis 0, each about `max_bytes` or less (at least one row)."""
+    if t.dim() == 0 or t.nbytes <= max_bytes:
+        yield t
+        return
+    rows = max(1, max_bytes // max(1, t[0].nbytes))
+    yield from t.split(rows)
+
+
+def save_pretrained(
+    model: PaliGemmaModel,
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Writes `model` as a checkpoint directory (created if needed) that `load_pretrained` reads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    specs = {k: (tuple(v.shape), dtype or v.dtype) for k, v in state.items()}
+    with SafetensorsWriter(directory, specs, max_shard_size) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor.detach().cpu())
+    write_json(directory / CONFIG_FILE, {"model_type": MODEL_TYPE, **model.config.to_dict()})
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, force: bool = False, is_dir: bool = True) -> Iterator[Path]:
+    """Yields a temporary sibling of `path` (a directory, or a file when not `is_dir`) to write
+    into; it is renamed to `path` on success.
+
+    On any error the temporary is removed and `path` is untouched: a failed or interrupted
+    write leaves nothing behind. An existing `path` is refused unless `force`, and is only
+    replaced once the new output is complete.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would end up on the output; mkdir follows the umask.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        out = tmp if is_dir else tmp / path.name
+        yield out
+        if path.exists():  # --force: move the old output aside, then drop it
+            old = tmp.parent / (tmp.name + ".old")
+            os.replace(path, old)
+            _remove(old)
+        os.replace(out, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

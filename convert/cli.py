@@ -1,0 +1,137 @@
+"""`python -m convert` / `paligemma-convert`: official PaliGemma checkpoints <-> PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from paligemma.checkpoint import DEFAULT_MAX_SHARD_SIZE
+from paligemma.npz import CheckpointError
+
+from .sources import ConversionError, open_source
+from .targets import DTYPES, write_hf, write_npz, write_ours
+
+EXAMPLES = """\
+examples:
+  paligemma-convert paligemma-3b-pt-224.npz -o pg1-3b-pt-224
+  paligemma-convert paligemma2-28b-pt-896.b16.npz.part* -o pg2-28b --variant pg2-28b-896
+  paligemma-convert vae-oid.npz -o vae-oid
+  paligemma-convert pg1-3b-pt-224 --to npz -o roundtrip.npz
+  paligemma-convert paligemma-3b-pt-224.npz --to hf -o pg1-3b-pt-224-hf
+"""
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, '1024' -> 1024 bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="paligemma-convert",
+        description="Convert official PaliGemma checkpoints (.npz, one file or several parts) "
+        "to safetensors (our format, or Hugging Face transformers with --to hf), and our "
+        "format back to the official .npz (--to npz).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "src",
+        nargs="+",
+        metavar="SRC",
+        help="official .npz file(s) of one checkpoint, or one converted directory",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output directory (a .npz file with --to npz)",
+    )
+    p.add_argument(
+        "--to",
+        choices=("ours", "hf", "npz"),
+        default=None,
+        help="output format: ours (default for .npz sources), hf, or npz (the "
+        "official layout; default for a converted directory)",
+    )
+    p.add_argument(
+        "--variant",
+        help="official variant, e.g. pg1-3b-224, pg2-28b-896, vae-oid "
+        "(default: detected from the shapes)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="our config as JSON (PaliGemmaConfig), for non-registry sizes",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("keep", *DTYPES),
+        default="keep",
+        help="output dtype (default keep; --to npz: the original dtype)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help="split safetensors above this size (default 5GB)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--hash", action="store_true", help="record the sources' sha256 in the manifest")
+    p.add_argument("--check-finite", action="store_true", help="refuse NaN/Inf weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
+    out = Path(args.output)
+    if out.exists() and not args.force:  # fail before reading gigabytes
+        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
+    from_dir = len(args.src) == 1 and Path(args.src[0]).is_dir()
+    to = args.to or ("npz" if from_dir else "ours")
+    if to == "ours" and from_dir:
+        raise ConversionError(f"{args.src[0]}: already in our format; pass --to npz or --to hf")
+    source = open_source(args.src, args.variant, args.config, args.check_finite)
+    common = {"force": args.force, "quiet": args.quiet}
+    if to == "npz":
+        write_npz(source, out, dtype, **common)
+    elif to == "hf":
+        write_hf(source, out, dtype, args.max_shard_size, hash_sources=args.hash, **common)
+    else:
+        write_ours(source, out, dtype, args.max_shard_size, hash_sources=args.hash, **common)
+    if not args.quiet:
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, ConversionError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,263 @@
+"""Where tensors come from: an official `.npz` checkpoint or one of our converted directories.
+
+A source knows every tensor's name (ours), shape and stored dtype before reading any data
+(`specs`), and then streams the tensors one at a time (`tensors()`): a scan-stacked official
+array is read layer by layer and the embedding in row chunks, so memory stays bounded by one
+layer, not by the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from paligemma import checkpoint
+from paligemma.config import VARIANTS, PaliGemmaConfig
+from paligemma.model import PaliGemmaModel
+from paligemma.npz import TORCH_DTYPE_NAMES, CheckpointError, OfficialNpz
+from paligemma.weights import (
+    IDENTITY,
+    check_layout,
+    official_shapes,
+    resolve_config,
+    to_ours,
+    weight_rules,
+)
+
+from . import vae
+
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+Chunks = Iterator[torch.Tensor]  # pieces of one tensor along axis 0
+_CHUNK_BYTES = checkpoint.CHUNK_BYTES
+_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask of the NaN/Inf check
+
+
+class ConversionError(ValueError):
+    """A request the converter cannot carry out (bad flag, unknown variant, wrong source)."""
+
+
+class Progress(Protocol):
+    def update(self, n: int) -> object: ...
+
+
+@dataclass
+class Source:
+    """What every source provides. `config` is None for the VAE, `vae_config` None otherwise."""
+
+    files: list[Path]
+    specs: Specs  # our names, stored dtype, in streaming order
+    config: PaliGemmaConfig | None
+    vae_config: dict[str, Any] | None
+    # Official key -> {"shape", "dtype"} of the original arrays (for the manifest and --to npz).
+    official: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check_finite: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * d.itemsize for s, d in self.specs.values())
+
+    def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
+        raise NotImplementedError
+
+
+class OfficialSource(Source):
+    """One official checkpoint, possibly split over several `.npz` parts."""
+
+    def __init__(
+        self,
+        paths: list[str | Path],
+        variant: str | None = None,
+        config_file: str | Path | None = None,
+        check_finite: bool = False,
+    ):
+        self.ckpt = OfficialNpz(paths)
+        _check_parts_agree(self.ckpt)
+        is_vae = variant == vae.VARIANT or (
+            variant is None and config_file is None and vae.is_vae(self.ckpt.keys())
+        )
+        if is_vae:
+            vae.check_layout(self.ckpt)
+            config, vae_config = None, dict(vae.CONFIG)
+            specs = {k: (i.shape, i.dtype) for k, i in self.ckpt.arrays.items()}
+        else:
+            config, vae_config = _resolve_config(self.ckpt, variant, config_file), None
+            check_layout(self.ckpt, config)
+            specs = {}
+            for rule in weight_rules(config):
+                info = self.ckpt.arrays[rule.official]
+                meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
+                specs.update({k: (tuple(t.shape), t.dtype) for k, t in to_ours(rule, meta).items()})
+        official = {
+            k: {"shape": list(i.shape), "dtype": TORCH_DTYPE_NAMES[i.dtype]}
+            for k, i in sorted(self.ckpt.arrays.items())
+        }
+        super().__init__(self.ckpt.paths, specs, config, vae_config, official, check_finite)
+
+    def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
+        if self.config is None:  # the VAE: names kept, arrays as stored
+            for key in self.ckpt.keys():
+                yield key, self._rows(key, progress, _CHUNK_BYTES)
+            return
+        for rule in weight_rules(self.config):
+            if rule.stacked:  # one layer at a time: the whole stack can be many GB
+                for i, layer in enumerate(self._rows(rule.official, progress)):
+                    names = rule.our_names(i)
+                    for name, t in zip(names, rule.transform.to_ours(layer[0]), strict=True):
+                        yield name, iter([t])
+            elif rule.transform is IDENTITY:  # e.g. the embedding: streamed in row chunks
+                yield rule.our_names()[0], self._rows(rule.official, progress, _CHUNK_BYTES)
+            else:
+                whole = torch.cat(list(self._rows(rule.official, progress, _CHUNK_BYTES)))
+                for name, t in to_ours(rule, whole).items():
+                    yield name, iter([t])
+
+    def _rows(self, key: str, progress: Progress, max_bytes: int = 0) -> Chunks:
+        """Reads `key` in slices along axis 0 (one row, or as many as fit in max_bytes)."""
+        info = self.ckpt.arrays[key]
+        row_bytes = max(1, info.nbytes // max(1, info.shape[0] if info.shape else 1))
+        start = 0
+        for chunk in self.ckpt.iter_rows(key, max(1, max_bytes // row_bytes)):
+            if self.check_finite:
+                _check_finite(chunk, f"{info.path}: {key!r}", start)
+            progress.update(chunk.nbytes)
+            start += chunk.shape[0]
+            yield chunk if info.shape else chunk.reshape(())
+
+
+class ConvertedSource(Source):
+    """One of our checkpoint directories (see paligemma.checkpoint)."""
+
+    def __init__(self, directory: str | Path, check_finite: bool = False):
+        self.directory = Path(directory)
+        raw = checkpoint.read_config(self.directory)
+        self.weight_map = checkpoint.weight_map(self.directory)
+        specs = checkpoint.tensor_specs(self.directory)
+        manifest_path = self.directory / checkpoint.MANIFEST_FILE
+        official = {}
+        if manifest_path.is_file():
+            official = checkpoint.read_json(manifest_path).get("official_arrays", {})
+        if raw.get("model_type", checkpoint.MODEL_TYPE) == vae.VARIANT:
+            config, vae_config = None, raw
+            expected = dict(vae.SHAPES)
+            expected.update(
+                {k: s for k, (s, _) in specs.items() if k.startswith(vae.ENCODER_PREFIX)}
+            )
+        else:
+            try:
+                config, vae_config = PaliGemmaConfig.from_dict(raw), None
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{self.directory / checkpoint.CONFIG_FILE}: {e}") from e
+            with torch.device("meta"):
+                expected = {
+                    k: tuple(v.shape) for k, v in PaliGemmaModel(config).state_dict().items()
+                }
+        checkpoint.check_names_and_shapes(
+            self.directory, expected, {k: s for k, (s, _) in specs.items()}
+        )
+        files = sorted(set(self.weight_map.values()))
+        super().__init__(files, specs, config, vae_config, official, check_finite)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, memory-mapped; checked for NaN/Inf if asked."""
+        tensor = checkpoint.read_tensor(self.weight_map[name], name)
+        if self.check_finite:
+            _check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
+        return tensor
+
+    def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
+        for name in self.specs:
+            tensor = self.read(name)
+            progress.update(tensor.nbytes)
+            yield name, iter([tensor])
+
+
+def open_source(
+    srcs: list[str | Path],
+    variant: str | None = None,
+    config_file: str | Path | None = None,
+    check_finite: bool = False,
+) -> Source:
+    """A converted directory (one SRC that is a directory) or official `.npz` part(s)."""
+    if len(srcs) == 1 and Path(srcs[0]).is_dir():
+        if variant or config_file:
+            raise ConversionError(
+                f"{srcs[0]}: a converted directory carries its own config; "
+                "--variant / --config apply to .npz sources only"
+            )
+        return ConvertedSource(srcs[0], check_finite)
+    return OfficialSource(srcs, variant, config_file, check_finite)
+
+
+def _resolve_config(
+    ckpt: OfficialNpz, variant: str | None, config_file: str | Path | None
+) -> PaliGemmaConfig:
+    if variant and config_file:
+        raise ConversionError("give --variant or --config, not both")
+    if variant:
+        if variant not in VARIANTS:
+            known = ", ".join([*VARIANTS, vae.VARIANT])
+            raise ConversionError(f"unknown variant {variant!r}; known: {known}")
+        return resolve_config(ckpt, VARIANTS[variant])
+    if config_file:
+        try:
+            config = PaliGemmaConfig.load(config_file)
+        except (OSError, TypeError, ValueError) as e:
+            raise ConversionError(f"{config_file}: not a usable config file: {e}") from e
+        return resolve_config(ckpt, config)
+    try:
+        return resolve_config(ckpt, None)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_closest_variant_hint(ckpt)}") from None
+
+
+def _closest_variant_hint(ckpt: OfficialNpz) -> str:
+    """Why the closest official variant does not fit, to make detection failures actionable."""
+    shapes = ckpt.shapes()
+
+    def score(cfg: PaliGemmaConfig) -> int:
+        return sum(shapes.get(k) == s for k, s in official_shapes(cfg).items())
+
+    name = max(VARIANTS, key=lambda n: score(VARIANTS[n]))
+    try:
+        check_layout(ckpt, VARIANTS[name])
+    except CheckpointError as e:
+        return f"; closest official variant {name}: {e}"
+    return ""
+
+
+def _check_parts_agree(ckpt: OfficialNpz) -> None:
+    """Parts of one release share a dtype: parts stored in different dtypes were mixed up."""
+    dtypes: dict[Path, set[torch.dtype]] = {}
+    for info in ckpt.arrays.values():
+        dtypes.setdefault(info.path, set()).add(info.dtype)
+    uniform = {path: next(iter(d)) for path, d in dtypes.items() if len(d) == 1}
+    if len(dtypes) > 1 and len(uniform) == len(dtypes) and len(set(uniform.values())) > 1:
+        listing = ", ".join(f"{p} ({TORCH_DTYPE_NAMES[d]})" for p, d in uniform.items())
+        raise CheckpointError(
+            f"parts of different checkpoints: {listing} are stored in different dtypes"
+        )
+    keys = ckpt.keys()
+    if vae.is_vae(keys) and any(k.startswith(("img/", "llm/")) for k in keys):
+        raise CheckpointError(
+            f"{', '.join(map(str, ckpt.paths))}: mixes segmentation VAE keys with PaliGemma keys"
+        )
+
+
+def _check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
+    """Raises CheckpointError at the first NaN/Inf, with its index in the whole array."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
+        if bad.any():
+            i = start + int(bad.nonzero()[0, 0])
+            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
+            if index:
+                index[0] += row_offset
+            value = float(flat[i])
+            raise CheckpointError(f"{where} has {value} at index {index} (--check-finite)")
