@@ -223,7 +223,10 @@ def _closest_variant_hint(ckpt: OfficialNpz) -> str:
     def score(cfg: PaliGemmaConfig) -> int:
         return sum(shapes.get(k) == s for k, s in official_shapes(cfg).items())
 
-    name = max(VARIANTS, key=lambda n: score(VARIANTS[n]))
+    scores = {name: score(cfg) for name, cfg in VARIANTS.items()}
+    name = max(scores, key=scores.get)
+    if not scores[name]:
+        return " (no official variant shares a single array shape with it)"
     try:
         check_layout(ckpt, VARIANTS[name])
     except CheckpointError as e:
