@@ -1,0 +1,345 @@
+"""The user-facing `PaliGemma`: images and text in; text, boxes, masks and attention maps out.
+
+    pg = PaliGemma.from_pretrained("path/to/converted", vae="vae-oid.npz")
+    pg.caption("cat.jpg").text
+    pg.detect("cat.jpg", "cat ; dog").objects      # [Detection(label, box, mask=None), ...]
+    for piece in pg.stream("cat.jpg", "caption en"):
+        print(piece, end="")
+
+Every task method takes one image (-> one result) or a list (-> a list, run as one batch), and
+the generation options of `generate`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_pretrained
+from .generate import Sampler, beam_search, generate, make_sampler, record_attention, stream
+from .image import ImageLike, preprocess, to_rgb_array
+from .model import PaliGemmaModel
+from .segmentation import MaskDecoder, load_mask_decoder
+from .tasks import Detection, parse_detections, parse_segments, task_prefix
+from .tokenizer import Tokenizer
+
+# Gemma 1 and 2 were trained with an 8192-token context: image tokens + prompt + new tokens.
+MAX_SEQ_LEN = 8192
+TOKENIZER_FILES = ("tokenizer.model", "paligemma_tokenizer.model")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class TextResult:
+    prompt: str  # the prefix the model saw, e.g. "caption en"
+    text: str  # generated text up to eos
+    tokens: list[int]  # generated ids up to (excluding) eos
+
+
+@dataclass
+class ObjectsResult(TextResult):
+    objects: list[Detection] = field(default_factory=list)  # detect / segment
+
+
+@dataclass
+class Explanation(TextResult):
+    pieces: list[str] = field(default_factory=list)  # one per generated token
+    # [n_tokens, grid, grid]: attention mass of the query that chose each token on each image
+    # patch, averaged over the chosen layers and heads (rows do not sum to 1: the rest of the
+    # mass goes to text tokens).
+    maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+
+
+class PaliGemma:
+    """A PaliGemmaModel with its tokenizer and (for `segment`) the mask VAE decoder."""
+
+    def __init__(
+        self,
+        model: PaliGemmaModel,
+        tokenizer: Tokenizer,
+        vae: MaskDecoder | None = None,
+        max_seq_len: int = MAX_SEQ_LEN,
+    ):
+        if tokenizer.vocab_size != model.config.text.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's "
+                f"vocabulary has {model.config.text.vocab_size}: use the tokenizer the "
+                "checkpoint was trained with (paligemma_tokenizer.model for official models)"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.max_seq_len = max_seq_len
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        tokenizer: str | Path | None = None,
+        vae: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> PaliGemma:
+        """A converted checkpoint directory, or a Hugging Face Hub repo id holding one.
+
+        tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model in
+        the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only).
+        """
+        path = Path(name_or_path)
+        if not path.exists():
+            if not _HUB_ID.match(str(name_or_path)):
+                raise FileNotFoundError(f"{path}: no such model directory")
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(snapshot_download(repo_id=str(name_or_path)))
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(
+                    f"{name_or_path}: not a local directory and not downloadable from the "
+                    f"Hugging Face Hub ({type(e).__name__}: {e})"
+                ) from None
+        if tokenizer is None:
+            found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+            if not found:
+                raise FileNotFoundError(
+                    f"{path}: no {' or '.join(TOKENIZER_FILES)}; pass the tokenizer file "
+                    "(--tokenizer), e.g. the official paligemma_tokenizer.model"
+                )
+            tokenizer = found[0]
+        tok = Tokenizer(tokenizer)
+        model = load_pretrained(path, dtype=dtype, device=device)
+        return cls(model, tok, load_mask_decoder(vae, device) if vae is not None else None)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        images: Sequence[ImageLike] | torch.Tensor,
+        prefixes: Sequence[str],
+        suffixes: Sequence[str] | None,
+        max_new_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> pixels [B, 3, R, R], tokens, mask_ar, input_mask [B, T] on the model's device."""
+        if isinstance(images, torch.Tensor):
+            pixels = images
+        else:
+            pixels = preprocess([to_rgb_array(im) for im in images], self.image_size)
+        if len(prefixes) == 1 and len(pixels) > 1:
+            prefixes = list(prefixes) * len(pixels)
+        if len(prefixes) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(prefixes)} prompts")
+        tokens, mask_ar, input_mask = self.tokenizer.batch(prefixes, suffixes)
+        length = self.model.config.num_image_tokens + tokens.shape[1] + max_new_tokens
+        if length > self.max_seq_len:
+            raise ValueError(
+                f"prompt too long: {self.model.config.num_image_tokens} image + "
+                f"{tokens.shape[1]} text + {max_new_tokens} new tokens = {length} > "
+                f"{self.max_seq_len}, the model's maximum sequence length"
+            )
+        device = self.model.device
+        return (
+            pixels.to(device, self.model.dtype),
+            tokens.to(device),
+            mask_ar.to(device),
+            input_mask.to(device),
+        )
+
+    def _sampler(self, temperature: float, top_k: int | None, top_p: float | None,
+                 seed: int | None) -> Sampler:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        return make_sampler(temperature, top_k, top_p, generator)
+
+    def _until_eos(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        eos = self.tokenizer.eos_id
+        return ids[: ids.index(eos)] if eos in ids else ids
+
+    def generate(
+        self,
+        images: ImageLike | Sequence[ImageLike] | torch.Tensor,
+        prompts: str | Sequence[str],
+        suffixes: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        seed: int | None = None,
+        sampler: Sampler | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ) -> TextResult | list[TextResult]:
+        """Continues `[image tokens] [bos] prompt "\\n" [suffix]` for each image.
+
+        images: one image (path, PIL image, uint8 array) or a list of them (one batch), or an
+        already preprocessed float tensor [B, 3, R, R] in [-1, 1]. prompts: the prefix (task
+        prompt) for all images or one per image; suffixes: text decoding continues from.
+        Greedy by default; temperature / top_k / top_p sample (seed makes it reproducible),
+        num_beams > 1 runs beam search; sampler overrides all of them (logits [B, V] ->
+        ids [B]). Returns one TextResult per image (a single one for a single image).
+        """
+        single = not isinstance(images, (list, tuple, torch.Tensor))
+        batch = [images] if single else images
+        prefixes = [prompts] if isinstance(prompts, str) else list(prompts)
+        inputs = self._prepare(batch, prefixes, suffixes, max_new_tokens)
+        eos = self.tokenizer.eos_id
+        if num_beams > 1:
+            out, _ = beam_search(self.model, *inputs, max_new_tokens, num_beams, eos,
+                                 cache_dtype, pad_id=self.tokenizer.pad_id)
+        else:
+            sampler = sampler or self._sampler(temperature, top_k, top_p, seed)
+            out, _ = generate(self.model, *inputs, max_new_tokens, sampler, eos, cache_dtype,
+                              pad_id=self.tokenizer.pad_id)
+        if len(prefixes) == 1:
+            prefixes = prefixes * len(out)
+        results = []
+        for prefix, row in zip(prefixes, out.tolist(), strict=True):
+            ids = self._until_eos(row)
+            results.append(TextResult(prefix, self.tokenizer.decode(ids), ids))
+        return results[0] if single else results
+
+    def stream(
+        self,
+        image: ImageLike,
+        prompt: str,
+        suffix: str = "",
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ) -> Iterator[str]:
+        """Yields the generated text piece by piece as tokens arrive (one image)."""
+        inputs = self._prepare([image], [prompt], [suffix], max_new_tokens)
+        sampler = self._sampler(temperature, top_k, top_p, seed)
+        ids: list[int] = []
+        emitted = ""
+        for token, _ in stream(self.model, *inputs, max_new_tokens, sampler,
+                               self.tokenizer.eos_id, cache_dtype):
+            if int(token[0]) == self.tokenizer.eos_id:
+                return
+            ids.append(int(token[0]))
+            text = self.tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(emitted):]
+                emitted = text
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def _task(
+        self, task: str, images: Any, text: str | Sequence[str] = "", lang: str = "en",
+        **options: Any,
+    ) -> Any:
+        return self.generate(images, task_prefix(task, text, lang), **options)
+
+    def caption(self, images: Any, lang: str = "en", **options: Any) -> Any:
+        """Short caption (`caption <lang>`)."""
+        return self._task("caption", images, lang=lang, **options)
+
+    def describe(self, images: Any, lang: str = "en", **options: Any) -> Any:
+        """Longer description (`describe <lang>`)."""
+        return self._task("describe", images, lang=lang, **options)
+
+    def ask(self, images: Any, question: str | Sequence[str], lang: str = "en",
+            **options: Any) -> Any:
+        """Visual question answering (`answer <lang> <question>`); one question for all
+        images or one per image."""
+        if isinstance(question, str):
+            return self._task("answer", images, question, lang, **options)
+        prompts = [task_prefix("answer", q, lang) for q in question]
+        return self.generate(images, prompts, **options)
+
+    def ocr(self, images: Any, **options: Any) -> Any:
+        """Text in the image (`ocr`)."""
+        return self._task("ocr", images, **options)
+
+    def detect(self, images: Any, objects: str | Sequence[str], **options: Any) -> Any:
+        """Boxes of the named objects (`detect cat ; dog`) in original-image pixels."""
+        self._require_loc_tokens()
+        return self._objects("detect", images, objects, options)
+
+    def segment(self, images: Any, objects: str | Sequence[str], **options: Any) -> Any:
+        """Box and full-size boolean mask of the named object (`segment cat`)."""
+        self._require_loc_tokens()
+        if self.vae is None:
+            raise ValueError(
+                "segment needs the segmentation VAE weights: pass vae= (CLI: --vae) with "
+                "vae-oid.npz or its converted directory"
+            )
+        return self._objects("segment", images, objects, options)
+
+    def _require_loc_tokens(self) -> None:
+        if self.tokenizer.loc_ids is None or self.tokenizer.seg_ids is None:
+            raise ValueError(
+                f"tokenizer {self.tokenizer.path} has no <locNNNN>/<segNNN> pieces; detect and "
+                "segment need the PaliGemma tokenizer"
+            )
+
+    def _objects(self, task: str, images: Any, objects: str | Sequence[str],
+                 options: dict[str, Any]) -> Any:
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        arrays = [to_rgb_array(im) for im in batch]
+        pixels = preprocess(arrays, self.image_size)
+        results = self.generate(pixels, task_prefix(task, objects), **options)
+        out = []
+        for array, result in zip(arrays, results, strict=True):
+            height, width = array.shape[:2]
+            if task == "detect":
+                found = parse_detections(result.text, width, height)
+            else:
+                found = parse_segments(result.text, width, height, self.vae)
+            out.append(ObjectsResult(result.prompt, result.text, result.tokens, found))
+        return out[0] if single else out
+
+    # -- attention ----------------------------------------------------------------------------
+
+    def explain(
+        self,
+        image: ImageLike,
+        prompt: str,
+        *,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+    ) -> Explanation:
+        """Greedy generation, plus the attention of each generated token on the image patches.
+
+        For generated token t the map is the attention of the query that chose it (the last
+        prompt token for t = 0, token t - 1 after that), averaged over `layers` and query
+        `heads` (indices, negative allowed; default all).
+        """
+        inputs = self._prepare([image], [prompt], None, max_new_tokens)
+        cfg = self.model.config
+        with record_attention(self.model) as calls:
+            out, _ = generate(self.model, *inputs, max_new_tokens, eos_id=self.tokenizer.eos_id)
+        ids = self._until_eos(out[0].tolist())
+        layer_idx = list(range(cfg.text.depth)) if layers is None else list(layers)
+        head_idx = list(range(cfg.text.num_heads)) if heads is None else list(heads)
+        for name, idx, size in (("layer", layer_idx, cfg.text.depth),
+                                ("head", head_idx, cfg.text.num_heads)):
+            bad = [i for i in idx if not -size <= i < size]
+            if bad or not idx:
+                raise ValueError(f"{name} indices {bad or idx} out of range for {size} {name}s")
+        n_img, grid = cfg.num_image_tokens, cfg.vision.image_size // cfg.vision.patch_size
+        # One image, no padding: the image tokens sit in cache slots [0, n_img).
+        maps = torch.stack([
+            calls[t][0][layer_idx][:, head_idx, :n_img].mean((0, 1)) for t in range(len(ids))
+        ]) if ids else torch.zeros(0, n_img)
+        pieces = [self.tokenizer.decode([i]) for i in ids]
+        return Explanation(prompt, self.tokenizer.decode(ids), ids, pieces,
+                           maps.view(-1, grid, grid).cpu().numpy())
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision.image_size
