@@ -1,13 +1,31 @@
-"""Command line: `python -m paligemma <command>` (also installed as `paligemma`)."""
+"""Command line: `python -m paligemma <command>` (also installed as `paligemma`).
+
+examples:
+  paligemma caption cat.jpg dog.png --model ckpt/pg2-3b-224 --tokenizer paligemma_tokenizer.model
+  paligemma ask cat.jpg -q "what color is the cat?" --model ckpt/pg2-3b-224
+  paligemma ocr receipt.png --model ckpt/pg2-3b-448 --json
+  paligemma detect street.jpg --objects "car ; person" --model ckpt/pg2-3b-448 --annotate out.png
+  paligemma segment cat.jpg --object cat --model ckpt/pg2-3b-448 --vae vae-oid.npz --annotate m.png
+  paligemma generate cat.jpg --prompt "caption es" --model ckpt/pg2-3b-224 --temperature 0.7
+  paligemma explain cat.jpg --prompt "caption en" --model ckpt/pg2-3b-224 -o heat.png
+  paligemma parity parity_tests/data/pg2_tiny
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .parity import run_case
+
+logger = logging.getLogger("paligemma")
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -25,8 +43,172 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _load(args: argparse.Namespace) -> Any:
+    from .api import PaliGemma
+
+    return PaliGemma.from_pretrained(
+        args.model,
+        tokenizer=args.tokenizer,
+        vae=getattr(args, "vae", None),
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        device=args.device,
+    )
+
+
+def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.beams,
+        seed=args.seed,
+    )
+
+
+def _annotate_path(out: str, index: int, count: int) -> Path:
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several."""
+    path = Path(out)
+    return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    from .annotate import draw_objects, to_pil
+    from .image import to_rgb_array
+
+    arrays = [to_rgb_array(p) for p in args.images]  # fail on a bad image before loading
+    pg = _load(args)
+    options = _generation_options(args)
+    run: Callable[[list[Any]], list[Any]] = {
+        "caption": lambda ims: pg.caption(ims, lang=args.lang, **options),
+        "describe": lambda ims: pg.describe(ims, lang=args.lang, **options),
+        "ask": lambda ims: pg.ask(ims, args.question, lang=args.lang, **options),
+        "ocr": lambda ims: pg.ocr(ims, **options),
+        "detect": lambda ims: pg.detect(ims, args.objects, **options),
+        "segment": lambda ims: pg.segment(ims, args.object, **options),
+        "generate": lambda ims: pg.generate(ims, args.prompt, **options),
+    }[args.command]
+    results = []
+    for start in range(0, len(arrays), args.batch_size):
+        results += run(arrays[start : start + args.batch_size])
+    records = []
+    for i, (path, array, result) in enumerate(zip(args.images, arrays, results, strict=True)):
+        record = {"image": str(path), "prompt": result.prompt, "text": result.text}
+        objects = getattr(result, "objects", None)
+        if objects is not None:
+            record["objects"] = [o.to_json() for o in objects]
+        if getattr(args, "annotate", None):
+            out = _annotate_path(args.annotate, i, len(args.images))
+            draw_objects(to_pil(array), objects).save(out)
+            record["annotated"] = str(out)
+        records.append(record)
+        if not args.json:
+            _print_record(record)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def _print_record(record: dict[str, Any]) -> None:
+    text = _one_line(record["text"])
+    if "objects" not in record:
+        print(f"{record['image']}: {text}")
+        return
+    print(f"{record['image']}: {len(record['objects'])} object(s)  [raw output: {text}]")
+    for obj in record["objects"]:
+        box = ", ".join(f"{v:.1f}" for v in obj["box"])
+        area = f"  mask: {obj['mask_area']} px" if "mask_area" in obj else ""
+        print(f"  {obj['label'] or '?'}: box (x0, y0, x1, y1) = ({box}){area}")
+    if "annotated" in record:
+        print(f"  wrote {record['annotated']}")
+
+
+def _indices(text: str | None) -> list[int] | None:
+    """'all' / None -> None; '0,2,-1' -> [0, 2, -1]; '4:8' -> [4, 5, 6, 7]."""
+    if text is None or text == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if ":" in part:
+                lo, hi = part.split(":")
+                out += range(int(lo), int(hi))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"bad index list {text!r}: use e.g. 'all', '0,2,-1' or '4:8'") from None
+    return out
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .annotate import draw_attention, to_pil
+    from .image import to_rgb_array
+
+    array = to_rgb_array(args.image)
+    pg = _load(args)
+    result = pg.explain(array, args.prompt, layers=_indices(args.layers),
+                        heads=_indices(args.heads), max_new_tokens=args.max_new_tokens)
+    if not result.tokens:
+        raise ValueError("the model generated no tokens (eos right away): nothing to explain")
+    maps = [result.maps.mean(0), *result.maps]
+    titles = [f"all: {result.text}"[:40], *(repr(p) for p in result.pieces)]
+    draw_attention(to_pil(array), maps, titles).save(args.output)
+    print(f"{args.image}: {_one_line(result.text)}")
+    print(f"wrote {args.output} ({len(result.tokens)} tokens)")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="converted checkpoint directory (or a Hugging Face Hub repo id)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece model (default: tokenizer.model in --model)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: as stored)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="generation budget per image (default: 64)")
+    if not generation:
+        return
+    g = p.add_argument_group("generation (default: greedy)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sample with this temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely ids")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass")
+    g.add_argument("--beams", type=int, default=1, metavar="N", help="beam search width")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images per forward pass (default: 8)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {image, prompt, text[, objects]} instead")
+
+
+TASKS = {
+    "caption": ("short caption ('caption <lang>')", "paligemma caption cat.jpg --model DIR"),
+    "describe": ("longer description ('describe <lang>')",
+                 "paligemma describe cat.jpg --model DIR --lang de"),
+    "ask": ("answer a question ('answer <lang> <question>')",
+            "paligemma ask cat.jpg -q 'how many cats are there?' --model DIR"),
+    "ocr": ("read the text in the image ('ocr')", "paligemma ocr sign.png --model DIR --json"),
+    "detect": ("boxes of the named objects ('detect a ; b')",
+               "paligemma detect street.jpg --objects 'car ; person' --model DIR "
+               "--annotate boxes.png"),
+    "segment": ("box and mask of an object ('segment x'); needs --vae",
+                "paligemma segment cat.jpg --object cat --model DIR --vae vae-oid.npz "
+                "--annotate mask.png"),
+    "generate": ("any prompt, e.g. 'caption es' or 'question en'",
+                 "paligemma generate cat.jpg --prompt 'caption fr' --model DIR --top-p 0.9 "
+                 "--temperature 0.8 --seed 0"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paligemma", description=__doc__)
+    parser = argparse.ArgumentParser(prog="paligemma", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import parity
 
@@ -47,11 +229,57 @@ def build_parser() -> argparse.ArgumentParser:
         '"ok", ...}]} (a list of those for several cases)',
     )
     p.set_defaults(func=_parity)
+
+    for name, (summary, example) in TASKS.items():
+        p = sub.add_parser(name, help=summary, description=summary.capitalize() + ".",
+                           epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
+        if name == "ask":
+            p.add_argument("-q", "--question", required=True, help="the question")
+        if name in ("caption", "describe", "ask"):
+            p.add_argument("--lang", default="en", help="language code (default: en)")
+        if name == "detect":
+            p.add_argument("--objects", required=True, help="object names, e.g. 'cat ; dog'")
+        if name == "segment":
+            p.add_argument("--object", required=True, help="what to segment, e.g. 'cat'")
+            p.add_argument("--vae", metavar="PATH", required=True,
+                           help="the mask VAE: vae-oid.npz or its converted directory")
+        if name == "generate":
+            p.add_argument("--prompt", required=True, help="the prefix, e.g. 'caption es'")
+        if name in ("detect", "segment"):
+            p.add_argument("--annotate", metavar="OUT.png",
+                           help="draw the results on the image (OUT-<i>.png for several)")
+        _add_model_args(p)
+        p.set_defaults(func=_run_task)
+
+    p = sub.add_parser(
+        "explain",
+        help="heatmap of the attention from each generated token to the image patches",
+        description="Generates greedily and draws, for each generated token, the attention of "
+        "the query that chose it on the image patches (averaged over the chosen layers and "
+        "heads), over the image; the first panel averages all tokens.",
+        epilog="example:\n  paligemma explain cat.jpg --prompt 'caption en' --model DIR "
+        "-o heat.png --layers=-4:0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("--prompt", required=True, help="the prefix, e.g. 'caption en'")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG to write")
+    p.add_argument("--layers", default="all",
+                   help="decoder layers to average: 'all', '0,3,-1' or 'lo:hi' (default: all)")
+    p.add_argument("--heads", default="all", help="query heads to average (same syntax)")
+    _add_model_args(p, generation=False)
+    p.set_defaults(func=_explain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not logger.handlers:  # model-output warnings (e.g. malformed boxes), without tracebacks
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
