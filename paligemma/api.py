@@ -33,6 +33,7 @@ from .tokenizer import Tokenizer
 MAX_SEQ_LEN = 8192
 TOKENIZER_FILES = ("tokenizer.model", "paligemma_tokenizer.model")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+Images = ImageLike | Sequence[ImageLike]  # one image -> one result; a list -> a list
 
 
 @dataclass
@@ -164,7 +165,7 @@ class PaliGemma:
 
     def generate(
         self,
-        images: ImageLike | Sequence[ImageLike] | torch.Tensor,
+        images: Images | torch.Tensor,
         prompts: str | Sequence[str],
         suffixes: Sequence[str] | None = None,
         *,
@@ -237,21 +238,25 @@ class PaliGemma:
     # -- tasks --------------------------------------------------------------------------------
 
     def _task(
-        self, task: str, images: Any, text: str | Sequence[str] = "", lang: str = "en",
+        self, task: str, images: Images, text: str | Sequence[str] = "", lang: str = "en",
         **options: Any,
-    ) -> Any:
+    ) -> TextResult | list[TextResult]:
         return self.generate(images, task_prefix(task, text, lang), **options)
 
-    def caption(self, images: Any, lang: str = "en", **options: Any) -> Any:
+    def caption(
+        self, images: Images, lang: str = "en", **options: Any
+    ) -> TextResult | list[TextResult]:
         """Short caption (`caption <lang>`)."""
         return self._task("caption", images, lang=lang, **options)
 
-    def describe(self, images: Any, lang: str = "en", **options: Any) -> Any:
+    def describe(
+        self, images: Images, lang: str = "en", **options: Any
+    ) -> TextResult | list[TextResult]:
         """Longer description (`describe <lang>`)."""
         return self._task("describe", images, lang=lang, **options)
 
-    def ask(self, images: Any, question: str | Sequence[str], lang: str = "en",
-            **options: Any) -> Any:
+    def ask(self, images: Images, question: str | Sequence[str], lang: str = "en",
+            **options: Any) -> TextResult | list[TextResult]:
         """Visual question answering (`answer <lang> <question>`); one question for all
         images or one per image."""
         if isinstance(question, str):
@@ -259,16 +264,18 @@ class PaliGemma:
         prompts = [task_prefix("answer", q, lang) for q in question]
         return self.generate(images, prompts, **options)
 
-    def ocr(self, images: Any, **options: Any) -> Any:
+    def ocr(self, images: Images, **options: Any) -> TextResult | list[TextResult]:
         """Text in the image (`ocr`)."""
         return self._task("ocr", images, **options)
 
-    def detect(self, images: Any, objects: str | Sequence[str], **options: Any) -> Any:
+    def detect(self, images: Images, objects: str | Sequence[str],
+               **options: Any) -> ObjectsResult | list[ObjectsResult]:
         """Boxes of the named objects (`detect cat ; dog`) in original-image pixels."""
         self._require_loc_tokens()
         return self._objects("detect", images, objects, options)
 
-    def segment(self, images: Any, objects: str | Sequence[str], **options: Any) -> Any:
+    def segment(self, images: Images, objects: str | Sequence[str],
+                **options: Any) -> ObjectsResult | list[ObjectsResult]:
         """Box and full-size boolean mask of the named object (`segment cat`)."""
         self._require_loc_tokens()
         if self.vae is None:
@@ -285,8 +292,8 @@ class PaliGemma:
                 "segment need the PaliGemma tokenizer"
             )
 
-    def _objects(self, task: str, images: Any, objects: str | Sequence[str],
-                 options: dict[str, Any]) -> Any:
+    def _objects(self, task: str, images: Images, objects: str | Sequence[str],
+                 options: dict[str, Any]) -> ObjectsResult | list[ObjectsResult]:
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
         arrays = [to_rgb_array(im) for im in batch]
