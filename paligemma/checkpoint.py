@@ -290,8 +290,13 @@ class SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        for fd in self._fds:
-            os.close(fd)
+        try:
+            if exc_type is None:  # on disk before the output is renamed into place
+                for fd in self._fds:
+                    os.fsync(fd)
+        finally:
+            for fd in self._fds:
+                os.close(fd)
         if exc_type is not None:
             return
         if self._pending:

@@ -9,8 +9,11 @@ unpickled.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import io
 import math
+import os
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    path: Path
+    path: Archive  # the file (or split parts) holding it; str() names it in messages
     member: str  # zip member name, e.g. "params/llm/final_norm/scale.npy"
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -49,10 +52,13 @@ class ArrayInfo:
 
 
 class OfficialNpz:
-    """The arrays of one checkpoint, possibly split over several `.npz` parts.
+    """The arrays of one checkpoint, from one `.npz` or several parts.
 
-    Keys are canonical big_vision names without the `params/` prefix (`llm/final_norm/scale`);
-    files with and without the prefix are both accepted.
+    Parts are either separate `.npz` files, each with some of the arrays, or the byte-split
+    pieces of one `.npz` (Google ships the 28B checkpoints as `*.npz.part*` to be joined with
+    `cat`), read here as one file without joining them on disk. Keys are canonical big_vision
+    names without the `params/` prefix (`llm/final_norm/scale`); files with and without the
+    prefix are both accepted.
     """
 
     def __init__(self, paths: str | Path | Iterable[str | Path]):
@@ -61,10 +67,12 @@ class OfficialNpz:
             raise CheckpointError("no checkpoint file given")
         self.paths = paths
         self.arrays: dict[str, ArrayInfo] = {}
-        for path in paths:
-            for key, info in _read_headers(path).items():
+        for archive in _archives(paths):
+            for key, info in _read_headers(archive).items():
                 if key in self.arrays:
-                    raise CheckpointError(f"{path}: key {key!r} is also in {self.arrays[key].path}")
+                    raise CheckpointError(
+                        f"{archive}: key {key!r} is also in {self.arrays[key].path}"
+                    )
                 self.arrays[key] = info
 
     def keys(self) -> list[str]:
@@ -76,7 +84,7 @@ class OfficialNpz:
     def read(self, key: str) -> torch.Tensor:
         """The stored array as a CPU tensor of its stored dtype (bf16 included)."""
         info = self.arrays[key]
-        with zipfile.ZipFile(info.path) as zf, zf.open(info.member) as f:
+        with info.path.open() as zf, zf.open(info.member) as f:
             try:
                 array = np.lib.format.read_array(f, allow_pickle=False)
             except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
@@ -97,7 +105,7 @@ class OfficialNpz:
         row_shape = info.shape[1:]
         row_bytes = math.prod(row_shape) * info.dtype.itemsize
         np_dtype = _TORCH_TO_NUMPY[info.dtype]
-        with zipfile.ZipFile(info.path) as zf, zf.open(info.member) as f:
+        with info.path.open() as zf, zf.open(info.member) as f:
             try:
                 _read_header(f)
                 for start in range(0, rows, max_rows):
@@ -132,47 +140,135 @@ def _read_header(f: io.BufferedIOBase) -> tuple[tuple[int, ...], bool, np.dtype]
     return np.lib.format.read_array_header_2_0(f)
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file")
+@dataclass(frozen=True)
+class Archive:
+    """One zip archive, stored in one file or split byte-wise over several (in order)."""
+
+    parts: tuple[Path, ...]
+
+    def __str__(self) -> str:
+        if len(self.parts) == 1:
+            return str(self.parts[0])
+        return f"{self.parts[0]} (+{len(self.parts) - 1} more parts)"
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[zipfile.ZipFile]:
+        f = _JoinedFile(self.parts) if len(self.parts) > 1 else open(self.parts[0], "rb")
+        try:
+            with zipfile.ZipFile(f) as zf:
+                yield zf
+        finally:
+            f.close()
+
+
+class _JoinedFile(io.RawIOBase):
+    """Several files read as their concatenation (what `cat part* > file` would write)."""
+
+    def __init__(self, paths: tuple[Path, ...]):
+        self._files = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed in close())
+        sizes = [p.stat().st_size for p in paths]
+        self._starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._starts[-1]}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fills `buffer` across part boundaries; short only at the end of the last part."""
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view) and self._pos < self._starts[-1]:
+            i = bisect.bisect_right(self._starts, self._pos) - 1
+            f = self._files[i]
+            f.seek(self._pos - self._starts[i])
+            n = f.readinto(view[done : done + self._starts[i + 1] - self._pos])
+            if not n:
+                break
+            done += n
+            self._pos += n
+        return done
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        super().close()
+
+
+def _archives(paths: list[Path]) -> list[Archive]:
+    """Separate `.npz` files, or, when they are not zips on their own, parts of one."""
+    for path in paths:
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a file")
+    errors = {path: _zip_error(Archive((path,))) for path in paths}
+    if len(paths) == 1 or not any(errors.values()):
+        return [Archive((path,)) for path in paths]
+    if all(errors.values()) and not _zip_error(Archive(tuple(paths))):
+        return [Archive(tuple(paths))]
+    bad = next(path for path, error in errors.items() if error)
+    raise CheckpointError(
+        f"{bad}: {errors[bad]}; and the files given are not the byte-split parts of one .npz "
+        "either (parts must be given in order, e.g. file.npz.part*)"
+    )
+
+
+def _zip_error(archive: Archive) -> str | None:
+    """Why `archive` cannot be opened as a zip, or None."""
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        with open(path, "rb") as f:
+        with archive.open() as zf:
+            # A file whose central directory points before its start is the tail of a split.
+            if any(info.header_offset < 0 for info in zf.infolist()):
+                return "truncated .npz (zip) archive: it holds the end of a split .npz"
+            return None
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        with open(archive.parts[0], "rb") as f:
             is_zip_start = f.read(4) == b"PK\x03\x04"
-        what = (
-            "truncated or corrupt .npz (zip) archive" if is_zip_start else "not an .npz (zip) file"
-        )
-        raise CheckpointError(f"{path}: {what}: {e}") from e
+        if is_zip_start:
+            return f"truncated or corrupt .npz (zip) archive: {e}"
+        return f"not an .npz (zip) file: {e}"
 
 
-def _read_headers(path: Path) -> dict[str, ArrayInfo]:
+def _read_headers(archive: Archive) -> dict[str, ArrayInfo]:
+    error = _zip_error(archive)
+    if error:
+        raise CheckpointError(f"{archive}: {error}")
     arrays = {}
-    with _open_zip(path) as zf:
+    with archive.open() as zf:
         for member in zf.namelist():
             if not member.endswith(".npy"):
-                raise CheckpointError(f"{path}: unexpected member {member!r} (not an .npy array)")
+                raise CheckpointError(
+                    f"{archive}: unexpected member {member!r} (not an .npy array)"
+                )
             key = member[: -len(".npy")].removeprefix(PARAMS_PREFIX)
             try:
                 with zf.open(member) as f:
                     shape, fortran_order, dtype = _read_header(f)
             except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
-                raise CheckpointError(f"{path}: cannot read the header of {key!r}: {e}") from e
+                raise CheckpointError(f"{archive}: cannot read the header of {key!r}: {e}") from e
             if dtype.hasobject:
                 raise CheckpointError(
-                    f"{path}: {key!r} is an object (pickled) array, dtype {dtype.str!r}; "
+                    f"{archive}: {key!r} is an object (pickled) array, dtype {dtype.str!r}; "
                     "refusing to unpickle it"
                 )
             name = "V2" if dtype == np.dtype("V2") else dtype.name
             if name not in _NUMPY_TO_TORCH or dtype.byteorder == ">":
                 raise CheckpointError(
-                    f"{path}: {key!r} has unsupported dtype {dtype.str!r} "
+                    f"{archive}: {key!r} has unsupported dtype {dtype.str!r} "
                     "(expected float32, float16 or bfloat16 stored as |V2)"
                 )
             arrays[key] = ArrayInfo(
-                path, member, tuple(shape), _NUMPY_TO_TORCH[name], fortran_order
+                archive, member, tuple(shape), _NUMPY_TO_TORCH[name], fortran_order
             )
     return arrays
 
@@ -187,7 +283,8 @@ class NpzWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._zip = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
 
     def add(
         self,
@@ -220,13 +317,21 @@ class NpzWriter:
             raise ValueError(f"{self.path}: {name!r} got {written} bytes, expected {nbytes}")
 
     def close(self) -> None:
-        self._zip.close()
+        try:
+            self._zip.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())  # on disk before anyone renames it into place
+        finally:
+            self._file.close()
 
     def __enter__(self) -> NpzWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the output is being discarded: do not let finishing the zip mask the error
+            self._file.close()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

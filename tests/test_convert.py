@@ -171,6 +171,21 @@ def test_checkpoint_split_in_parts_converts_like_one_file(tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_byte_split_parts_are_read_without_joining_them(tmp_path):
+    # How Google ships the 28B checkpoints: `*.npz.part*`, meant to be joined with `cat`.
+    data = (GOLD / "pg2_tiny" / "params.npz").read_bytes()
+    cuts = [0, 1000, len(data) // 2, len(data)]
+    parts = [tmp_path / f"params.npz.part{i}" for i in range(3)]
+    for part, start, end in zip(parts, cuts[:-1], cuts[1:], strict=True):
+        part.write_bytes(data[start:end])
+    convert_case("pg2_tiny", tmp_path / "single")
+    assert run(*parts, "--config", CONFIGS / "pg2_tiny.json", "-o", tmp_path / "split") == 0
+    a, b = load_state_dict(tmp_path / "single"), load_state_dict(tmp_path / "split")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((tmp_path / "split" / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["sources"]] == [p.name for p in parts]
+
+
 def test_keys_without_the_params_prefix_are_accepted(tmp_path):
     arrays = npz_arrays(GOLD / "pg1_tiny" / "params.npz")
     np.savez(tmp_path / "bare.npz", **{k.removeprefix("params/"): v for k, v in arrays.items()})

@@ -125,6 +125,15 @@ def test_the_same_part_twice(fails):
     )
 
 
+def test_byte_split_parts_out_of_order(fails, tmp_path):
+    data = PG1.read_bytes()
+    (tmp_path / "p0").write_bytes(data[: len(data) // 2])
+    (tmp_path / "p1").write_bytes(data[len(data) // 2 :])
+    err = fails(tmp_path / "p1", tmp_path / "p0", *PG1_CONFIG)
+    assert f"{tmp_path / 'p1'}: truncated .npz (zip) archive: it holds the end of a split" in err
+    assert "not the byte-split parts of one .npz either (parts must be given in order" in err
+
+
 def test_nan_with_check_finite_names_key_and_index(fails, tmp_path):
     arrays = gold_arrays()
     arrays["params/llm/layers/mlp/linear"][2, 5, 7] = np.nan  # layer 2 of the stack
