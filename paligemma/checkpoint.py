@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import PaliGemmaConfig
 from .model import PaliGemmaModel
@@ -88,17 +88,23 @@ def weight_map(directory: str | Path) -> dict[str, Path]:
     return mapping
 
 
+def shards(directory: str | Path) -> dict[Path, list[str]]:
+    """{safetensors file: names of the tensors it holds}."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in weight_map(directory).items():
+        by_file.setdefault(path, []).append(name)
+    return by_file
+
+
 def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of every stored tensor, from the headers only."""
     dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     specs = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, path in weight_map(directory).items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
+    for path, names in shards(directory).items():
         with _open_safetensors(path) as f:
+            stored = set(f.keys())
             for name in names:
-                if name not in f.keys():
+                if name not in stored:
                     raise CheckpointError(f"{path}: no tensor {name!r} (listed in the index)")
                 sl = f.get_slice(name)
                 if sl.get_dtype() not in dtypes:
@@ -110,8 +116,8 @@ def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torc
 
 
 def read_tensor(path: str | Path, name: str) -> torch.Tensor:
-    """One tensor, memory-mapped. Only its pages are mapped while it lives (the file is closed),
-    so reading many tensors one after another does not accumulate the checkpoint in memory."""
+    """One tensor, memory-mapped. The file's mapping lives only as long as the tensor, so
+    reading tensors one after another keeps one tensor's pages resident, not the file's."""
     with _open_safetensors(path) as f:
         return f.get_tensor(name)
 
@@ -124,11 +130,8 @@ def load_state_dict(
     With a dtype change, only one shard's file pages are mapped at a time next to the
     converted tensors.
     """
-    by_file: dict[Path, list[str]] = {}
-    for name, path in weight_map(directory).items():
-        by_file.setdefault(path, []).append(name)
     state = {}
-    for path, names in by_file.items():
+    for path, names in shards(directory).items():
         with _open_safetensors(path, device) as f:
             for name in names:
                 tensor = f.get_tensor(name)
@@ -149,7 +152,7 @@ def load_pretrained(
     if model_type != MODEL_TYPE:
         raise CheckpointError(
             f"{directory}: model_type {model_type!r} is not a PaliGemma model "
-            "(for the segmentation VAE use paligemma.checkpoint.load_state_dict)"
+            "(for the segmentation VAE use paligemma.segmentation.load_mask_decoder)"
         )
     try:
         config = PaliGemmaConfig.from_dict(raw)
@@ -182,10 +185,10 @@ def check_names_and_shapes(
             )
 
 
-def _open_safetensors(path: Path, device: torch.device | str = "cpu"):
+def _open_safetensors(path: Path, device: torch.device | str = "cpu") -> safe_open:
     try:
         return safe_open(path, framework="pt", device=str(device))
-    except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
 
 

@@ -114,6 +114,15 @@ def test_exported_config_disables_the_sliding_window_and_keeps_softcaps(tmp_path
     assert text.query_pre_attn_scalar == 32
 
 
+def test_registry_settings_survive_transformers_config_parsing():
+    # PaliGemma 2 registry configs: no final softcap (transformers' Gemma 2 default is 30).
+    text = transformers.PaliGemmaConfig(**hf_config(VARIANTS["pg2-28b-896"], torch.bfloat16))
+    text = text.text_config
+    assert text.final_logit_softcapping is None and text.attn_logit_softcapping == 50.0
+    assert text.sliding_window is None and set(text.layer_types) == {"full_attention"}
+    assert text.query_pre_attn_scalar == 144  # 4608 // 32, not head_dim 128
+
+
 @pytest.mark.parametrize("variant", ["pg1-3b-224", "pg2-3b-448", "pg2-10b-224", "pg2-28b-896"])
 def test_every_tensor_lands_on_a_transformers_parameter_of_the_same_shape(variant):
     config = VARIANTS[variant]
