@@ -1,5 +1,6 @@
 """The converter on the gold checkpoints: output format, loading, round trips, streaming."""
 
+import argparse
 import hashlib
 import json
 import subprocess
@@ -14,7 +15,7 @@ from safetensors import safe_open
 
 import paligemma.weights
 from convert import sources, vae
-from convert.cli import main
+from convert.cli import main, parse_size
 from paligemma.checkpoint import load_pretrained, load_state_dict, save_pretrained
 from paligemma.config import PaliGemmaConfig
 from paligemma.npz import OfficialNpz
@@ -267,3 +268,11 @@ def test_python_dash_m_convert_and_the_console_script_are_wired(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "vae" / "model.safetensors").is_file()
+
+
+def test_shard_sizes_parse_like_hugging_face_sizes():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MiB") == 500 * 2**20
+    assert parse_size("1024") == 1024
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        parse_size("5 parsecs")
