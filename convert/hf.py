@@ -30,6 +30,8 @@ from paligemma import __version__
 from paligemma.config import PaliGemmaConfig
 from paligemma.npz import TORCH_DTYPE_NAMES
 
+from .sources import ConversionError
+
 _VISION = "vision_tower.vision_model."
 _LLM = "language_model.model."
 
@@ -107,7 +109,7 @@ def hf_config(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
             and t.query_scale == t.head_dim**-0.5
         )
         if not plain:
-            raise ValueError(
+            raise ConversionError(
                 "transformers' Gemma 1 has no softcaps or custom query scaling; a config with "
                 "them and without post norms cannot be exported"
             )
