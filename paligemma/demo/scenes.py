@@ -1,0 +1,193 @@
+"""Synthetic scenes for the demo model: 1-3 colored shapes on varied backgrounds, drawn with Pillow,
+with the ground truth of every task the demo model learns.
+
+Each scene has distinct shape kinds (so "the circle" is unambiguous), listed left to right (the
+order captions use). Boxes are normalized (y_min, x_min, y_max, x_max) in [0, 1], big_vision's
+order; `loc_tokens` puts them on the 1024-value `<locNNNN>` grid as big_vision does
+(round(v * 1023), decoded by `paligemma.tasks` as token / 1023).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+from ..api import PaliGemma
+from ..tasks import LOC_GRID, parse_detections
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+COLOR_JITTER = 20  # per channel, so that colors are ranges rather than exact values
+MAX_SHAPES = 3
+MIN_CENTER_GAP = 0.1
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    box: tuple[float, float, float, float]  # y_min, x_min, y_max, x_max in [0, 1]
+
+
+@dataclass
+class Scene:
+    image: PIL.Image.Image
+    shapes: list[Shape]  # left to right by box center
+
+    def caption(self) -> str:
+        """'a red circle', 'a red circle and an orange star', 'a red circle, a ... and a ...'."""
+        names = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.kind}"
+                 for s in self.shapes]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+    def shape(self, kind: str) -> Shape:
+        return next(s for s in self.shapes if s.kind == kind)
+
+
+def loc_tokens(box: tuple[float, float, float, float]) -> str:
+    """Normalized (y_min, x_min, y_max, x_max) -> '<loc0123><loc0045><loc0456><loc0300>'."""
+    return "".join(f"<loc{round(v * LOC_GRID):04d}>" for v in box)
+
+
+def examples(scene: Scene) -> list[tuple[str, str]]:
+    """Every (prefix, suffix) pair of a scene, with the official task prefixes."""
+    pairs = [("caption en", scene.caption()),
+             ("answer en how many shapes are there", str(len(scene.shapes)))]
+    for s in scene.shapes:
+        pairs.append((f"answer en what color is the {s.kind}", s.color))
+        pairs.append((f"detect {s.kind}", f"{loc_tokens(s.box)} {s.kind}"))
+    return pairs
+
+
+def draw_scene(rng: random.Random, size: int = 224) -> Scene:
+    """A random scene of `size` x `size` pixels: background, then 1-3 non-overlapping shapes."""
+    image = _background(rng, size)
+    draw = PIL.ImageDraw.Draw(image)
+    count = rng.randint(1, MAX_SHAPES)
+    kinds = rng.sample(SHAPES, count)
+    shapes: list[Shape] = []
+    boxes: list[tuple[float, float, float, float]] = []
+    for kind in kinds:
+        square = _place(rng, boxes, max_side=0.5 if count == 1 else 0.36)
+        if square is None:
+            continue
+        boxes.append(square)
+        color = rng.choice(list(COLORS))
+        fill = tuple(min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER)))
+                     for c in COLORS[color])
+        points = _outline(kind, square, size)
+        if kind == "circle":
+            draw.ellipse(_bounds(points), fill=fill)
+        elif kind == "square":
+            draw.rectangle(_bounds(points), fill=fill)
+        else:
+            draw.polygon(points, fill=fill)
+        x_min, y_min, x_max, y_max = _bounds(points)
+        shapes.append(Shape(kind, color, (y_min / size, x_min / size, y_max / size, x_max / size)))
+    shapes.sort(key=lambda s: s.box[1] + s.box[3])
+    return Scene(image, shapes)
+
+
+def _place(rng: random.Random, boxes: list[tuple[float, ...]], max_side: float
+           ) -> tuple[float, float, float, float] | None:
+    """A square (y0, x0, y1, x1) apart from `boxes`, or None if 100 tries fail.
+
+    Apart: no overlap (with a margin), and horizontal centers at least MIN_CENTER_GAP apart so
+    that the left-to-right order of a caption is never a near tie.
+    """
+    for _ in range(100):
+        side = rng.uniform(0.22, max_side)
+        y0, x0 = rng.uniform(0.02, 0.98 - side), rng.uniform(0.02, 0.98 - side)
+        square = (y0, x0, y0 + side, x0 + side)
+        if all(_apart(square, other) for other in boxes):
+            return square
+    return None
+
+
+def _apart(a: tuple[float, ...], b: tuple[float, ...], margin: float = 0.03) -> bool:
+    disjoint = (a[2] + margin < b[0] or b[2] + margin < a[0] or
+                a[3] + margin < b[1] or b[3] + margin < a[1])
+    return disjoint and abs(a[1] + a[3] - b[1] - b[3]) / 2 >= MIN_CENTER_GAP
+
+
+def _outline(kind: str, square: tuple[float, float, float, float], size: int
+             ) -> list[tuple[float, float]]:
+    """Pixel (x, y) points of a shape inscribed in `square` (circle: its bounding corners)."""
+    y0, x0, y1, x1 = (v * size for v in square)
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    if kind in ("circle", "square"):
+        return [(x0, y0), (x1, y1)]
+    if kind == "triangle":
+        return [(cx, y0), (x1, y1), (x0, y1)]
+    # A five-pointed star, point up, inner radius 0.45 of the outer one.
+    return [(cx + rad * math.sin(a), cy - rad * math.cos(a))
+            for i in range(10)
+            for a, rad in [(i * math.pi / 5, r if i % 2 == 0 else 0.45 * r)]]
+
+
+def _bounds(points: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _background(rng: random.Random, size: int) -> PIL.Image.Image:
+    """A low-saturation background: solid or a linear gradient between two tones, with noise."""
+
+    def tone() -> np.ndarray:
+        gray = rng.choice([rng.uniform(190, 250), rng.uniform(110, 150), rng.uniform(25, 70)])
+        return np.array([gray + rng.uniform(-18, 18) for _ in range(3)])
+
+    a, b = tone(), tone() if rng.random() < 0.6 else None
+    ramp = np.linspace(0, 1, size)[:, None, None]
+    if b is None:
+        pixels = np.broadcast_to(a, (size, size, 3)).copy()
+    elif rng.random() < 0.5:
+        pixels = np.broadcast_to(a + (b - a) * ramp, (size, size, 3)).copy()  # top to bottom
+    else:
+        pixels = np.broadcast_to(a + (b - a) * ramp.transpose(1, 0, 2), (size, size, 3)).copy()
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 8), pixels.shape)
+    return PIL.Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) or two (y0, x0, y1, x1) boxes."""
+    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0])) *
+             max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score(pg: PaliGemma, scenes: Sequence[Scene], batch_size: int = 32) -> dict[str, float]:
+    """Held-out scores of a model on scenes, greedy decoding.
+
+    caption: exact match of `caption en`; vqa: exact match over every color and count question;
+    detection: mean IoU of the first box `detect <kind>` returns (0 if none) over all shapes.
+    """
+    pairs = [(s.image, prefix, suffix) for s in scenes for prefix, suffix in examples(s)]
+    hits: dict[str, list[float]] = {"caption": [], "vqa": [], "detection": []}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        results = pg.generate([p[0] for p in chunk], [p[1] for p in chunk], max_new_tokens=24)
+        for (_, prefix, truth), result in zip(chunk, results, strict=True):
+            if prefix.startswith("detect"):
+                found = parse_detections(result.text, 1, 1)
+                y0, x0, y1, x1 = (int(v) / LOC_GRID for v in re.findall(r"\d{4}", truth))
+                hits["detection"].append(iou(found[0].box, (x0, y0, x1, y1)) if found else 0.0)
+            else:
+                hits["caption" if prefix.startswith("caption") else "vqa"].append(
+                    float(result.text == truth))
+    return {task: sum(v) / len(v) for task, v in hits.items()}

@@ -1,0 +1,433 @@
+"""Fine-tuning on (image, prefix, suffix) records, with the official PaliGemma recipe's loss.
+
+Data: the format of the official fine-tuning colab, a JSONL file of
+`{"image": "relative/or/absolute.jpg", "prefix": "caption en", "suffix": "a cat"}` records.
+Each example becomes `[bos] prefix "\\n" suffix [eos]` with mask_ar 0 on `[bos] prefix "\\n"`
+(full attention, with the image) and 1 on `suffix [eos]` (causal); as big_vision's transfer
+code, the model reads tokens[:-1] and is scored on tokens[1:], and the loss counts only the
+suffix and eos targets: per example, the mean over its suffix tokens; then the batch mean.
+
+Training: full, frozen image encoder (SigLIP and projector fixed) or LoRA on the decoder (all
+else frozen); AdamW with linear warmup and cosine decay to zero; gradient accumulation, clipping,
+checkpointing (activation recomputation), bf16 autocast; periodic evaluation; checkpoints
+(trainable parameters, optimizer moments, step: safetensors + JSON) that `resume` continues from
+exactly; at the end the LoRA weights are merged and the model is saved in our checkpoint format,
+from which `export_npz` writes the official `.npz` through the reverse converter.
+
+    model = load_pretrained("pg2-3b-224"); tok = Tokenizer("pg2-3b-224/tokenizer.model")
+    finetune(model, tok, JsonlDataset("train.jsonl"), FinetuneConfig(steps=500, mode="lora"),
+             out_dir="run1", eval_data=JsonlDataset("val.jsonl"))
+    export_npz("run1/model", "finetuned.npz")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .image import ImageLike, preprocess, to_rgb_array
+from .lora import add_lora, merge_lora
+from .model import PaliGemmaModel
+from .tokenizer import Tokenizer
+
+MODES = ("full", "frozen-image", "lora")
+CHECKPOINT_DIR = "checkpoint"  # under out_dir: the latest training state, replaced atomically
+MODEL_DIR = "model"  # under out_dir: the final (merged) model, our checkpoint format
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-5
+    warmup_steps: int = 50  # linear from 0, then cosine to 0 at `steps`
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    mode: str = "full"  # one of MODES
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    grad_checkpointing: bool = False
+    bf16: bool = False  # autocast matmuls to bfloat16 (weights stay in their dtype)
+    max_len: int | None = None  # truncate text (prefix + suffix + eos) to this many tokens
+    eval_every: int = 0  # steps between evaluations (0: only at the end, if eval data)
+    eval_batches: int | None = None  # limit evaluation to this many batches
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    num_workers: int = 0  # DataLoader workers
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): warmup, then cosine to 0."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Example:
+    image: ImageLike  # path, PIL image or array
+    prefix: str
+    suffix: str
+
+
+class JsonlDataset(Dataset):
+    """Records of the official fine-tuning colab: one JSON object per line with "image" (a path
+    relative to `image_dir`, default the JSONL file's folder), "prefix" and "suffix"."""
+
+    def __init__(self, path: str | Path, image_dir: str | Path | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such JSONL file")
+        image_dir = Path(image_dir) if image_dir is not None else self.path.parent
+        self.examples = []
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.examples.append(
+                    Example(image_dir / record["image"], record["prefix"], record["suffix"])
+                )
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{self.path}:{n}: expected {{\"image\", \"prefix\", \"suffix\"}}, "
+                    f"got {line[:80]!r} ({type(e).__name__}: {e})"
+                ) from None
+        if not self.examples:
+            raise ValueError(f"{self.path}: no records")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def encode_example(tokenizer: Tokenizer, prefix: str, suffix: str) -> tuple[list[int], ...]:
+    """-> (tokens, mask_ar, mask_loss) of `[bos] prefix "\\n" suffix [eos]`.
+
+    mask_ar is 0 on `[bos] prefix "\\n"` and 1 on `suffix [eos]`; mask_loss is 1 exactly on
+    `suffix [eos]` (big_vision's transfer / colab `tokenize`).
+    """
+    tokens, mask_ar = tokenizer.prompt(prefix, suffix)
+    tokens, mask_ar = [*tokens, tokenizer.eos_id], [*mask_ar, 1]
+    return tokens, mask_ar, list(mask_ar)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, R, R] in [-1, 1]
+    tokens: torch.Tensor  # [B, T] long, padded at the end with the pad id
+    mask_ar: torch.Tensor  # [B, T] long: 0 prefix (full attention), 1 suffix and padding
+    mask_loss: torch.Tensor  # [B, T] long: 1 on suffix and eos
+    input_mask: torch.Tensor  # [B, T] bool: False on padding
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+def collate(
+    examples: Sequence[Example], tokenizer: Tokenizer, image_size: int, max_len: int | None = None
+) -> Batch:
+    """Preprocesses images and encodes/pads texts (to the longest, at most max_len)."""
+    images = preprocess([to_rgb_array(e.image) for e in examples], image_size)
+    encoded = [encode_example(tokenizer, e.prefix, e.suffix) for e in examples]
+    if max_len is not None:
+        encoded = [tuple(seq[:max_len] for seq in enc) for enc in encoded]
+    length = max(len(tokens) for tokens, _, _ in encoded)
+    batch = torch.full((len(examples), length), tokenizer.pad_id, dtype=torch.long)
+    mask_ar = torch.ones_like(batch)
+    mask_loss = torch.zeros_like(batch)
+    input_mask = torch.zeros_like(batch, dtype=torch.bool)
+    for row, (tokens, ar, loss) in enumerate(encoded):
+        n = len(tokens)
+        batch[row, :n], mask_ar[row, :n] = torch.tensor(tokens), torch.tensor(ar)
+        mask_loss[row, :n], input_mask[row, :n] = torch.tensor(loss), True
+    return Batch(images, batch, mask_ar, mask_loss, input_mask)
+
+
+def sample_order(n: int, seed: int) -> Iterator[int]:
+    """Endless example indices: a fresh permutation of range(n) per epoch, fixed by the seed."""
+    for epoch in itertools.count():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        yield from torch.randperm(n, generator=generator).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model set-up
+
+
+def example_losses(model: PaliGemmaModel, batch: Batch) -> torch.Tensor:
+    """Per-example loss [B]: mean NLL of the suffix and eos tokens (targets shifted by one)."""
+    logits = model(
+        batch.images, batch.tokens[:, :-1], batch.mask_ar[:, :-1], batch.input_mask[:, :-1]
+    )
+    targets, mask = batch.tokens[:, 1:], batch.mask_loss[:, 1:].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def init_weights(model: PaliGemmaModel, seed: int = 0) -> None:
+    """Random initialization for training from scratch (the modules' own init is only a
+    placeholder for loading weights): LeCun-normal kernels (flax's Dense default), zero
+    biases, unit LayerNorms, zero RMSNorm scales (gain 1), position and token embeddings
+    N(0, 1/width) as big_vision's ViT posemb, so that scaled token embeddings have unit size
+    and the tied logits start at unit scale."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("pos_embedding") or name.endswith("embedder.weight"):
+            p.normal_(0, p.shape[-1] ** -0.5, generator=generator)
+        elif p.dim() >= 2:
+            fan_in = p[0].numel()  # Linear (out, in) and Conv2d (out, in, kh, kw)
+            p.normal_(0, fan_in**-0.5, generator=generator)
+        elif name.endswith(".scale") or name.endswith("bias"):
+            p.zero_()
+        else:  # LayerNorm weights
+            p.fill_(1.0)
+
+
+def prepare_model(model: PaliGemmaModel, config: FinetuneConfig) -> list[str]:
+    """Freezes / adds LoRA per `config.mode` and enables gradient checkpointing, in place.
+    Returns the names of the trainable parameters."""
+    if config.mode == "lora":
+        model.requires_grad_(False)
+        add_lora(model.decoder, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    else:
+        model.requires_grad_(True)
+        if config.mode == "frozen-image":
+            model.vision.requires_grad_(False)
+            model.projector.requires_grad_(False)
+    if config.grad_checkpointing:
+        for block in [*model.vision.blocks, *model.decoder.layers]:
+            # Recompute each block's activations in the backward pass instead of storing them.
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_training_state(
+    directory: Path, model: PaliGemmaModel, optimizer: torch.optim.Optimizer, step: int,
+    config: FinetuneConfig,
+) -> None:
+    """`directory` (replaced atomically): trainable.safetensors, optimizer.safetensors (AdamW
+    moments per parameter index), state.json (step, config, param groups, names)."""
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    moments = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+    state = {
+        "step": step,
+        "config": dataclasses.asdict(config),
+        "param_groups": opt["param_groups"],
+        "trainable": list(trainable),
+        "rng_state": torch.get_rng_state().tolist(),
+    }
+    with ckpt.atomic_output(directory, force=True) as tmp:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
+        ckpt.write_json(tmp / "state.json", state)
+
+
+def load_training_state(
+    directory: Path, model: PaliGemmaModel, optimizer: torch.optim.Optimizer
+) -> int:
+    """Restores what `save_training_state` wrote into a prepared model; returns the step."""
+    state = ckpt.read_json(directory / "state.json")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if names != state["trainable"]:
+        raise ValueError(
+            f"{directory}: its trainable parameters differ from this run's "
+            "(resume with the same mode and base model)"
+        )
+    model.load_state_dict(load_file(directory / "trainable.safetensors"), strict=False)
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(directory / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+    torch.set_rng_state(torch.tensor(state["rng_state"], dtype=torch.uint8))
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: PaliGemmaModel, loader: DataLoader, max_batches: int | None = None, bf16: bool = False
+) -> float:
+    """Mean per-example suffix loss over (at most max_batches of) an evaluation loader."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in itertools.islice(loader, max_batches):
+        with _autocast(model, bf16):
+            losses = example_losses(model, batch.to(model.device))
+        total, count = total + float(losses.sum()), count + len(losses)
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def finetune(
+    model: PaliGemmaModel,
+    tokenizer: Tokenizer,
+    train_data: Dataset,
+    config: FinetuneConfig,
+    out_dir: str | Path | None = None,
+    eval_data: Dataset | None = None,
+    evaluate: Callable[[PaliGemmaModel], dict[str, float]] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> PaliGemmaModel:
+    """Trains `model` in place on Examples and returns it, LoRA merged.
+
+    out_dir: where checkpoints (`checkpoint/`), `metrics.jsonl` and the final model
+    (`model/`, with `tokenizer.model`) go; None keeps nothing on disk. eval_data: examples whose
+    loss is reported every `eval_every` steps and at the end; evaluate: an extra callback
+    (model -> {metric: value}) run at the same times, e.g. generation scores. resume: continue
+    from `out_dir/checkpoint` (same base model, data and config).
+    """
+    if tokenizer.vocab_size != model.config.text.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.text.vocab_size}"
+        )
+    out = Path(out_dir) if out_dir is not None else None
+    prepare_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    make_batch = functools.partial(
+        collate, tokenizer=tokenizer, image_size=model.config.vision.image_size,
+        max_len=config.max_len,
+    )
+    step = 0
+    if resume:
+        if out is None or not (out / CHECKPOINT_DIR).is_dir():
+            raise FileNotFoundError(f"{out}: no {CHECKPOINT_DIR}/ to resume from")
+        step = load_training_state(out / CHECKPOINT_DIR, model, optimizer)
+    per_step = config.batch_size * config.grad_accum
+    order = itertools.islice(sample_order(len(train_data), config.seed), step * per_step, None)
+    batches = _chunks(order, config.batch_size)
+    loader = DataLoader(train_data, batch_sampler=batches, collate_fn=make_batch,
+                        num_workers=config.num_workers)
+    eval_loader = None
+    if eval_data is not None:
+        eval_loader = DataLoader(eval_data, batch_size=config.batch_size, collate_fn=make_batch,
+                                 num_workers=config.num_workers)
+    data = iter(loader)
+    bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not progress,
+               dynamic_ncols=True)
+    while step < config.steps:
+        lr = config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            batch = next(data).to(model.device)
+            with _autocast(model, config.bf16):
+                loss = example_losses(model, batch).mean()
+            (loss / config.grad_accum).backward()
+            loss_sum += float(loss.detach())
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / config.grad_accum:.4f}", lr=f"{lr:.2e}")
+        metrics: dict[str, Any] = {"step": step, "loss": loss_sum / config.grad_accum, "lr": lr}
+        last = step == config.steps
+        if config.eval_every and step % config.eval_every == 0 or last:
+            if eval_loader is not None:
+                metrics["eval_loss"] = evaluate_loss(model, eval_loader, config.eval_batches,
+                                                     config.bf16)
+            if evaluate is not None:
+                metrics.update(_run_callback(model, evaluate))
+            if len(metrics) > 3:
+                bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if config.save_every and step % config.save_every == 0 or last:
+                save_training_state(out / CHECKPOINT_DIR, model, optimizer, step, config)
+    bar.close()
+    merge_lora(model)
+    model.eval()
+    if out is not None:
+        save_model(model, tokenizer, out / MODEL_DIR)
+    return model
+
+
+def save_model(model: PaliGemmaModel, tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Our checkpoint directory plus `tokenizer.model`: `PaliGemma.from_pretrained` loads it."""
+    ckpt.save_pretrained(model, directory)
+    shutil.copyfile(tokenizer.path, Path(directory) / "tokenizer.model")
+
+
+def export_npz(
+    model_dir: str | Path, npz_path: str | Path, dtype: torch.dtype | None = torch.bfloat16
+) -> None:
+    """Our checkpoint directory -> the official big_vision `.npz` (bf16 stored as `|V2` by
+    default), through the reverse converter (`python -m convert DIR --to npz`)."""
+    from convert import write_npz
+    from convert.sources import ConvertedSource
+
+    write_npz(ConvertedSource(model_dir), npz_path, dtype, force=True, quiet=True)
+
+
+def _run_callback(model: PaliGemmaModel, evaluate: Callable) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return evaluate(model)
+    finally:
+        model.train(was_training)
+
+
+def _autocast(model: PaliGemmaModel, enabled: bool) -> torch.autocast:
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _chunks(indices: Iterator[int], size: int) -> Iterator[list[int]]:
+    while chunk := list(itertools.islice(indices, size)):
+        yield chunk
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
