@@ -46,7 +46,7 @@ OUT = Path(__file__).parent / "demo_model"
 SEED = 0
 HELD_OUT_SEED = 10**9  # scene seeds of the held-out set start here, far from training seeds
 # Task mixture: detection is the hardest (four coordinates per box), so it gets the most.
-TASK_WEIGHTS = {"caption": 0.3, "color": 0.2, "count": 0.1, "detect": 0.4}
+TASK_WEIGHTS = {"caption": 0.25, "color": 0.15, "count": 0.1, "detect": 0.5}
 RENDER_SIZE = 224  # scenes are drawn larger and resized (antialiased) to the model's 112 px
 
 
@@ -121,6 +121,20 @@ def smooth_loc_embeddings(model: PaliGemmaModel, loc_ids: list[int]) -> None:
     embedder[loc_ids] = features * (2 / width) ** 0.5
 
 
+@torch.no_grad()
+def sincos_posemb(model: PaliGemmaModel) -> None:
+    """Start the ViT's learned position embedding at 2D sin/cos features of the patch row and
+    column (big_vision's `posemb_sincos_2d` layout, with periods from 2 patches to 4 images), at
+    the scale of the patch features, so patch tokens know where they are from the first step."""
+    cfg = model.config.vision
+    grid = cfg.image_size // cfg.patch_size
+    freqs = math.pi * 2.0 ** torch.linspace(0, -math.log2(4 * grid), cfg.width // 4)
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ay, ax = y.reshape(-1, 1) * freqs, x.reshape(-1, 1) * freqs
+    features = torch.cat([torch.sin(ax), torch.cos(ax), torch.sin(ay), torch.cos(ay)], dim=1)
+    model.vision.pos_embedding.copy_(features[None])
+
+
 def held_out(count: int) -> list[scenes.Scene]:
     return [scenes.draw_scene(random.Random(HELD_OUT_SEED + i), RENDER_SIZE) for i in range(count)]
 
@@ -148,6 +162,7 @@ def main() -> int:
     model = PaliGemmaModel(config)
     init_weights(model, SEED)
     smooth_loc_embeddings(model, tokenizer.loc_ids)
+    sincos_posemb(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {tokenizer.vocab_size} ids; model: {n_params / 1e6:.2f}M parameters")
     train_config = FinetuneConfig(

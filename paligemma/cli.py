@@ -271,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="all", help="query heads to average (same syntax)")
     _add_model_args(p, generation=False)
     p.set_defaults(func=_explain)
+
+    from . import finetune
+    from .demo import command as demo
+
+    finetune.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ from which `export_npz` writes the official `.npz` through the reverse converter
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import itertools
@@ -431,3 +432,73 @@ def _chunks(indices: Iterator[int], size: int) -> Iterator[list[int]]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `paligemma finetune`
+
+_HELP = {
+    "steps": "optimizer steps", "batch_size": "examples per micro-batch",
+    "grad_accum": "micro-batches per optimizer step", "lr": "peak learning rate",
+    "warmup_steps": "linear warmup steps (then cosine to 0)",
+    "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm",
+    "mode": "what to train: " + " | ".join(MODES), "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scaling alpha / rank)", "lora_dropout": "dropout on LoRA inputs",
+    "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
+    "bf16": "bfloat16 autocast", "max_len": "truncate texts to this many tokens",
+    "eval_every": "evaluate every N steps (0: at the end only)",
+    "eval_batches": "evaluate on at most N batches", "save_every": "checkpoint every N steps",
+    "num_workers": "DataLoader worker processes", "seed": "data order seed",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers `paligemma finetune`: one flag per FinetuneConfig field, plus data and I/O."""
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune on (image, prefix, suffix) JSONL records",
+        description=__doc__.split("\n\n    model =")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: paligemma finetune --model ckpt/pg2-3b-224 --train data/train.jsonl "
+        "--eval data/val.jsonl -o runs/lora --mode lora --steps 500 --lr 3e-4 "
+        "--export-npz finetuned.npz",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="converted checkpoint directory")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece model (default: tokenizer.model in --model)")
+    p.add_argument("--train", required=True, metavar="JSONL", help="training records")
+    p.add_argument("--eval", metavar="JSONL", help="evaluation records")
+    p.add_argument("--image-dir", metavar="DIR",
+                   help="folder image paths are relative to (default: the JSONL's folder)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="run folder: checkpoint/, metrics.jsonl, model/ (the result)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--export-npz", metavar="FILE",
+                   help="also write the result as an official big_vision .npz (bf16)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=_HELP[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
+            p.add_argument(flag, type=kind, default=f.default, choices=MODES if f.name == "mode"
+                           else None, help=f"{_HELP[f.name]} (default: {f.default})")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .api import PaliGemma
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    pg = PaliGemma.from_pretrained(args.model, tokenizer=args.tokenizer, dtype=torch.float32,
+                                   device=args.device)
+    train = JsonlDataset(args.train, args.image_dir)
+    evaluation = JsonlDataset(args.eval, args.image_dir) if args.eval else None
+    finetune(pg.model, pg.tokenizer, train, config, args.output, evaluation, resume=args.resume)
+    print(f"wrote {Path(args.output) / MODEL_DIR}")
+    if args.export_npz:
+        export_npz(Path(args.output) / MODEL_DIR, args.export_npz)
+        print(f"wrote {args.export_npz}")
+    return 0

@@ -1,0 +1,183 @@
+"""`paligemma demo`: the whole path on the shipped demo model, in well under two minutes on a CPU.
+
+official `.npz` -> converter -> PaliGemma -> caption, questions, detection on a freshly drawn
+scene -> annotated PNG + JSON report; then the gold parity check against the official JAX
+outputs. The demo model (`examples/demo_model/`) is a tiny PaliGemma 2 trained from scratch on
+synthetic shape scenes by `examples/train_demo_model.py`; see its README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+from ..annotate import draw_objects
+from ..api import PaliGemma
+from ..parity import run_case
+from ..tasks import Detection, parse_detections
+from . import scenes
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "examples" / "demo_model"
+NPZ, TOKENIZER, CONFIG = "paligemma-demo.npz", "tokenizer.model", "config.json"
+PARITY_CASE = REPO / "parity_tests" / "data" / "pg2_tiny"
+DISPLAY_SIZE = 448  # the scene is drawn at this size; the model sees it resized to 112 px
+STEPS = 5
+
+
+def run_demo(out: Path, seed: int | None = None, parity: bool = True,
+             model_dir: Path = DEMO_MODEL) -> dict[str, Any]:
+    """Runs the demo, writing into `out` (created; earlier demo files replaced); returns the
+    report it also writes to `out/report.json`."""
+    start = time.time()
+    seed = random.randrange(10**6) if seed is None else seed
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (NPZ, TOKENIZER, CONFIG):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir / name}: the demo model file is missing")
+
+    _step(1, f"converting the official-format checkpoint {model_dir / NPZ}")
+    from convert import open_source, write_ours
+
+    converted = out / "model"
+    write_ours(open_source([model_dir / NPZ], config_file=model_dir / CONFIG), converted,
+               force=True, quiet=True)
+    shutil.copyfile(model_dir / TOKENIZER, converted / TOKENIZER)
+    print(f"      -> {converted}/ (config.json, model.safetensors, {TOKENIZER})")
+
+    _step(2, "loading it with PaliGemma.from_pretrained")
+    pg = PaliGemma.from_pretrained(converted)
+    config = pg.model.config
+    print(f"      {config.name}: {sum(p.numel() for p in pg.model.parameters()) / 1e6:.1f}M "
+          f"parameters, {config.vision.image_size} px images, vocabulary "
+          f"{config.text.vocab_size}")
+
+    _step(3, f"drawing a fresh scene (seed {seed}; rerun with --seed {seed})")
+    scene = scenes.draw_scene(random.Random(seed), DISPLAY_SIZE)
+    scene.image.save(out / "scene.png")
+    print(f"      truth: {scene.caption()}")
+
+    _step(4, "asking the model")
+    kind = random.Random(seed).choice(scene.shapes).kind
+    questions = [f"what color is the {kind}", "how many shapes are there"]
+    caption = pg.caption(scene.image).text
+    answers = [r.text for r in pg.ask([scene.image] * len(questions), questions)]
+    truth = dict(scenes.examples(scene))
+    results: dict[str, Any] = {
+        "caption": {"prompt": "caption en", "answer": caption, "truth": scene.caption()},
+        "questions": [
+            {"prompt": f"answer en {q}", "answer": a, "truth": truth[f"answer en {q}"]}
+            for q, a in zip(questions, answers, strict=True)
+        ],
+    }
+    for item in [results["caption"], *results["questions"]]:
+        mark = "ok" if item["answer"] == item["truth"] else f"expected {item['truth']!r}"
+        print(f"      {item['prompt']!r:<40} -> {item['answer']!r}  ({mark})")
+    # Detect what the model's own caption mentions, one prompt per kind, as one batch.
+    kinds = [k for k in scenes.SHAPES if k in re.findall(r"[a-z]+", caption)]
+    detections: list[Detection] = []
+    results["detections"] = []
+    found = pg.generate([scene.image] * len(kinds), [f"detect {k}" for k in kinds]) if kinds else []
+    for k, result in zip(kinds, found, strict=True):
+        objects = parse_detections(result.text, *scene.image.size)[:1]
+        detections += objects
+        box, truth_box = (objects[0].box if objects else None), _truth_box(scene, k)
+        overlap = scenes.iou(box, truth_box) if box and truth_box else 0.0
+        results["detections"].append({
+            "prompt": f"detect {k}", "answer": result.text, "box": _rounded(box),
+            "truth": _rounded(truth_box), "iou": round(overlap, 3),
+        })
+        print(f"      {'detect ' + k!r:<40} -> {result.text!r}  (IoU with truth {overlap:.2f})")
+    annotated = out / "annotated.png"
+    _annotate(scene.image, detections, results).save(annotated)
+    print(f"      -> {annotated}")
+
+    report: dict[str, Any] = {"seed": seed, "model": str(model_dir / NPZ), "results": results}
+    if parity and PARITY_CASE.is_dir():
+        _step(5, f"gold parity check against the official JAX outputs ({PARITY_CASE.name})")
+        parity_report = run_case(PARITY_CASE)
+        worst = max(parity_report.stages, key=lambda s: s.max_abs_err / max(s.tol, 1e-30))
+        print(f"      {'PASS' if parity_report.ok else 'FAIL'}: "
+              f"{sum(s.ok for s in parity_report.stages)}/{len(parity_report.stages)} stages "
+              f"within tolerance (closest to its limit: {worst.name} {worst.max_abs_err:.2g} "
+              f"<= {worst.tol:g})")
+        report["parity"] = {"case": str(PARITY_CASE), "ok": parity_report.ok,
+                            "stages": len(parity_report.stages)}
+    else:
+        reason = "--no-parity" if not parity else f"{PARITY_CASE} not found (not a repo checkout)"
+        _step(5, f"parity check skipped: {reason}")
+        report["parity"] = None
+    report["seconds"] = round(time.time() - start, 1)
+    report["files"] = {"scene": str(out / "scene.png"), "annotated": str(annotated),
+                       "model": str(converted)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"done in {report['seconds']} s; wrote {out}/ (scene.png, annotated.png, report.json, "
+          "model/)")
+    return report
+
+
+def _rounded(box: tuple[float, ...] | None) -> list[float] | None:
+    return None if box is None else [round(v, 1) for v in box]
+
+
+def _step(i: int, text: str) -> None:
+    print(f"[{i}/{STEPS}] {text}", flush=True)
+
+
+def _truth_box(scene: scenes.Scene, kind: str) -> tuple[float, ...] | None:
+    """Ground-truth box of `kind` in pixels (x0, y0, x1, y1), or None if not in the scene."""
+    if kind not in [s.kind for s in scene.shapes]:
+        return None
+    y0, x0, y1, x1 = scene.shape(kind).box
+    w, h = scene.image.size
+    return (x0 * w, y0 * h, x1 * w, y1 * h)
+
+
+def _annotate(image: PIL.Image.Image, detections: list[Detection], results: dict[str, Any]
+              ) -> PIL.Image.Image:
+    """The detections drawn on the scene, with the caption and answers in a panel below."""
+    boxed = draw_objects(image, detections)
+    lines = [f"caption: {results['caption']['answer']}"]
+    lines += [f"{q['prompt'].removeprefix('answer en ')}? {q['answer']}"
+              for q in results["questions"]]
+    font = PIL.ImageFont.load_default(size=18)
+    panel = PIL.Image.new("RGB", (boxed.width, 12 + 26 * len(lines)), "white")
+    draw = PIL.ImageDraw.Draw(panel)
+    for i, line in enumerate(lines):
+        draw.text((10, 8 + 26 * i), line, fill=(0, 0, 0), font=font)
+    sheet = PIL.Image.new("RGB", (boxed.width, boxed.height + panel.height), "white")
+    sheet.paste(boxed, (0, 0))
+    sheet.paste(panel, (0, boxed.height))
+    return sheet
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers `paligemma demo`."""
+    p = sub.add_parser(
+        "demo",
+        help="run the shipped demo model end to end, then the gold parity check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: paligemma demo --out out/demo --seed 7",
+    )
+    p.add_argument("--out", type=Path, default=Path("out/demo"),
+                   help="output folder (default: out/demo)")
+    p.add_argument("--seed", type=int, help="scene seed (default: a fresh random scene)")
+    p.add_argument("--no-parity", dest="parity", action="store_false",
+                   help="skip the gold parity check")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    run_demo(args.out, args.seed, args.parity)
+    return 0

@@ -1,0 +1,74 @@
+"""The synthetic scenes (ground truth agrees with the pixels) and `paligemma demo` end to end."""
+
+import json
+import random
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from paligemma import cli
+from paligemma.demo import scenes
+from paligemma.demo.command import DEMO_MODEL, NPZ
+
+
+def test_caption_lists_shapes_left_to_right_with_articles():
+    image = PIL.Image.new("RGB", (8, 8))
+    shapes = [scenes.Shape("star", "orange", (0.1, 0.0, 0.3, 0.2)),
+              scenes.Shape("circle", "red", (0.5, 0.4, 0.7, 0.6)),
+              scenes.Shape("square", "blue", (0.2, 0.7, 0.4, 0.9))]
+    assert scenes.Scene(image, shapes).caption() == (
+        "an orange star, a red circle and a blue square")
+    assert scenes.Scene(image, shapes[1:]).caption() == "a red circle and a blue square"
+    assert scenes.Scene(image, shapes[:1]).caption() == "an orange star"
+
+
+def test_loc_tokens_use_the_1023_scale():
+    assert scenes.loc_tokens((0.0, 0.25, 1.0, 0.5)) == "<loc0000><loc0256><loc1023><loc0512>"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_boxes_and_colors_match_the_pixels(seed):
+    scene = scenes.draw_scene(random.Random(seed), 224)
+    pixels = np.asarray(scene.image, dtype=np.float32)
+    assert 1 <= len(scene.shapes) <= scenes.MAX_SHAPES
+    assert len({s.kind for s in scene.shapes}) == len(scene.shapes)
+    centers = [(s.box[1] + s.box[3]) / 2 for s in scene.shapes]
+    assert centers == sorted(centers)
+    for shape in scene.shapes:
+        y0, x0, y1, x1 = (round(v * 224) for v in shape.box)
+        inside = pixels[(y0 + y1) // 2, (x0 + x1) // 2]  # every shape covers its box center
+        assert np.abs(inside - scenes.COLORS[shape.color]).max() <= 45, (shape, inside)
+        # The box is tight: a row of pixels through its middle, 3 px beyond each side, is not
+        # the shape's color.
+        for x in (x0 - 3, x1 + 3):
+            if 0 <= x < 224:
+                outside = pixels[(y0 + y1) // 2, x]
+                assert np.abs(outside - inside).max() > 30, (shape, x)
+
+
+def test_examples_cover_every_task():
+    scene = scenes.draw_scene(random.Random(3), 224)
+    prefixes = [p for p, _ in scenes.examples(scene)]
+    assert prefixes[:2] == ["caption en", "answer en how many shapes are there"]
+    kinds = [s.kind for s in scene.shapes]
+    assert prefixes[2:] == [p for k in kinds for p in
+                            (f"answer en what color is the {k}", f"detect {k}")]
+
+
+needs_model = pytest.mark.skipif(not (DEMO_MODEL / NPZ).is_file(),
+                                 reason="the demo model is not in this checkout")
+
+
+@needs_model
+def test_demo_command_end_to_end(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5]" in printed and "PASS" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["parity"]["ok"]
+    assert report["results"]["caption"]["answer"] == report["results"]["caption"]["truth"]
+    assert report["results"]["detections"] and all(
+        d["iou"] > 0.5 for d in report["results"]["detections"])
+    with PIL.Image.open(tmp_path / "annotated.png") as image:
+        assert image.width == 448 and image.height > 448
