@@ -3,6 +3,10 @@
 Per layer: RMSNorm -> attention (RoPE, MQA/GQA, optional logit softcap) [-> RMSNorm] -> residual
 -> RMSNorm -> GeGLU MLP [-> RMSNorm] -> residual. The bracketed post-norms are Gemma 2 only.
 Every layer attends globally: big_vision has no Gemma 2 sliding window.
+
+Activations are float32 whatever the weights' storage dtype (see `layers`). Attention runs through
+`F.scaled_dot_product_attention` when the result is the same up to f32 rounding (no logit
+softcap, no one recording the probabilities), else through explicit f32 scores and softmax.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import nn
 
 from .config import TextConfig
 from .kv_cache import KVCache
+from .layers import Embedding, Linear
 
 RMS_NORM_EPS = 1e-6  # hard-coded in big_vision; config.norm_eps is never read
 MASK_FILL = -2.3819763e38  # big_vision's K_MASK; a finite fill keeps fully masked rows NaN-free
@@ -40,32 +45,55 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float) -> torch.Tensor:
-    """Rotate-half RoPE. x: [B, heads, T, H], positions: [B, T] -> [B, heads, T, H]."""
-    half = x.shape[-1] // 2
-    fraction = 2 * torch.arange(half, device=x.device, dtype=torch.float32) / x.shape[-1]
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, max_wavelength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> (sin, cos), each [B, 1, T, head_dim // 2]; shared by all layers."""
+    half = head_dim // 2
+    fraction = 2 * torch.arange(half, device=positions.device, dtype=torch.float32) / head_dim
     timescale = max_wavelength**fraction
-    angles = positions.float()[:, None, :, None] / timescale  # [B, 1, T, half]
-    sin, cos = torch.sin(angles), torch.cos(angles)
+    angles = positions.float()[:, None, :, None] / timescale
+    return torch.sin(angles), torch.cos(angles)
+
+
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [B, heads, T, H], sin/cos from `rope_angles` -> [B, heads, T, H]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention_bias(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """mask [B, T, S] bool (True = may attend) -> additive bias [B, 1, groups * T, S] float32.
+
+    0 where allowed, MASK_FILL elsewhere. Adding MASK_FILL gives exactly MASK_FILL in f32 for any
+    score below 1e31, so this equals big_vision's `where(mask, scores, K_MASK)`. Rows are
+    repeated per query head of a kv head, matching queries viewed as [B, K, G * T, H].
+    """
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    bias.masked_fill_(~mask, MASK_FILL)
+    b, t, s = mask.shape
+    return bias[:, None].expand(b, groups, t, s).reshape(b, 1, groups * t, s)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+        self.q_proj = Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.kv_cache: KVCache | None = None
         self.probs = nn.Identity()  # hook point: attention probabilities [B, K, G, T, S]
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        bias: torch.Tensor,
+        cache_index: int = 0,
     ) -> torch.Tensor:
-        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = may attend).
+        """x: [B, T, D]; rope: `rope_angles(positions)`; bias: `attention_bias` [B, 1, G*T, S].
 
         Without a cache S == T. With one, this call's keys land in slots
         [cache_index, cache_index + T) and S == cache_index + T.
@@ -76,26 +104,29 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rope(q, positions, cfg.rope_max_wavelength) * cfg.query_scale
-        k = apply_rope(k, positions, cfg.rope_max_wavelength)
+        q = apply_rope(q, *rope) * cfg.query_scale
+        k = apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_index, k, v)
-        # Query head n reads kv head n // groups: view q as [B, K, G, T, H], no kv copies.
-        q = q.view(b, kv_heads, groups, t, cfg.head_dim)
-        scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, K, G, T, S]
-        scores = softcap(scores, cfg.attn_logits_softcap)
-        scores = scores.masked_fill(~mask[:, None, None], MASK_FILL)
-        probs = self.probs(scores.softmax(-1)).to(v.dtype)
-        out = (probs @ v.unsqueeze(2)).view(b, cfg.num_heads, t, cfg.head_dim)
+        # Query head n reads kv head n // groups: view q as [B, K, G*T, H], no kv copies.
+        q = q.reshape(b, kv_heads, groups * t, cfg.head_dim)
+        # The probs hook point is skipped by SDPA: take the explicit path while it is observed.
+        if cfg.attn_logits_softcap is None and not self.probs._forward_hooks:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        else:
+            scores = softcap((q @ k.transpose(-1, -2)).float(), cfg.attn_logits_softcap)
+            probs = self.probs((scores + bias).softmax(-1).view(b, kv_heads, groups, t, -1))
+            out = probs.view(b, kv_heads, groups * t, -1).to(v.dtype) @ v
+        out = out.view(b, cfg.num_heads, t, cfg.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class GeGLU(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+        self.gate_proj = Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up_proj = Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down_proj = Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -114,9 +145,13 @@ class DecoderLayer(nn.Module):
         self.post_norms = cfg.post_norms
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        bias: torch.Tensor,
+        cache_index: int = 0,
     ) -> torch.Tensor:
-        h = self.attn(self.pre_attention_norm(x), positions, mask, cache_index)
+        h = self.attn(self.pre_attention_norm(x), rope, bias, cache_index)
         if self.post_norms:
             h = self.post_attention_norm(h)
         x = x + h
@@ -130,7 +165,7 @@ class GemmaDecoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embedder = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.embedder = Embedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.depth))
         self.final_norm = RMSNorm(cfg.width, cfg.param_math_dtype)
 
@@ -145,26 +180,37 @@ class GemmaDecoder(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
     ) -> torch.Tensor:
-        """Input embeddings [B, T, D] -> final-normed hidden states [B, T, D]."""
+        """Input embeddings [B, T, D]; positions [B, T]; mask [B, T, S] bool (True = may attend)
+        -> final-normed hidden states [B, T, D]. See `Attention.forward` for S and the cache."""
+        cfg = self.cfg
+        rope = rope_angles(positions, cfg.head_dim, cfg.rope_max_wavelength)
+        bias = attention_bias(mask, cfg.num_heads // cfg.num_kv_heads)
         for layer in self.layers:
-            x = layer(x, positions, mask, cache_index)
+            x = layer(x, rope, bias, cache_index)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., D] -> [..., V] float32 through the tied embedding, final softcap if configured."""
-        logits = (hidden @ self.embedder.weight.T.to(hidden.dtype)).float()
-        return softcap(logits, self.cfg.final_logits_softcap)
+        """[..., D] -> [..., V] float32 through the tied embedding, final softcap if configured.
+
+        The 257k-row projection is the largest matmul of a decode step: pass only the positions
+        whose logits are needed.
+        """
+        return softcap(self.embedder.attend(hidden).float(), self.cfg.final_logits_softcap)
 
     def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocates one KVCache per layer (dtype defaults to the weights' dtype)."""
+        """Allocates one KVCache per layer.
+
+        dtype defaults to the weights' dtype; bfloat16 (big_vision's default) for int8 weights.
+        """
         weight = self.embedder.weight
+        default = weight.dtype if weight.is_floating_point() else torch.bfloat16
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(
                 batch,
                 self.cfg.num_kv_heads,
                 max_len,
                 self.cfg.head_dim,
-                dtype or weight.dtype,
+                dtype or default,
                 weight.device,
             )
 

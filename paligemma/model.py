@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
+from .layers import Linear
 from .siglip import SiglipVisionEncoder
 
 
@@ -27,7 +28,7 @@ class PaliGemmaModel(nn.Module):
         super().__init__()
         self.config = config
         self.vision = SiglipVisionEncoder(config.vision)
-        self.projector = nn.Linear(config.vision.width, config.text.width)  # big_vision img/head
+        self.projector = Linear(config.vision.width, config.text.width)  # big_vision img/head
         self.decoder = GemmaDecoder(config.text)
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,4 +69,5 @@ class PaliGemmaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.projector.weight.dtype
+        """dtype of the activations: float32, whatever the weights are stored in (`layers`)."""
+        return torch.float32

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .layers import Conv2d, LayerNorm, Linear
 
 LAYER_NORM_EPS = 1e-6  # flax nn.LayerNorm default
 
@@ -21,10 +22,10 @@ class SiglipAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D]."""
@@ -33,17 +34,15 @@ class SiglipAttention(nn.Module):
             proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)  # [B, heads, N, N]
-        probs = scores.float().softmax(-1).to(v.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.out_proj(out)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # f32 softmax
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class SiglipMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -52,9 +51,9 @@ class SiglipMLP(nn.Module):
 class SiglipBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
         self.attn = SiglipAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
+        self.norm2 = LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
         self.mlp = SiglipMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,20 +65,20 @@ class SiglipVisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))
         self.blocks = nn.ModuleList(SiglipBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
+        self.norm = LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: [B, 3, H, W] in [-1, 1] -> patch features [B, N, D], N = (H/patch)*(W/patch)."""
+        """images: [B, 3, H, W] in [-1, 1] -> float32 patch features [B, N, D], N = (H/patch)^2."""
         size = self.cfg.image_size
         if images.shape[1:] != (3, size, size):
             raise ValueError(
                 f"expected images of shape [B, 3, {size}, {size}], got {list(images.shape)}"
             )
-        x = self.patch_embed(images.to(self.pos_embedding.dtype))  # [B, D, h, w]
-        x = x.flatten(2).transpose(1, 2) + self.pos_embedding  # row-major patches
+        x = self.patch_embed(images)  # [B, D, h, w]
+        x = x.flatten(2).transpose(1, 2) + self.pos_embedding.float()  # row-major patches
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

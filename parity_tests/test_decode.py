@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.gemma import attention_bias, rope_angles
 from paligemma.generate import generate
 from paligemma.model import PaliGemmaModel
 
@@ -95,10 +96,10 @@ def test_grouped_attention_reads_kv_head_n_over_groups():
     model = tiny_model(num_heads=4, num_kv_heads=2)
     attn = model.decoder.layers[0].attn
     x = torch.randn(1, 3, 48)
-    pos = torch.arange(3)[None]
+    rope = rope_angles(torch.arange(3)[None], head_dim=16, max_wavelength=10_000.0)
     mask = torch.ones(1, 3, 3, dtype=torch.bool)
     with torch.no_grad():
-        out = attn(x, pos, mask)
+        out = attn(x, rope, attention_bias(mask, groups=2))
         # Same weights as full multi-head attention with each kv head repeated per group.
         mha = tiny_model(num_heads=4, num_kv_heads=4).decoder.layers[0].attn
         def per_query_head(w):  # [K * H, D] -> [N * H, D], kv head k serves heads kG..kG+G-1
@@ -109,4 +110,4 @@ def test_grouped_attention_reads_kv_head_n_over_groups():
             "k_proj.weight": per_query_head(attn.k_proj.weight),
             "v_proj.weight": per_query_head(attn.v_proj.weight),
         })
-        torch.testing.assert_close(mha(x, pos, mask), out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mha(x, rope, attention_bias(mask, 1)), out, atol=1e-5, rtol=0)

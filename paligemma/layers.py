@@ -1,0 +1,124 @@
+"""Layers that compute in float32 whatever dtype their weights are stored in.
+
+big_vision computes in float32 for f32, bf16 and f16 checkpoints alike; here too, only the
+storage of the parameters changes: f32, bf16, f16, or int8 with a float32 scale per output row
+(`paligemma.quantize`). Activations stay float32, which is also the fast choice on CPUs without
+native bf16 arithmetic (AVX2, most AVX-512), where PyTorch's bf16 matmul is several times slower
+than f32.
+
+How a matmul runs (`linear`):
+- a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
+  bandwidth (`paligemma.kernels`);
+- many rows (prefill, vision) with non-f32 weights: the weights are widened to f32 a few MB at a
+  time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns;
+- f32 weights otherwise: `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+GEMV_MAX_ROWS = 8  # above this a GEMM on widened weights beats the bandwidth-bound kernel
+CHUNK_BYTES = 4 << 20  # f32 bytes of weights widened at a time (fits in L2/L3 with room)
+
+
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """weight [N, ...] (any dtype), scale [N] or None -> weight * scale in `dtype`."""
+    w = weight.to(dtype)
+    return w if scale is None else w * scale.to(dtype).view(-1, *[1] * (w.dim() - 1))
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N]: x @ (weight * scale[:, None]).T + bias, in x's dtype.
+
+    weight [N, K] is f32, bf16, f16 or int8; scale [N] float32 or None. Results agree across the
+    three paths up to float32 summation order.
+    """
+    bias = None if bias is None else bias.to(x.dtype)
+    # The kernel and the chunked GEMM (mm with out=) have no autograd: training takes F.linear.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad or x.dtype != torch.float32 or not x.is_cpu:
+        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+    rows = x.numel() // x.shape[-1]
+    # The C++ kernel has no backward: keep autograd (fine-tuning) on the PyTorch ops.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if rows <= GEMV_MAX_ROWS and kernels.available() and not needs_grad:
+        y = kernels.gemv(x.reshape(rows, -1), weight, scale)
+    elif weight.dtype == torch.float32 and scale is None:
+        return F.linear(x, weight, bias)
+    else:
+        y = _widening_mm(x.reshape(rows, -1), weight, scale)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], -1)
+
+
+def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] f32 @ weight [N, K] (any dtype).T * scale, widening weight rows chunk by chunk.
+
+    Widening the whole matrix at once would write and re-read 4 bytes per weight through main
+    memory (and page-fault a fresh buffer); one cached chunk buffer keeps the GEMM compute-bound.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    step = max(1, CHUNK_BYTES // (4 * k))
+    out = x.new_empty(m, n)
+    buf = x.new_empty(min(step, n), k)
+    for start in range(0, n, step):
+        chunk = weight[start : start + step]
+        w = buf[: chunk.shape[0]].copy_(chunk)
+        torch.mm(x, w.T, out=out[:, start : start + step])  # a column block: BLAS ldc = n
+    return out if scale is None else out.mul_(scale)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with float32 math for any stored weight dtype, and an optional per-output-row
+    `scale` buffer for int8 weights (None, and absent from the state dict, otherwise)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("scale", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.scale)
+
+
+class Embedding(nn.Embedding):
+    """Lookup table returning float32 rows; `attend` is the tied output projection."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.register_buffer("scale", None)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] -> [..., D] float32."""
+        x = F.embedding(tokens, self.weight).float()
+        return x if self.scale is None else x * self.scale[tokens, None]
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., V]: dot products with every row (logits of a tied embedding)."""
+        return linear(x, self.weight, None, self.scale)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x, self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        )
+
+
+class Conv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), self.weight.float(), bias)

@@ -1,0 +1,165 @@
+"""The fast paths compute what the plain ones do: the C++ decode kernel, chunk-widened GEMMs,
+SDPA attention, low-precision weight storage and int8 quantization. No timings here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from paligemma import kernels, layers
+from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.generate import generate
+from paligemma.layers import dequantize, linear
+from paligemma.model import PaliGemmaModel
+from paligemma.quantize import quantize_, quantize_int8
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="C++ kernel not built here")
+
+
+def weights(dtype: torch.dtype, n: int, k: int, seed: int = 0):
+    """(stored weight [n, k], scale [n] or None)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return quantize_int8(w) if dtype == torch.int8 else (w.to(dtype), None)
+
+
+def reference(x, w, scale):
+    return (x.double() @ dequantize(w, scale, torch.float64).T).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("k", [7, 64, 200, 1000])  # tails after 8-, 16- and 32-element blocks
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_gemv_kernel_matches_float64(dtype, k, m):
+    w, scale = weights(dtype, 5, k)
+    x = torch.randn(m, k)
+    torch.testing.assert_close(kernels.gemv(x, w, scale), reference(x, w, scale),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_widening_gemm_matches_float64_across_chunks(dtype, monkeypatch):
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 96)  # 3 rows per chunk, last one short
+    w, scale = weights(dtype, 11, 96)
+    x = torch.randn(20, 96)
+    torch.testing.assert_close(layers._widening_mm(x, w, scale), reference(x, w, scale),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("rows", [1, layers.GEMV_MAX_ROWS, layers.GEMV_MAX_ROWS + 1, 300])
+def test_linear_is_the_same_on_every_path(dtype, rows):
+    w, scale = weights(dtype, 33, 48)
+    bias = torch.randn(33)
+    x = torch.randn(rows, 48)
+    expected = F.linear(x, dequantize(w, scale), bias)
+    torch.testing.assert_close(linear(x.view(1, rows, 48), w, bias, scale)[0], expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def tiny_model(softcap: float | None = None, seed: int = 0) -> PaliGemmaModel:
+    torch.manual_seed(seed)
+    config = PaliGemmaConfig(
+        VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=14, image_size=28),
+        TextConfig(width=48, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                   vocab_size=97, attn_logits_softcap=softcap),
+    )
+    model = PaliGemmaModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("scale"):
+                p.uniform_(-0.5, 0.5)
+            else:
+                p.normal_(0, 0.3)
+    return model
+
+
+def ragged_prompts():
+    """Two rows of different lengths: the short one is padded, so it has fully masked rows."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 97, (2, 7), generator=g)
+    input_mask = torch.arange(7)[None] < torch.tensor([[7], [3]])
+    mask_ar = (torch.arange(7)[None] >= 2).long().expand(2, -1)
+    images = torch.rand(2, 3, 28, 28, generator=g) * 2 - 1
+    return images, tokens * input_mask, mask_ar, input_mask
+
+
+def test_sdpa_attention_equals_the_explicit_path():
+    """Observing the probabilities forces the explicit f32 softmax path; outputs must agree."""
+    model, prompts = tiny_model(), ragged_prompts()
+    fast_tokens, fast = generate(model, *prompts, max_new_tokens=6)
+    hooks = [layer.attn.probs.register_forward_hook(lambda *a: None)
+             for layer in model.decoder.layers]
+    try:
+        tokens, explicit = generate(model, *prompts, max_new_tokens=6)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(fast_tokens, tokens)
+    torch.testing.assert_close(fast, explicit, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_decode_without_the_kernel_is_the_same(softcap, monkeypatch):
+    model, prompts = tiny_model(softcap), ragged_prompts()
+    tokens, logits = generate(model, *prompts, max_new_tokens=6)
+    monkeypatch.setattr(layers.kernels, "available", lambda: False)
+    plain_tokens, plain = generate(model, *prompts, max_new_tokens=6)
+    assert torch.equal(tokens, plain_tokens)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-4)
+
+
+def test_bf16_storage_is_float32_math_on_rounded_weights():
+    model, prompts = tiny_model(), ragged_prompts()
+    rounded = model.to(torch.bfloat16).float()
+    stored = tiny_model().to(torch.bfloat16)
+    assert stored.dtype == torch.float32  # activations
+    f32_cache = {"max_new_tokens": 6, "cache_dtype": torch.float32}  # bf16 weights: bf16 default
+    tokens, logits = generate(rounded, *prompts, **f32_cache)
+    stored_tokens, stored_logits = generate(stored, *prompts, **f32_cache)
+    assert torch.equal(tokens, stored_tokens)
+    torch.testing.assert_close(logits, stored_logits, rtol=0, atol=1e-4)
+
+
+def test_int8_weights_are_within_half_a_step():
+    w = torch.randn(64, 300) * torch.rand(64, 1) * 3  # rows of different ranges
+    w[5] = 0  # a zero row must not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert ((dequantize(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 300])
+def test_int8_linear_error_is_bounded_by_the_rounding(rows):
+    """|x @ (q s - w).T| <= sum_k |x_k| s / 2 on both the kernel and the widening path."""
+    w = torch.randn(40, 128)
+    q, scale = quantize_int8(w)
+    x = torch.randn(rows, 128)
+    err = (linear(x, q, None, scale) - x @ w.T).abs()
+    bound = x.abs().sum(-1, keepdim=True) * scale / 2 + 1e-4
+    assert (err <= bound).all()
+
+
+def test_quantized_model_uses_int8_everywhere_and_stays_close():
+    model, prompts = tiny_model(), ragged_prompts()
+    with torch.no_grad():  # tame weights: the 0.3-std ones amplify any perturbation chaotically
+        for p in model.parameters():
+            p.mul_(0.2)
+    tokens, logits = generate(model, *prompts, max_new_tokens=4)
+    quantize_(model)
+    big = [p for p in model.parameters() if p.dim() == 2]
+    assert big and all(p.dtype == torch.int8 for p in big)
+    embedder = model.decoder.embedder
+    torch.testing.assert_close(
+        embedder(torch.tensor([[3, 5]]))[0], dequantize(embedder.weight, embedder.scale)[[3, 5]]
+    )
+    q_tokens, q_logits = generate(model, *prompts, max_new_tokens=4)
+    assert torch.equal(tokens, q_tokens)
+    assert (q_logits - logits).abs().max() < 0.02 * logits.abs().max()
+
+
+def test_training_keeps_autograd_on_every_path():
+    w, scale = weights(torch.bfloat16, 6, 16)
+    for rows in (1, 20):
+        x = torch.randn(rows, 16, requires_grad=True)
+        linear(x, w, None, scale).sum().backward()
+        torch.testing.assert_close(x.grad, w.float().sum(0).expand(rows, -1))
