@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -20,9 +19,18 @@ _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 logger = logging.getLogger("paligemma")
 
 
-@cache
+_available: bool | None = None  # a plain global (not functools.cache): torch.compile reads it
+
+
 def available() -> bool:
     """Builds (first time, ~30 s) and loads the kernel; False if that is not possible here."""
+    global _available
+    if _available is None:
+        _available = _load()
+    return _available
+
+
+def _load() -> bool:
     if os.environ.get("PALIGEMMA_NO_KERNELS", "") not in ("", "0"):
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -39,7 +47,7 @@ def available() -> bool:
         )
     except Exception as e:  # no compiler, no headers, build error: fall back, but say so
         warnings.warn(
-            f"paligemma: C++ decode kernel unavailable, using PyTorch ops ({e})", stacklevel=2
+            f"paligemma: C++ decode kernel unavailable, using PyTorch ops ({e})", stacklevel=3
         )
         return False
     torch.library.register_fake("paligemma::gemv")(_gemv_shape)

@@ -51,9 +51,7 @@ def linear(
     if needs_grad or x.dtype != torch.float32 or not x.is_cpu:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
-    # The C++ kernel has no backward: keep autograd (fine-tuning) on the PyTorch ops.
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if rows <= GEMV_MAX_ROWS and kernels.available() and not needs_grad:
+    if rows <= GEMV_MAX_ROWS and kernels.available():
         y = kernels.gemv(x.reshape(rows, -1), weight, scale)
     elif weight.dtype == torch.float32 and scale is None:
         return F.linear(x, weight, bias)

@@ -15,6 +15,11 @@ from paligemma.quantize import quantize_, quantize_int8
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="C++ kernel not built here")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def weights(dtype: torch.dtype, n: int, k: int, seed: int = 0):
     """(stored weight [n, k], scale [n] or None)."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
@@ -25,15 +30,28 @@ def reference(x, w, scale):
     return (x.double() @ dequantize(w, scale, torch.float64).T).float()
 
 
+def int16_rounded(x, group=256):
+    """x as the kernel multiplies it with int8 weights: the first K // 32 * 32 columns rounded
+    to int16 steps of max|x| / 32767 per group of 256 (the rest stays float32)."""
+    out = x.clone()
+    for start in range(0, x.shape[1] // 32 * 32, group):
+        end = min(start + group, x.shape[1] // 32 * 32)
+        step = (x[:, start:end].abs().amax(1, keepdim=True) / 32767).clamp(min=1e-30)
+        out[:, start:end] = torch.round(x[:, start:end] / step) * step
+    return out
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-@pytest.mark.parametrize("k", [7, 64, 200, 1000])  # tails after 8-, 16- and 32-element blocks
+@pytest.mark.parametrize("k", [7, 64, 200, 1000])  # tails after 8-, 32- and 256-element blocks
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 def test_gemv_kernel_matches_float64(dtype, k, m):
     w, scale = weights(dtype, 5, k)
     x = torch.randn(m, k)
-    torch.testing.assert_close(kernels.gemv(x, w, scale), reference(x, w, scale),
-                               rtol=1e-5, atol=1e-4)
+    xr = int16_rounded(x) if dtype == torch.int8 else x
+    atol = 1e-3 if dtype == torch.int8 else 1e-4  # an x/step tie may round the other way
+    torch.testing.assert_close(kernels.gemv(x, w, scale), reference(xr, w, scale),
+                               rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
@@ -52,8 +70,10 @@ def test_linear_is_the_same_on_every_path(dtype, rows):
     bias = torch.randn(33)
     x = torch.randn(rows, 48)
     expected = F.linear(x, dequantize(w, scale), bias)
+    # int8 on the kernel: x is rounded to int16 steps (error <= sum|w| max|x| / 65534, ~1e-3).
+    atol = 2e-3 if dtype == torch.int8 else 1e-5
     torch.testing.assert_close(linear(x.view(1, rows, 48), w, bias, scale)[0], expected,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-5, atol=atol)
 
 
 def tiny_model(softcap: float | None = None, seed: int = 0) -> PaliGemmaModel:
@@ -95,14 +115,14 @@ def test_sdpa_attention_equals_the_explicit_path():
         for h in hooks:
             h.remove()
     assert torch.equal(fast_tokens, tokens)
-    torch.testing.assert_close(fast, explicit, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast, explicit, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("softcap", [None, 50.0])
 def test_decode_without_the_kernel_is_the_same(softcap, monkeypatch):
     model, prompts = tiny_model(softcap), ragged_prompts()
     tokens, logits = generate(model, *prompts, max_new_tokens=6)
-    monkeypatch.setattr(layers.kernels, "available", lambda: False)
+    monkeypatch.setattr(layers.kernels, "_available", False)
     plain_tokens, plain = generate(model, *prompts, max_new_tokens=6)
     assert torch.equal(tokens, plain_tokens)
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-4)
