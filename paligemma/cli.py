@@ -46,13 +46,18 @@ def _parity(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> Any:
     from .api import PaliGemma
 
-    return PaliGemma.from_pretrained(
+    pg = PaliGemma.from_pretrained(
         args.model,
         tokenizer=args.tokenizer,
         vae=getattr(args, "vae", None),
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         device=args.device,
     )
+    if args.quantize:
+        from .quantize import quantize_
+
+        quantize_(pg.model, args.quantize)
+    return pg
 
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,6 +175,9 @@ def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 weights with per-row scales: half of bf16's memory, faster "
+                   "decoding on CPU (math stays float32)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="generation budget per image (default: 64)")
     if not generation:

@@ -8,17 +8,21 @@ other parameters stay as they are, and the math stays float32 (`layers.linear`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import load_pretrained
+from . import checkpoint
+from .config import PaliGemmaConfig
 from .layers import Embedding, Linear
 from .model import PaliGemmaModel
 
 MODES = ("int8",)
-CHUNK_ELEMENTS = 1 << 24  # rows quantized at a time: bounds the f32 temporary to 64 MB
+CHUNK_ELEMENTS = 1 << 20  # rows quantized at a time: bounds the f32 temporaries to 4 MB
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,18 +35,20 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
     step = max(1, CHUNK_ELEMENTS // k)
     for start in range(0, n, step):
-        w = weight[start : start + step].float()
+        w = weight[start : start + step].to(torch.float32, copy=True)
         s = w.abs().amax(1) / 127
         s = torch.where(s > 0, s, torch.ones_like(s))
-        q[start : start + step] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        q[start : start + step] = w.div_(s[:, None]).round_()  # |w / s| <= 127: no clamp
         scale[start : start + step] = s
     return q, scale
 
 
 @torch.no_grad()
 def quantize_(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Quantizes `model`'s Linear and Embedding weights in place (one matrix at a time, so peak
-    memory is the model plus one int8 matrix); returns the model."""
+    """Quantizes `model`'s Linear and Embedding weights in place, one matrix at a time; returns
+    the model. The other parameters are copied, so that nothing refers to the original storage
+    any more: a memory-mapped checkpoint (`load_pretrained`) is unmapped. `load_quantized`
+    avoids mapping the whole checkpoint in the first place."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
     for module in model.modules():
@@ -50,14 +56,52 @@ def quantize_(model: nn.Module, mode: str = "int8") -> nn.Module:
             q, scale = quantize_int8(module.weight)
             module.weight = nn.Parameter(q, requires_grad=False)
             module.scale = scale
+    for p in model.parameters():
+        if p.dtype != torch.int8:
+            p.data = p.data.clone()
     return model
 
 
 def load_quantized(
     directory: str | Path, mode: str = "int8", device: torch.device | str = "cpu"
 ) -> PaliGemmaModel:
-    """`checkpoint.load_pretrained` (memory-mapped, stored dtype) followed by `quantize_`."""
-    return quantize_(load_pretrained(directory, device=device), mode)
+    """Loads a checkpoint directory (`checkpoint.load_pretrained`'s format), quantizing each
+    matrix as it is read.
+
+    Tensors are read one at a time (`checkpoint.read_tensor`: a file mapping that lives as long
+    as the tensor), so peak memory is the quantized model plus one stored tensor, not the
+    stored checkpoint: about 0.5x the bf16 checkpoint for a 3B model instead of 1.5x.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
+    config = PaliGemmaConfig.from_dict(checkpoint.read_config(directory))
+    with torch.device("meta"):
+        model = PaliGemmaModel(config).requires_grad_(False)
+    found = {name: shape for name, (shape, _) in checkpoint.tensor_specs(directory).items()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    checkpoint.check_names_and_shapes(directory, expected, found)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, (Linear, Embedding))}
+    state = {}
+    for name, path in checkpoint.weight_map(directory).items():
+        tensor = checkpoint.read_tensor(path, name).to(device)
+        module, _, kind = name.rpartition(".")
+        if module in quantized and kind == "weight":
+            state[name], state[f"{module}.scale"] = quantize_int8(tensor)
+            layer = model.get_submodule(module)
+            layer.scale = torch.empty(layer.weight.shape[0], device="meta")  # now a state key
+        else:
+            state[name] = tensor.clone()  # own memory: the file mapping goes with `tensor`
+    model.load_state_dict(state, strict=True, assign=True)
+    _release_free_heap()
+    return model.eval()
+
+
+def _release_free_heap() -> None:
+    """Returns glibc's freed heap pages to the OS. The small int8 matrices allocated between
+    the f32 temporaries pin the heap, leaving ~0.7 GB of free but resident pages behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def weight_bytes(model: nn.Module) -> int:

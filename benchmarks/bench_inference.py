@@ -1,0 +1,429 @@
+"""Inference benchmark: this package against Hugging Face transformers, side by side, one run.
+
+Builds one random full-size checkpoint (PaliGemma 1 3B-224 by default, bf16 safetensors in our
+format; `python -m convert --to hf` exports the same weights for transformers), then runs every
+(framework, dtype) configuration in its own subprocess, interleaved ours / theirs, so that peak
+RSS is per configuration and the machine's load affects both sides alike. Each subprocess:
+
+    cold load from safetensors (file pages evicted first) -> first token (TTFT, batch 1)
+    warm: vision tower; prefill = vision + prompt -> first token; decode ms/token, batch 1 and 4
+    peak RSS (ru_maxrss) of the whole subprocess
+
+Prompt: one 224px image (256 tokens) + 6 text tokens, all prefix; greedy decoding with eos off.
+Decode ms/token is the time between the first and the last generated token over the number of
+steps, taken from streamed tokens on both sides (transformers' `streamer`, our `stream`).
+float32 and bfloat16 load the same bf16 file into that dtype; int8 is ours only (our bf16
+weights quantized at load), compared against transformers float32 and bfloat16.
+
+The decode floor is the weight bytes one decode step must read (decoder layers and the tied
+257k-row output projection) over the memory read bandwidth, measured in the same run (sum of a
+1 GiB float32 tensor with the same threads), before and after the configurations.
+
+    python benchmarks/bench_inference.py --quick            # small model, ~2 minutes
+    python benchmarks/bench_inference.py --json out.json    # full size, ~15 minutes, 12 GB RAM
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from paligemma import checkpoint  # noqa: E402
+from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
+from paligemma.model import PaliGemmaModel  # noqa: E402
+
+TEXT_TOKENS = [2, 1018, 1101, 573, 4352, 108]  # bos, 4 word pieces, "\n" (fit every vocab)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+# (framework, dtype) in run order: ours and theirs alternate so that load drifts hit both.
+CONFIGS = [
+    ("ours", "bfloat16"),
+    ("hf", "bfloat16"),
+    ("ours", "float32"),
+    ("hf", "float32"),
+    ("ours", "int8"),
+]
+
+
+def quick_config() -> PaliGemmaConfig:
+    """A small model with the full model's shapes where they matter: 256 image tokens, MQA."""
+    base = VARIANTS["pg1-3b-224"]
+    return PaliGemmaConfig(
+        dataclasses.replace(base.vision, width=384, depth=4, mlp_dim=1536, num_heads=6),
+        dataclasses.replace(base.text, width=512, depth=4, mlp_dim=4096, head_dim=64,
+                            vocab_size=32768),
+        name="pg1-quick",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def write_random_checkpoint(directory: Path, config: PaliGemmaConfig, seed: int = 0) -> None:
+    """Our checkpoint format, bf16, random weights streamed one tensor at a time.
+
+    Matrices ~ N(0, 1/fan_in) keep activations in a normal range (no overflow, no denormals);
+    norm scales and biases are 0, as at initialization.
+    """
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in PaliGemmaModel(config).state_dict().items()}
+    specs = {k: (s, torch.bfloat16) for k, s in shapes.items()}
+    g = torch.Generator().manual_seed(seed)
+    with checkpoint.SafetensorsWriter(directory, specs) as writer:
+        for name, shape in shapes.items():
+            if len(shape) == 1:
+                writer.write(name, torch.zeros(shape))
+            else:
+                writer.write(name, _random_rows(shape, shape[-1] if len(shape) == 3 else
+                                                math.prod(shape[1:]), g))
+    checkpoint.write_json(
+        directory / checkpoint.CONFIG_FILE,
+        {"model_type": checkpoint.MODEL_TYPE, **config.to_dict()},
+    )
+
+
+def _random_rows(
+    shape: tuple[int, ...], fan_in: int, g: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """N(0, 1/fan_in) values of `shape`, in pieces of whole rows of about 64 MB (float32)."""
+    step = max(1, (16 << 20) // math.prod(shape[1:]))
+    for start in range(0, shape[0], step):
+        n = min(step, shape[0] - start)
+        yield torch.randn(n, *shape[1:], generator=g).mul_(fan_in**-0.5)
+
+
+def prepare_checkpoints(workdir: Path, config: PaliGemmaConfig, hf: bool) -> tuple[Path, Path]:
+    """Ours and the transformers export, reused across runs when already there."""
+    ours, theirs = workdir / f"{config.name}-ours", workdir / f"{config.name}-hf"
+    if not (ours / checkpoint.CONFIG_FILE).is_file():
+        print(f"writing random checkpoint {ours} ...", file=sys.stderr)
+        tmp = workdir / f".{ours.name}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_random_checkpoint(tmp, config)
+        tmp.rename(ours)
+    if hf and not (theirs / "config.json").is_file():
+        print(f"exporting {theirs} with python -m convert --to hf ...", file=sys.stderr)
+        subprocess.run(
+            [sys.executable, "-m", "convert", str(ours), "--to", "hf", "-o", str(theirs), "-q"],
+            cwd=ROOT,
+            check=True,
+        )
+    return ours, theirs
+
+
+def evict_page_cache(directory: Path) -> None:
+    """Drops the directory's file pages from the page cache (a cold load reads the disk)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration (runs in a subprocess)
+
+
+class Runner:
+    """Loads one model and generates from it; `stream` returns the time of each new token."""
+
+    def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
+        self.framework, self.dtype, self.config = framework, dtype, config
+        if framework == "ours" and dtype == "int8":
+            from paligemma.quantize import load_quantized
+
+            self.model = load_quantized(directory)
+        elif framework == "ours":
+            torch_dtype = None if dtype == "bfloat16" else DTYPES[dtype]
+            self.model = checkpoint.load_pretrained(directory, dtype=torch_dtype)
+        else:
+            from transformers import PaliGemmaForConditionalGeneration
+
+            self.model = PaliGemmaForConditionalGeneration.from_pretrained(
+                directory, dtype=DTYPES[dtype]
+            ).eval()
+
+    def inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        size = self.config.vision.image_size
+        g = torch.Generator().manual_seed(batch)
+        images = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+        text = torch.tensor([TEXT_TOKENS] * batch)
+        if self.framework == "ours":
+            return {"images": images, "tokens": text}
+        n_img = self.config.num_image_tokens
+        image_token = self.config.text.vocab_size  # the export's image_token_index
+        ids = torch.cat([torch.full((batch, n_img), image_token), text], 1)
+        return {
+            "pixel_values": images.to(DTYPES[self.dtype]),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+        }
+
+    @torch.inference_mode()
+    def vision(self, inputs: dict[str, torch.Tensor]) -> None:
+        if self.framework == "ours":
+            self.model.embed_image(inputs["images"])
+        else:
+            self.model.model.get_image_features(inputs["pixel_values"])
+
+    def stream(self, inputs: dict[str, torch.Tensor], steps: int) -> list[float]:
+        """Times (perf_counter) at which tokens 1..steps were available."""
+        times: list[float] = []
+        if self.framework == "ours":
+            from paligemma.generate import stream
+
+            tokens = inputs["tokens"]
+            zeros = torch.zeros_like(tokens)
+            for _ in stream(self.model, inputs["images"], tokens, zeros, zeros == 0, steps):
+                times.append(time.perf_counter())
+            return times
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):
+            def put(self, value: torch.Tensor) -> None:
+                times.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        self.model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            streamer=Clock(),
+        )
+        return times[1:]  # the first put is the prompt
+
+
+def time_generation(runner: Runner, batch: int, steps: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds per later token) of one generation."""
+    inputs = runner.inputs(batch)
+    start = time.perf_counter()
+    times = runner.stream(inputs, steps)
+    return times[0] - start, (times[-1] - times[0]) / (len(times) - 1)
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(spec["threads"])
+    config = PaliGemmaConfig.from_dict(spec["config"])
+    directory = Path(spec["directory"])
+    evict_page_cache(directory)
+    start = time.perf_counter()
+    runner = Runner(spec["framework"], spec["dtype"], directory, config)
+    load_s = time.perf_counter() - start
+    rss_after_load = _peak_rss()
+    first, _ = time_generation(runner, 1, 2)
+    out: dict[str, Any] = {"load_s": load_s, "ttft_cold_s": load_s + first}
+    out["peak_rss_after_first_token"] = _peak_rss()
+    out["peak_rss_after_load"] = rss_after_load
+    inputs = runner.inputs(1)
+    out["vision_ms"] = 1e3 * min(_timed(runner.vision, inputs) for _ in range(spec["repeats"]))
+    b1 = [time_generation(runner, 1, spec["steps"]) for _ in range(spec["repeats"])]
+    out["prefill_ms"] = 1e3 * min(p for p, _ in b1)
+    out["decode_b1_ms"] = 1e3 * min(d for _, d in b1)
+    _, decode_b4 = time_generation(runner, 4, spec["steps_b4"])
+    out["decode_b4_ms"] = 1e3 * decode_b4
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def _timed(fn: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: machine, bandwidth, configurations, table
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of summing a 1 GiB float32 tensor (best of 5), in a fresh subprocess."""
+    code = (
+        f"import torch, time; torch.set_num_threads({threads}); x = torch.ones(1 << 28); t = []\n"
+        "for _ in range(6):\n s = time.perf_counter(); x.sum(); t.append(time.perf_counter() - s)\n"
+        "print(x.nbytes / min(t) / 1e9)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
+    """Weight bytes read by one decode step: decoder layers + the tied output projection."""
+    with torch.device("meta"):
+        decoder = PaliGemmaModel(config).decoder
+    matrices = [p for p in decoder.parameters() if p.dim() == 2]
+    rows = sum(p.shape[0] for p in matrices)
+    numel = sum(p.numel() for p in matrices)
+    others = sum(p.numel() for p in decoder.parameters() if p.dim() != 2) * 4
+    if dtype == "int8":
+        return numel + 4 * rows + others
+    return numel * DTYPES[dtype].itemsize + others
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+METRICS = [
+    ("vision_ms", "vision tower, ms", 1.0),
+    ("prefill_ms", "prefill (vision + 262 tok), ms", 1.0),
+    ("decode_b1_ms", "decode batch 1, ms/token", 1.0),
+    ("decode_b4_ms", "decode batch 4, ms/token", 1.0),
+    ("ttft_cold_s", "TTFT from cold load, s", 1.0),
+    ("load_s", "load, s", 1.0),
+    ("peak_rss", "peak RSS, GiB", 2.0**-30),
+]
+
+
+def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
+    """One block per dtype: ours, transformers, ours/theirs (int8: against float32 and bf16)."""
+    lines = []
+    for dtype in DTYPES:
+        ours = results.get(f"ours/{dtype}")
+        if ours is None:
+            continue
+        theirs = (
+            [("hf f32", results.get("hf/float32")), ("hf bf16", results.get("hf/bfloat16"))]
+            if dtype == "int8"
+            else [("transformers", results.get(f"hf/{dtype}"))]
+        )
+        theirs = [(name, r) for name, r in theirs if r and "error" not in r]
+        header = f"{dtype:<34}{'ours':>10}" + "".join(
+            f"{name:>14}{'ours/theirs':>13}" for name, _ in theirs
+        )
+        lines += [header, "-" * len(header)]
+        if "error" in ours:
+            lines += [f"ours failed: {ours['error']}", ""]
+            continue
+        for key, label, unit in METRICS:
+            row = f"{label:<34}{ours[key] * unit:>10.3g}"
+            for _, r in theirs:
+                row += f"{r[key] * unit:>14.3g}{ours[key] / r[key]:>13.2f}"
+            lines.append(row)
+        lines.append(f"{'decode floor (bandwidth), ms/token':<34}{floors[dtype]:>10.3g}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model (~2 minutes)")
+    p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pg-bench",
+                   help="where the random checkpoints are written and reused")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--steps", type=int, default=None, help="decode steps at batch 1")
+    p.add_argument("--repeats", type=int, default=2, help="warm repetitions (best is kept)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated subset of configurations, e.g. ours/int8,hf/float32")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+
+    config = quick_config() if args.quick else VARIANTS["pg1-3b-224"]
+    configs = [c for c in CONFIGS if args.only is None or "/".join(c) in args.only.split(",")]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: measuring ours only", file=sys.stderr)
+        configs = [c for c in configs if c[0] == "ours"]
+    ours_dir, hf_dir = prepare_checkpoints(
+        args.workdir, config, hf=any(fw == "hf" for fw, _ in configs)
+    )
+    steps = args.steps or (32 if args.quick else 12)
+    info = {"machine": machine(), "threads": args.threads, "model": config.name,
+            "load_avg_before": os.getloadavg(), "bandwidth_gbs": [read_bandwidth(args.threads)]}
+    results: dict[str, dict[str, Any]] = {}
+    for framework, dtype in configs:
+        spec = {
+            "framework": framework,
+            "dtype": dtype,
+            "directory": str(ours_dir if framework == "ours" else hf_dir),
+            "config": config.to_dict(),
+            "threads": args.threads,
+            "steps": steps,
+            "steps_b4": max(4, steps // 2),
+            "repeats": args.repeats,
+        }
+        print(f"running {framework}/{dtype} ...", file=sys.stderr)
+        results[f"{framework}/{dtype}"] = run_configuration(spec)
+    info["bandwidth_gbs"].append(read_bandwidth(args.threads))
+    info["load_avg_after"] = os.getloadavg()
+    bandwidth = max(info["bandwidth_gbs"])
+    floors = {d: decode_bytes(config, d) / bandwidth / 1e6 for d in DTYPES}
+    weights = sum(f.stat().st_size for f in ours_dir.glob("*.safetensors"))
+    print(
+        f"{config.name}, random weights ({weights / 1e9:.2f} GB bf16 safetensors), "
+        f"{args.threads} threads, {info['machine']['cpu']} ({info['machine']['isa']}), "
+        f"torch {info['machine']['torch']}, transformers {info['machine']['transformers']}\n"
+        f"read bandwidth {' / '.join(f'{b:.1f}' for b in info['bandwidth_gbs'])} GB/s "
+        f"(before / after), load average {info['load_avg_before'][0]:.2f} -> "
+        f"{info['load_avg_after'][0]:.2f}\n"
+    )
+    print(table(results, floors))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({**info, "weights_bytes": weights, "floors_ms": floors,
+                        "results": results}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Accuracy of int8 weights against bf16 weights (and f32): greedy agreement and logit error.
+
+Gold cases (parity_tests/data, the tiny models the official JAX code produced the references
+for): each checkpoint loaded three ways, f32, bf16 storage and int8 (per-row scales), all with
+float32 math and an f32 KV cache. For each: greedy decode of the gold prompts (tokens equal to
+bf16's, position by position, and whole sequences), and the logits of one teacher-forced pass
+over the prompt + bf16's greedy tokens (max |difference| to f32, next to the logit range).
+
+Demo model (engineer C's trained tiny PaliGemma 2, `examples/demo_model/`: official-format npz,
+config.json, tokenizer.model): greedy outputs of bf16 and int8 on freshly drawn scenes for every
+task prompt (identical texts), and the task scores of both (`paligemma.demo.scenes.score`).
+
+    python benchmarks/quant_accuracy.py [--demo DIR] [--scenes N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from paligemma.config import PaliGemmaConfig  # noqa: E402
+from paligemma.generate import generate  # noqa: E402
+from paligemma.model import PaliGemmaModel  # noqa: E402
+from paligemma.parity import case_config  # noqa: E402
+from paligemma.quantize import quantize_  # noqa: E402
+from paligemma.weights import load_official  # noqa: E402
+
+CASES = ROOT / "parity_tests" / "data"
+
+
+def variants(npz: Path, config: PaliGemmaConfig) -> dict[str, PaliGemmaModel]:
+    return {
+        "f32": load_official(npz, config),
+        "bf16": load_official(npz, config, dtype=torch.bfloat16),
+        "int8": quantize_(load_official(npz, config)),
+    }
+
+
+def gold_case(case: Path) -> dict[str, Any]:
+    with np.load(case / "vectors.npz") as f:
+        vec = {k: torch.from_numpy(f[k]) for k in f.files}
+    images = vec["image"].permute(0, 3, 1, 2)
+    config = case_config(json.loads((case / "config.json").read_text()), images.shape[-1])
+    prompt = (vec["prompt_text"].long(), vec["prompt_mask_ar"].long(),
+              vec["prompt_input_mask"].bool())
+    steps = vec["decode_tokens"].shape[1]
+    models = variants(case / "params.npz", config)
+    tokens = {name: generate(m, images, *prompt, max_new_tokens=steps,
+                             cache_dtype=torch.float32)[0] for name, m in models.items()}
+    # Teacher-forced logits on identical inputs: row 0's prompt + bf16's greedy continuation.
+    n = int(prompt[2][0].sum())
+    text = torch.cat([prompt[0][0, :n], tokens["bf16"][0]])[None]
+    ar = torch.cat([prompt[1][0, :n], torch.ones(steps, dtype=torch.long)])[None]
+    with torch.no_grad():
+        logits = {name: m(images[:1], text, ar)[0, n - 1 :] for name, m in models.items()}
+    out: dict[str, Any] = {"case": case.name, "logit_range": float(logits["f32"].abs().max()),
+                           "official_tokens_equal_f32": bool(
+                               torch.equal(tokens["f32"], vec["decode_tokens"].long()))}
+    for name in ("bf16", "int8"):
+        out[f"{name}_max_logit_err"] = float((logits[name] - logits["f32"]).abs().max())
+    for a, b in (("bf16", "f32"), ("int8", "bf16"), ("int8", "f32")):
+        same = tokens[a] == tokens[b]
+        out[f"{a}_vs_{b}_tokens"] = float(same.float().mean())
+        out[f"{a}_vs_{b}_sequences"] = f"{int(same.all(1).sum())}/{len(same)}"
+    return out
+
+
+def demo_model(directory: Path, n_scenes: int, seed: int = 0) -> dict[str, Any]:
+    from paligemma.api import PaliGemma
+    from paligemma.demo import scenes
+    from paligemma.tokenizer import Tokenizer
+
+    config = PaliGemmaConfig.load(directory / "config.json")
+    tokenizer = Tokenizer(directory / "tokenizer.model")
+    models = variants(directory / "paligemma-demo.npz", config)
+    rng = random.Random(seed)
+    drawn = [scenes.draw_scene(rng, config.vision.image_size) for _ in range(n_scenes)]
+    pairs = [(s.image, prefix) for s in drawn for prefix, _ in scenes.examples(s)]
+    texts: dict[str, list[str]] = {}
+    out: dict[str, Any] = {"model": str(directory), "scenes": n_scenes, "prompts": len(pairs)}
+    for name in ("bf16", "int8"):
+        pg = PaliGemma(models[name], tokenizer)
+        results = pg.generate([p[0] for p in pairs], [p[1] for p in pairs], max_new_tokens=24)
+        texts[name] = [r.text for r in results]
+        out[f"{name}_scores"] = scenes.score(pg, drawn)
+    same = sum(a == b for a, b in zip(texts["bf16"], texts["int8"], strict=True))
+    out["int8_vs_bf16_identical_outputs"] = f"{same}/{len(pairs)}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", type=Path, default=ROOT / "examples" / "demo_model")
+    p.add_argument("--scenes", type=int, default=40)
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    report: dict[str, Any] = {"gold": []}
+    print(f"{'case':<26}{'logit range':>12}{'bf16 err':>10}{'int8 err':>10}"
+          f"{'bf16=f32':>10}{'int8=bf16':>11}{'int8=f32':>10}  (tokens; sequences)")
+    for case in sorted(CASES.iterdir()):
+        if not (case / "params.npz").is_file() or case.name == "seg_vae":
+            continue
+        r = gold_case(case)
+        report["gold"].append(r)
+        print(f"{r['case']:<26}{r['logit_range']:>12.3g}{r['bf16_max_logit_err']:>10.3g}"
+              f"{r['int8_max_logit_err']:>10.3g}{r['bf16_vs_f32_tokens']:>10.0%}"
+              f"{r['int8_vs_bf16_tokens']:>11.0%}{r['int8_vs_f32_tokens']:>10.0%}"
+              f"  ({r['bf16_vs_f32_sequences']}; {r['int8_vs_bf16_sequences']}; "
+              f"{r['int8_vs_f32_sequences']})")
+    if (args.demo / "paligemma-demo.npz").is_file():
+        report["demo"] = demo_model(args.demo, args.scenes)
+        print(json.dumps(report["demo"], indent=2))
+    else:
+        print(f"no demo model at {args.demo}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

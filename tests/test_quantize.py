@@ -1,0 +1,46 @@
+"""int8 loading paths and the `--quantize` CLI flag (numerics: tests/test_perf_paths.py)."""
+
+import gc
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from test_api import cat_image, tiny_checkpoint
+
+from paligemma.checkpoint import load_pretrained
+from paligemma.cli import main
+from paligemma.quantize import load_quantized, quantize_
+
+
+def test_load_quantized_equals_quantizing_the_loaded_model():
+    directory = tiny_checkpoint()
+    streamed = load_quantized(directory).state_dict()
+    in_place = quantize_(load_pretrained(directory)).state_dict()
+    assert streamed.keys() == in_place.keys()
+    assert any(name.endswith(".scale") and name.startswith("decoder.layers") for name in streamed)
+    for name, tensor in streamed.items():
+        assert tensor.dtype == in_place[name].dtype and torch.equal(tensor, in_place[name]), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_quantize_unmaps_the_checkpoint_file():
+    directory = tiny_checkpoint()
+
+    def mapped() -> bool:
+        return any(str(directory) in line for line in Path("/proc/self/maps").open())
+
+    model = load_pretrained(directory)
+    assert mapped()  # load_pretrained memory-maps the safetensors file
+    quantize_(model)
+    gc.collect()
+    assert not mapped()  # the float parameters left were copied, the mapping is gone
+
+
+def test_cli_quantize_flag(capsys, tmp_path):
+    image = tmp_path / "cat.png"
+    PIL.Image.fromarray(cat_image()).save(image)
+    code = main(["caption", str(image), "--model", str(tiny_checkpoint()), "--quantize", "int8",
+                 "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "" and out.startswith(f"{image}:")
