@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -46,7 +47,7 @@ OUT = Path(__file__).parent / "demo_model"
 SEED = 0
 HELD_OUT_SEED = 10**9  # scene seeds of the held-out set start here, far from training seeds
 # Task mixture: detection is the hardest (four coordinates per box), so it gets the most.
-TASK_WEIGHTS = {"caption": 0.25, "color": 0.15, "count": 0.1, "detect": 0.5}
+TASK_WEIGHTS = {"caption": 0.3, "color": 0.15, "count": 0.1, "detect": 0.45}
 RENDER_SIZE = 224  # scenes are drawn larger and resized (antialiased) to the model's 112 px
 
 
@@ -64,7 +65,10 @@ def demo_config(vocab_size: int) -> PaliGemmaConfig:
 
 
 class SceneTasks(Dataset):
-    """Example i: scene drawn with seed `offset + i`, one task picked with TASK_WEIGHTS."""
+    """Example i: scene drawn with seed `offset + i`, one task picked with TASK_WEIGHTS.
+
+    Detection asks for a random non-empty subset of the shapes, in random order (`detect
+    circle ; star`): several boxes per image give more localization signal per example."""
 
     def __init__(self, size: int, offset: int):
         self.size, self.offset = size, offset
@@ -76,21 +80,25 @@ class SceneTasks(Dataset):
         rng = random.Random(self.offset + i)
         scene = scenes.draw_scene(rng, RENDER_SIZE)
         task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
-        pairs = scenes.examples(scene)
-        prefix, suffix = rng.choice([
-            (p, s) for p, s in pairs
-            if {"caption": p.startswith("caption"), "count": "how many" in p,
-                "color": "what color" in p, "detect": p.startswith("detect")}[task]
-        ])
+        shape = rng.choice(scene.shapes)
+        prefix, suffix = {
+            "caption": lambda: ("caption en", scene.caption()),
+            "count": lambda: ("answer en how many shapes are there", str(len(scene.shapes))),
+            "color": lambda: (f"answer en what color is the {shape.kind}", shape.color),
+            "detect": lambda: scenes.detection(
+                rng.sample(scene.shapes, rng.randint(1, len(scene.shapes)))),
+        }[task]()
         return Example(scene.image, prefix, suffix)
 
 
 def build_tokenizer(path: Path) -> Tokenizer:
     """Text pieces from the task texts, then <loc0000>..<loc1023>, <seg000>..<seg127>."""
     rng = random.Random(SEED)
-    corpus = [text for _ in range(2000)
-              for prefix, suffix in scenes.examples(scenes.draw_scene(rng, 32))
-              for text in (prefix, suffix.split("> ")[-1])]
+    corpus = []
+    for _ in range(2000):
+        scene = scenes.draw_scene(rng, 32)
+        for prefix, suffix in [*scenes.examples(scene), scenes.detection(scene.shapes)]:
+            corpus += [prefix, re.sub(r"<loc\d{4}>", "", suffix)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, vocab_size=128, model_type="bpe",
@@ -143,7 +151,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-scenes", type=int, default=300, help="held-out scenes to score")
     p.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")

@@ -147,7 +147,8 @@ def _annotate(image: PIL.Image.Image, detections: list[Detection], results: dict
               ) -> PIL.Image.Image:
     """The detections drawn on the scene, with the caption and answers in a panel below."""
     boxed = draw_objects(image, detections)
-    lines = [f"caption: {results['caption']['answer']}"]
+    lines = [f"caption: {results['caption']['answer']}",
+             f"(truth: {results['caption']['truth']})"]
     lines += [f"{q['prompt'].removeprefix('answer en ')}? {q['answer']}"
               for q in results["questions"]]
     font = PIL.ImageFont.load_default(size=18)

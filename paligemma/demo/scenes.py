@@ -63,13 +63,20 @@ def loc_tokens(box: tuple[float, float, float, float]) -> str:
     return "".join(f"<loc{round(v * LOC_GRID):04d}>" for v in box)
 
 
+def detection(shapes: Sequence[Shape]) -> tuple[str, str]:
+    """('detect circle ; star', '<loc..>x4 circle ; <loc..>x4 star'): big_vision's format."""
+    return ("detect " + " ; ".join(s.kind for s in shapes),
+            " ; ".join(f"{loc_tokens(s.box)} {s.kind}" for s in shapes))
+
+
 def examples(scene: Scene) -> list[tuple[str, str]]:
-    """Every (prefix, suffix) pair of a scene, with the official task prefixes."""
+    """Every (prefix, suffix) pair of a scene with one object per question, with the official
+    task prefixes."""
     pairs = [("caption en", scene.caption()),
              ("answer en how many shapes are there", str(len(scene.shapes)))]
     for s in scene.shapes:
         pairs.append((f"answer en what color is the {s.kind}", s.color))
-        pairs.append((f"detect {s.kind}", f"{loc_tokens(s.box)} {s.kind}"))
+        pairs.append(detection([s]))
     return pairs
 
 
