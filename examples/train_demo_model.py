@@ -153,6 +153,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--loc-sigma", type=float, default=0.0,
+                   help="std (in bins) of the Gaussian soft targets of <loc> tokens (0: one-hot)")
     p.add_argument("--eval-scenes", type=int, default=300, help="held-out scenes to score")
     p.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
     # One compute thread plus one data worker process uses both cores, and is much less
@@ -176,7 +178,7 @@ def main() -> int:
     train_config = FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=min(100, args.steps // 10), weight_decay=0.01, eval_every=250,
-        eval_batches=8, num_workers=args.workers, seed=SEED,
+        eval_batches=8, num_workers=args.workers, seed=SEED, loc_sigma=args.loc_sigma,
     )
     finetune(model, tokenizer, SceneTasks(args.steps * args.batch_size, 0), train_config,
              out_dir=work / "run", eval_data=SceneTasks(256, HELD_OUT_SEED))
@@ -202,6 +204,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "parameters": n_params,
+        "loc_sigma": args.loc_sigma,
         "torch_threads": args.threads,
         "data_workers": args.workers,
         "npz_bytes": npz.stat().st_size,

@@ -89,6 +89,36 @@ def test_loss_scores_next_token_on_suffix_only(tok):
         torch.testing.assert_close(example_losses(model, batch)[row], expected)
 
 
+def test_loc_sigma_scores_loc_targets_against_a_gaussian(tok):
+    model = tiny_model(tok)
+    batch = collate([Example(np.zeros((4, 4, 3), np.uint8), "detect cat",
+                             "<loc0100><loc0200><loc0300><loc0400> cat")], tok, 16)
+    plain = example_losses(model, batch)
+    # A vanishing sigma is the one-hot target; the default (no loc_ids) is unchanged.
+    torch.testing.assert_close(example_losses(model, batch, tok.loc_ids, 1e-3), plain)
+    torch.testing.assert_close(example_losses(model, batch, tok.loc_ids, 0.0), plain)
+    logits = model(batch.images, batch.tokens[:, :-1], batch.mask_ar[:, :-1],
+                   batch.input_mask[:, :-1])
+    logp = logits.log_softmax(-1)[0]
+    loc_logp = logp[:, tok.loc_ids]
+    bins = torch.arange(len(tok.loc_ids), dtype=torch.float32)
+    expected = []
+    for pos in batch.mask_loss[0].nonzero()[:, 0]:
+        target = int(batch.tokens[0, pos])
+        if target in tok.loc_ids:
+            soft = torch.softmax(-0.5 * ((bins - tok.loc_ids.index(target)) / 20) ** 2, 0)
+            expected.append(-(soft * loc_logp[pos - 1]).sum())
+        else:
+            expected.append(-logp[pos - 1, target])
+    torch.testing.assert_close(example_losses(model, batch, tok.loc_ids, 20.0)[0],
+                               torch.stack(expected).mean())
+    # FinetuneConfig.loc_sigma reaches the training loss.
+    finetune(model, tok, [Example(np.zeros((4, 4, 3), np.uint8), "detect cat",
+                                  "<loc0100><loc0200><loc0300><loc0400> cat")] * 4,
+             FinetuneConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, loc_sigma=20.0),
+             progress=False)
+
+
 def test_finetune_lowers_the_loss(tok):
     model = tiny_model(tok)
     loader = [batch_of(tok, model)]
