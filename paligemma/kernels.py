@@ -42,7 +42,10 @@ def _load() -> bool:
         load(
             name="paligemma_gemv",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            # at::parallel_for is OpenMP in the header: without -fopenmp it runs serially.
+            # libgomp.so.1 resolves to the copy torch already loaded (same soname, one pool).
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as e:  # no compiler, no headers, build error: fall back, but say so

@@ -4,8 +4,8 @@
 // CPU kernels do for f32 weights at M = 1 only; with bf16 / f16 / int8 weights (and f32 at
 // M > 1) they are compute-bound on AVX2 machines. Here each thread streams a contiguous range of
 // weight rows (what the hardware prefetcher follows best), every row is read from memory once
-// and reused from L1 by each pair of x rows, and the inner loops keep 4 independent
-// accumulators per x row to hide the FMA latency.
+// and reused from L1 by up to 4 rows of x at a time, and the inner loops keep several
+// independent accumulators per x row to hide the FMA latency.
 //
 // f32 / f16 / bf16 weights are widened to f32 lanes and accumulated in f32. int8 weights are
 // multiplied with vpmaddwd (16 int16 products per instruction, twice the f32 path's throughput)
@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -39,20 +40,19 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-constexpr int kAcc = 4;  // accumulators per x row; XR = 2 rows: 8 of the 16 ymm registers
-
-// Float weights: dot products of one weight row with XR rows of x (row stride K).
-template <typename W, int XR>
+// Float weights: dot products of one weight row with XR rows of x (row stride K), A weight
+// vectors per step. XR * A accumulators + A weights stay within the 16 ymm registers.
+template <typename W, int XR, int A = (XR >= 4 ? 2 : 4)>
 inline void dot_row(const float* x, const W* w, int64_t K, float scale, float* y, int64_t N) {
-  __m256 acc[XR][kAcc];
+  __m256 acc[XR][A];
   for (int i = 0; i < XR; ++i)
-    for (int a = 0; a < kAcc; ++a) acc[i][a] = _mm256_setzero_ps();
+    for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 * kAcc <= K; k += 8 * kAcc) {
-    __m256 wv[kAcc];
-    for (int a = 0; a < kAcc; ++a) wv[a] = widen(w + k + 8 * a);
+  for (; k + 8 * A <= K; k += 8 * A) {
+    __m256 wv[A];
+    for (int a = 0; a < A; ++a) wv[a] = widen(w + k + 8 * a);
     for (int i = 0; i < XR; ++i)
-      for (int a = 0; a < kAcc; ++a)
+      for (int a = 0; a < A; ++a)
         acc[i][a] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k + 8 * a), wv[a], acc[i][a]);
   }
   for (; k + 8 <= K; k += 8) {
@@ -61,8 +61,9 @@ inline void dot_row(const float* x, const W* w, int64_t K, float scale, float* y
       acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k), wv, acc[i][0]);
   }
   for (int i = 0; i < XR; ++i) {
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                 _mm256_add_ps(acc[i][2], acc[i][3])));
+    __m256 sum = acc[i][0];
+    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[i][a]);
+    float s = hsum(sum);
     for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[kk]);
     y[i * N] = s * scale;
   }
@@ -132,6 +133,15 @@ inline void dot_row_int8(const QuantizedRows& xq, const float* x, int64_t row0, 
   }
 }
 
+// Rows of x in blocks of 4, 2, 1: `row(XR, m)` handles rows [m, m + XR) against one weight row.
+template <typename Row>
+inline void for_row_blocks(int64_t M, const Row& row) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) row(std::integral_constant<int, 4>{}, m);
+  if (m + 2 <= M) row(std::integral_constant<int, 2>{}, m), m += 2;
+  if (m < M) row(std::integral_constant<int, 1>{}, m);
+}
+
 // Each thread takes a contiguous range of weight rows: one sequential stream per thread.
 template <typename W>
 void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int64_t N,
@@ -139,9 +149,9 @@ void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int6
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float s = scale ? scale[n] : 1.0f;
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) dot_row<W, 2>(x + m * K, w + n * K, K, s, y + m * N + n, N);
-      if (m < M) dot_row<W, 1>(x + m * K, w + n * K, K, s, y + m * N + n, N);
+      for_row_blocks(M, [&](auto xr, int64_t m) {
+        dot_row<W, decltype(xr)::value>(x + m * K, w + n * K, K, s, y + m * N + n, N);
+      });
     }
   });
 }
@@ -152,9 +162,9 @@ void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* s
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float s = scale ? scale[n] : 1.0f;
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) dot_row_int8<2>(xq, x, m, w + n * K, K, s, y + m * N + n, N);
-      if (m < M) dot_row_int8<1>(xq, x, m, w + n * K, K, s, y + m * N + n, N);
+      for_row_blocks(M, [&](auto xr, int64_t m) {
+        dot_row_int8<decltype(xr)::value>(xq, x, m, w + n * K, K, s, y + m * N + n, N);
+      });
     }
   });
 }
