@@ -200,18 +200,18 @@ class GemmaDecoder(nn.Module):
     def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocates one KVCache per layer.
 
-        dtype defaults to the weights' dtype; bfloat16 (big_vision's default) for int8 weights.
+        dtype defaults to float32, the activations' dtype whatever the weights are stored in:
+        a bf16 cache (big_vision's default) rounds keys/values and, on CPU, costs a conversion
+        of the whole cache per layer and step; the cache is small next to the weights.
         """
-        weight = self.embedder.weight
-        default = weight.dtype if weight.is_floating_point() else torch.bfloat16
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(
                 batch,
                 self.cfg.num_kv_heads,
                 max_len,
                 self.cfg.head_dim,
-                dtype or default,
-                weight.device,
+                dtype or torch.float32,
+                self.embedder.weight.device,
             )
 
     def clear_kv_cache(self) -> None:

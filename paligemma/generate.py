@@ -93,8 +93,8 @@ def prefill(
     """Runs the prompts and fills a fresh KV cache of P + max_new_tokens slots.
 
     images [B, 3, H, W]; tokens, mask_ar, input_mask [B, T], left-aligned (valid text tokens
-    first, padding last). cache_dtype: None keeps the weights' dtype; torch.bfloat16 rounds
-    keys/values as big_vision's default cache does.
+    first, padding last). cache_dtype: None is float32 (the activations' dtype);
+    torch.bfloat16 rounds keys/values as big_vision's default cache does.
     """
     x = model.embed_inputs(images, tokens)  # [B, P, D]
     b, p = x.shape[:2]

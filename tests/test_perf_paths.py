@@ -133,9 +133,8 @@ def test_bf16_storage_is_float32_math_on_rounded_weights():
     rounded = model.to(torch.bfloat16).float()
     stored = tiny_model().to(torch.bfloat16)
     assert stored.dtype == torch.float32  # activations
-    f32_cache = {"max_new_tokens": 6, "cache_dtype": torch.float32}  # bf16 weights: bf16 default
-    tokens, logits = generate(rounded, *prompts, **f32_cache)
-    stored_tokens, stored_logits = generate(stored, *prompts, **f32_cache)
+    tokens, logits = generate(rounded, *prompts, max_new_tokens=6)
+    stored_tokens, stored_logits = generate(stored, *prompts, max_new_tokens=6)
     assert torch.equal(tokens, stored_tokens)
     torch.testing.assert_close(logits, stored_logits, rtol=0, atol=1e-4)
 
