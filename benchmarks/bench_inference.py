@@ -20,7 +20,7 @@ The decode floor is the weight bytes one decode step must read (decoder layers a
 1 GiB float32 tensor with the same threads), before and after the configurations.
 
     python benchmarks/bench_inference.py --quick            # small model, ~2 minutes
-    python benchmarks/bench_inference.py --json out.json    # full size, ~15 minutes, 12 GB RAM
+    python benchmarks/bench_inference.py --json out.json    # full size, ~17 minutes, 18 GB RAM
 """
 
 from __future__ import annotations
