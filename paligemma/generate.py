@@ -127,8 +127,6 @@ def decode_step(model: PaliGemmaModel, state: DecodeState, tokens: torch.Tensor)
     )
 
 
-
-
 @torch.no_grad()
 def stream(
     model: PaliGemmaModel,
