@@ -19,11 +19,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .parity import run_case
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 logger = logging.getLogger("paligemma")
 
@@ -77,6 +80,11 @@ def _annotate_path(out: str, index: int, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
 
 
+def _save_png(image: PIL.Image.Image, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
 def _run_task(args: argparse.Namespace) -> int:
     from .annotate import draw_objects, to_pil
     from .image import to_rgb_array
@@ -104,7 +112,7 @@ def _run_task(args: argparse.Namespace) -> int:
             record["objects"] = [o.to_json() for o in objects]
         if getattr(args, "annotate", None):
             out = _annotate_path(args.annotate, i, len(args.images))
-            draw_objects(to_pil(array), objects).save(out)
+            _save_png(draw_objects(to_pil(array), objects), out)
             record["annotated"] = str(out)
         records.append(record)
         if not args.json:
@@ -161,7 +169,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise ValueError("the model generated no tokens (eos right away): nothing to explain")
     maps = [result.maps.mean(0), *result.maps]
     titles = [f"all: {result.text}"[:40], *(repr(p) for p in result.pieces)]
-    draw_attention(to_pil(array), maps, titles).save(args.output)
+    _save_png(draw_attention(to_pil(array), maps, titles), args.output)
     print(f"{args.image}: {_one_line(result.text)}")
     print(f"wrote {args.output} ({len(result.tokens)} tokens)")
     return 0

@@ -55,7 +55,7 @@ def test_json_output(capsys, image):
 
 def test_detect_with_json_and_annotation(capsys, image, tmp_path, script_output):
     script_output("<loc0200><loc0300><loc0800><loc0700> cat")
-    out_png = tmp_path / "boxes.png"
+    out_png = tmp_path / "new_folder" / "boxes.png"  # created on the way
     code, out, _ = run(capsys, "detect", image, "--objects", "cat ; dog", "--model",
                        tiny_checkpoint(), "--json", "--annotate", out_png)
     (record,) = json.loads(out)
