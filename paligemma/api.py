@@ -86,11 +86,14 @@ class PaliGemma:
         vae: str | Path | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        quantize: str | None = None,
     ) -> PaliGemma:
         """A converted checkpoint directory, or a Hugging Face Hub repo id holding one.
 
         tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model in
-        the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only).
+        the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only);
+        quantize: "int8" quantizes each matrix as it is read (`quantize.load_quantized`; dtype
+        is then ignored).
         """
         path = Path(name_or_path)
         if not path.exists():
@@ -114,7 +117,12 @@ class PaliGemma:
                 )
             tokenizer = found[0]
         tok = Tokenizer(tokenizer)
-        model = load_pretrained(path, dtype=dtype, device=device)
+        if quantize:
+            from .quantize import load_quantized
+
+            model = load_quantized(path, quantize, device=device)
+        else:
+            model = load_pretrained(path, dtype=dtype, device=device)
         return cls(model, tok, load_mask_decoder(vae, device) if vae is not None else None)
 
     # -- generation ---------------------------------------------------------------------------

@@ -49,18 +49,14 @@ def _parity(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> Any:
     from .api import PaliGemma
 
-    pg = PaliGemma.from_pretrained(
+    return PaliGemma.from_pretrained(
         args.model,
         tokenizer=args.tokenizer,
         vae=getattr(args, "vae", None),
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         device=args.device,
+        quantize=args.quantize,
     )
-    if args.quantize:
-        from .quantize import quantize_
-
-        quantize_(pg.model, args.quantize)
-    return pg
 
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
