@@ -8,8 +8,8 @@
    appended after the text pieces: the same relative layout as `paligemma_tokenizer.model`.
 2. Model: a tiny PaliGemma 2 (SigLIP-style ViT, Gemma 2 decoder with post-norms, GQA and the
    attention softcap), initialized with `paligemma.finetune.init_weights`. The `<loc>` rows of
-   the (tied) embedding start as smooth Fourier features of their coordinate, so neighbouring
-   bins start with similar logits and detection learns in minutes rather than hours.
+   the (tied) embedding start as linear + quadratic features of their coordinate, so that the
+   output over the bins is a Gaussian whose mode the model regresses.
 3. Training: `paligemma.finetune.finetune` on freshly drawn scenes (`paligemma.demo.scenes`),
    one random task per example: caption, color question, count question, detection.
 4. Export: bf16 official `.npz` through the reverse converter, the tokenizer and our config;
@@ -118,15 +118,21 @@ def build_tokenizer(path: Path) -> Tokenizer:
 
 
 @torch.no_grad()
-def smooth_loc_embeddings(model: PaliGemmaModel, loc_ids: list[int]) -> None:
-    """Row of <locNNNN> = Fourier features of NNNN/1023 (periods 2 .. 1/64 of the image), with
-    unit norm like the rows init_weights draws."""
+def ordinal_loc_embeddings(model: PaliGemmaModel, loc_ids: list[int], scale: float = 2.0) -> None:
+    """Row of <locNNNN> = (scale * c, -scale * c^2, 0, ..., 0) with c = NNNN/1023 mapped to
+    [-1, 1].
+
+    Why: the tied output layer then scores bin c as h0 * scale * c - h1 * scale * c^2, a
+    Gaussian over the bins (for h1 > 0) whose mode h0 / (2 h1) the model sets linearly, and
+    whose cross-entropy gradient is the gap between the predicted and the true mean: detection
+    learns like a regression instead of a 1024-way classification with unrelated classes.
+    Measured on single-shape detection, 400 steps: mean IoU 0.62 with these rows against 0.21
+    (random rows) and 0.33 (smooth Fourier features of the coordinate)."""
     embedder = model.decoder.embedder.weight
-    width = embedder.shape[1]
-    coord = torch.arange(len(loc_ids), dtype=torch.float32)[:, None] / (len(loc_ids) - 1)
-    freqs = math.pi * 2.0 ** torch.linspace(0, 7, width // 2)[None]
-    features = torch.cat([torch.sin(coord * freqs), torch.cos(coord * freqs)], dim=1)
-    embedder[loc_ids] = features * (2 / width) ** 0.5
+    coord = torch.linspace(-1, 1, len(loc_ids))
+    rows = torch.zeros(len(loc_ids), embedder.shape[1])
+    rows[:, 0], rows[:, 1] = scale * coord, -scale * coord**2
+    embedder[loc_ids] = rows
 
 
 @torch.no_grad()
@@ -150,16 +156,16 @@ def held_out(count: int) -> list[scenes.Scene]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loc-sigma", type=float, default=0.0,
                    help="std (in bins) of the Gaussian soft targets of <loc> tokens (0: one-hot)")
     p.add_argument("--eval-scenes", type=int, default=300, help="held-out scenes to score")
     p.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
-    # One compute thread plus one data worker process uses both cores, and is much less
-    # sensitive to other processes than two OpenMP threads that wait for each other.
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    # On an otherwise idle 2-core machine, 2 torch threads plus 1 scene-drawing process was
+    # the fastest (0.45 s per step); with other jobs running, --threads 1 degrades less.
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--workers", type=int, default=1, help="scene-drawing processes (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -171,7 +177,7 @@ def main() -> int:
     config = demo_config(tokenizer.vocab_size)
     model = PaliGemmaModel(config)
     init_weights(model, SEED)
-    smooth_loc_embeddings(model, tokenizer.loc_ids)
+    ordinal_loc_embeddings(model, tokenizer.loc_ids)
     sincos_posemb(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {tokenizer.vocab_size} ids; model: {n_params / 1e6:.2f}M parameters")
