@@ -12,8 +12,9 @@ RSS is per configuration and the machine's load affects both sides alike. Each s
 Prompt: one 224px image (256 tokens) + 6 text tokens, all prefix; greedy decoding with eos off.
 Decode ms/token is the time between the first and the last generated token over the number of
 steps, taken from streamed tokens on both sides (transformers' `streamer`, our `stream`).
-float32 and bfloat16 load the same bf16 file into that dtype; int8 is ours only (our bf16
-weights quantized at load), compared against transformers float32 and bfloat16.
+float32 and bfloat16 load the same bf16 file into that dtype; int8 and int8-linear are ours only
+(our bf16 weights quantized at load; int8-linear leaves the tied embedding in bf16), compared
+against transformers float32 and bfloat16.
 
 The decode floor is the weight bytes one decode step must read (decoder layers and the tied
 257k-row output projection) over the memory read bandwidth, measured in the same run (sum of a
@@ -50,7 +51,9 @@ from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
 
 TEXT_TOKENS = [2, 1018, 1101, 573, 4352, 108]  # bos, 4 word pieces, "\n" (fit every vocab)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+# int8 modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in bf16.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16,
+          "int8-linear": torch.bfloat16}
 # (framework, dtype) in run order: ours and theirs alternate so that load drifts hit both.
 CONFIGS = [
     ("ours", "bfloat16"),
@@ -58,6 +61,7 @@ CONFIGS = [
     ("ours", "float32"),
     ("hf", "float32"),
     ("ours", "int8"),
+    ("ours", "int8-linear"),
 ]
 
 
@@ -148,10 +152,10 @@ class Runner:
 
     def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
         self.framework, self.dtype, self.config = framework, dtype, config
-        if framework == "ours" and dtype == "int8":
+        if framework == "ours" and dtype.startswith("int8"):
             from paligemma.quantize import load_quantized
 
-            self.model = load_quantized(directory)
+            self.model = load_quantized(directory, dtype)
         elif framework == "ours":
             torch_dtype = None if dtype == "bfloat16" else DTYPES[dtype]
             self.model = checkpoint.load_pretrained(directory, dtype=torch_dtype)
@@ -279,10 +283,14 @@ def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
     with torch.device("meta"):
         decoder = PaliGemmaModel(config).decoder
     matrices = [p for p in decoder.parameters() if p.dim() == 2]
+    others = sum(p.numel() for p in decoder.parameters() if p.dim() != 2) * 4
+    if dtype == "int8-linear":  # the embedding stays bf16
+        embedding = decoder.embedder.weight
+        matrices = [p for p in matrices if p is not embedding]
+        others += embedding.numel() * 2
     rows = sum(p.shape[0] for p in matrices)
     numel = sum(p.numel() for p in matrices)
-    others = sum(p.numel() for p in decoder.parameters() if p.dim() != 2) * 4
-    if dtype == "int8":
+    if dtype.startswith("int8"):
         return numel + 4 * rows + others
     return numel * DTYPES[dtype].itemsize + others
 
@@ -338,7 +346,7 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
             continue
         theirs = (
             [("hf f32", results.get("hf/float32")), ("hf bf16", results.get("hf/bfloat16"))]
-            if dtype == "int8"
+            if dtype.startswith("int8")
             else [("transformers", results.get(f"hf/{dtype}"))]
         )
         theirs = [(name, r) for name, r in theirs if r and "error" not in r]

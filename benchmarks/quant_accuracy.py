@@ -6,9 +6,10 @@ float32 math and an f32 KV cache. For each: greedy decode of the gold prompts (t
 bf16's, position by position, and whole sequences), and the logits of one teacher-forced pass
 over the prompt + bf16's greedy tokens (max |difference| to f32, next to the logit range).
 
-Demo model (engineer C's trained tiny PaliGemma 2, `examples/demo_model/`: official-format npz,
-config.json, tokenizer.model): greedy outputs of bf16 and int8 on freshly drawn scenes for every
-task prompt (identical texts), and the task scores of both (`paligemma.demo.scenes.score`).
+Demo model (the trained tiny PaliGemma 2 of `examples/demo_model/`: official-format npz,
+config.json, tokenizer.model): greedy outputs of bf16, int8 and int8-linear (tied embedding left
+in bf16) on freshly drawn scenes (224 px, as the demo draws them) for every task prompt
+(identical texts), and the task scores of each (`paligemma.demo.scenes.score`).
 
     python benchmarks/quant_accuracy.py [--demo DIR] [--scenes N] [--json FILE]
 """
@@ -36,6 +37,7 @@ from paligemma.quantize import quantize_  # noqa: E402
 from paligemma.weights import load_official  # noqa: E402
 
 CASES = ROOT / "parity_tests" / "data"
+DEMO_SCENE_SIZE = 224
 
 
 def variants(npz: Path, config: PaliGemmaConfig) -> dict[str, PaliGemmaModel]:
@@ -82,19 +84,22 @@ def demo_model(directory: Path, n_scenes: int, seed: int = 0) -> dict[str, Any]:
 
     config = PaliGemmaConfig.load(directory / "config.json")
     tokenizer = Tokenizer(directory / "tokenizer.model")
-    models = variants(directory / "paligemma-demo.npz", config)
+    npz = directory / "paligemma-demo.npz"
+    models = variants(npz, config)
+    models["int8-linear"] = quantize_(load_official(npz, config), "int8-linear")
     rng = random.Random(seed)
-    drawn = [scenes.draw_scene(rng, config.vision.image_size) for _ in range(n_scenes)]
+    drawn = [scenes.draw_scene(rng, DEMO_SCENE_SIZE) for _ in range(n_scenes)]
     pairs = [(s.image, prefix) for s in drawn for prefix, _ in scenes.examples(s)]
     texts: dict[str, list[str]] = {}
     out: dict[str, Any] = {"model": str(directory), "scenes": n_scenes, "prompts": len(pairs)}
-    for name in ("bf16", "int8"):
+    for name in ("bf16", "int8", "int8-linear"):
         pg = PaliGemma(models[name], tokenizer)
         results = pg.generate([p[0] for p in pairs], [p[1] for p in pairs], max_new_tokens=24)
         texts[name] = [r.text for r in results]
         out[f"{name}_scores"] = scenes.score(pg, drawn)
-    same = sum(a == b for a, b in zip(texts["bf16"], texts["int8"], strict=True))
-    out["int8_vs_bf16_identical_outputs"] = f"{same}/{len(pairs)}"
+    for name in ("int8", "int8-linear"):
+        same = sum(a == b for a, b in zip(texts["bf16"], texts[name], strict=True))
+        out[f"{name}_vs_bf16_identical_outputs"] = f"{same}/{len(pairs)}"
     return out
 
 

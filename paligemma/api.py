@@ -92,8 +92,8 @@ class PaliGemma:
 
         tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model in
         the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only);
-        quantize: "int8" quantizes each matrix as it is read (`quantize.load_quantized`; dtype
-        is then ignored).
+        quantize: "int8" or "int8-linear" (`quantize.MODES`) quantizes each matrix as it is
+        read (`quantize.load_quantized`; dtype is then ignored).
         """
         path = Path(name_or_path)
         if not path.exists():

@@ -179,9 +179,10 @@ def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
-    p.add_argument("--quantize", choices=["int8"],
+    p.add_argument("--quantize", choices=["int8", "int8-linear"],
                    help="int8 weights with per-row scales: half of bf16's memory, faster "
-                   "decoding on CPU (math stays float32)")
+                   "decoding on CPU (math stays float32); int8-linear keeps the tied "
+                   "embedding as stored")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="generation budget per image (default: 64)")
     if not generation:

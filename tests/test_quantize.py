@@ -10,17 +10,34 @@ from test_api import cat_image, tiny_checkpoint
 
 from paligemma.checkpoint import load_pretrained
 from paligemma.cli import main
+from paligemma.layers import Linear
 from paligemma.quantize import load_quantized, quantize_
 
 
-def test_load_quantized_equals_quantizing_the_loaded_model():
+@pytest.mark.parametrize("mode", ["int8", "int8-linear"])
+def test_load_quantized_equals_quantizing_the_loaded_model(mode):
     directory = tiny_checkpoint()
-    streamed = load_quantized(directory).state_dict()
-    in_place = quantize_(load_pretrained(directory)).state_dict()
+    streamed = load_quantized(directory, mode).state_dict()
+    in_place = quantize_(load_pretrained(directory), mode).state_dict()
     assert streamed.keys() == in_place.keys()
     assert any(name.endswith(".scale") and name.startswith("decoder.layers") for name in streamed)
     for name, tensor in streamed.items():
         assert tensor.dtype == in_place[name].dtype and torch.equal(tensor, in_place[name]), name
+
+
+def test_int8_linear_keeps_the_tied_embedding_as_stored():
+    directory = tiny_checkpoint()
+    stored = load_pretrained(directory).decoder.embedder.weight
+    model = load_quantized(directory, "int8-linear")
+    assert model.decoder.embedder.scale is None
+    assert torch.equal(model.decoder.embedder.weight, stored)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="int8-linear"):
+        load_quantized(tiny_checkpoint(), "int4")
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
