@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .parity import run_case
+from .quantize import MODES as QUANTIZE_MODES
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -179,7 +180,7 @@ def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
-    p.add_argument("--quantize", choices=["int8", "int8-linear"],
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="int8 weights with per-row scales: half of bf16's memory, faster "
                    "decoding on CPU (math stays float32); int8-linear keeps the tied "
                    "embedding as stored")
