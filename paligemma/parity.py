@@ -9,6 +9,10 @@ A case directory (the format of the project's gold cases, written by big_vision'
                 prompt `prompt_*`) and the official outputs: per-stage activations, logits,
                 greedy decode tokens and logits with an f32 and a bf16 KV cache.
 Every size is read from these files.
+
+A mask-VAE case (`seg_vae`: params.npz in vae-oid.npz's layout; vectors.npz with `codes`, the
+official `masks` and per-module outputs `ex0_out_<module>` of the first example) compares
+`segmentation.MaskDecoder` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .config import GEMMA_DECODERS, PaliGemmaConfig, TextConfig, VisionConfig
 from .gemma import softcap
 from .generate import generate
 from .model import PaliGemmaModel, make_attn_mask
+from .segmentation import load_mask_decoder
 from .weights import load_official
 
 # Max-abs tolerances. f32 math on either side; the independent float64 re-implementation of the
@@ -38,6 +43,13 @@ TOL_LOGITS = 5e-3
 # 1e-6 (relative) before rounding moves bf16-cache logits by up to 0.15, and the bf16 cache
 # itself moves them by 0.9-1.6 from the f32 cache. Tokens stay exact.
 TOL_BF16_CACHE_LOGITS = 0.5
+TOL_VAE = 1e-4  # f32 convolutions summed in another order; measured 6e-6
+# big_vision's mask decoder module -> index in our `MaskDecoder.decoder` (outputs before the
+# following relu).
+VAE_STAGES = {
+    "Conv_0": 0, "ResBlock_0": 2, "ResBlock_1": 3, "ConvTranspose_0": 4,
+    "ConvTranspose_1": 6, "ConvTranspose_2": 8, "ConvTranspose_3": 10, "Conv_1": 12,
+}
 
 SOFTCAP_NOTE = (
     "official logits are pre-softcap here (big_vision skips the final softcap in "
@@ -185,6 +197,22 @@ def _capture_forward(
     return values
 
 
+def _stage(
+    name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float, note: str = "",
+    exact: bool = False,
+) -> Stage:
+    """Max-abs error of `ours` against the official `ref` (exact: count of mismatches)."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        raise ValueError(
+            f"stage {name}: our shape {list(ours.shape)} != official {list(ref.shape)}"
+        )
+    if exact:  # integers / booleans: count mismatches
+        err = float((ours.long() != ref.long()).sum())
+    else:
+        err = float((ours.double() - ref.double()).abs().max()) if ours.numel() else 0.0
+    return Stage(name, list(ref.shape), err, tol, bool(err <= tol), note)
+
+
 def run_case(case_dir: str | Path) -> Report:
     case_dir = Path(case_dir)
     for name in ("params.npz", "vectors.npz", "config.json"):
@@ -193,6 +221,8 @@ def run_case(case_dir: str | Path) -> Report:
     case = json.loads((case_dir / "config.json").read_text())
     with np.load(case_dir / "vectors.npz", allow_pickle=False) as f:
         vec = {k: torch.from_numpy(f[k]) for k in f.files}
+    if "codes" in vec:
+        return _run_vae_case(case_dir, case, vec)
     images = vec["image"].permute(0, 3, 1, 2)  # NHWC -> NCHW
     config = case_config(case, image_size=images.shape[-1])
     model = load_official(case_dir / "params.npz", config)
@@ -207,15 +237,7 @@ def run_case(case_dir: str | Path) -> Report:
         note: str = "",
         exact: bool = False,
     ) -> None:
-        if tuple(ours.shape) != tuple(ref.shape):
-            raise ValueError(
-                f"stage {name}: our shape {list(ours.shape)} != official {list(ref.shape)}"
-            )
-        if exact:  # integers / booleans: count mismatches
-            err = float((ours.long() != ref.long()).sum())
-        else:
-            err = float((ours.double() - ref.double()).abs().max()) if ours.numel() else 0.0
-        stages.append(Stage(name, list(ref.shape), err, tol, bool(err <= tol), note))
+        stages.append(_stage(name, ours, ref, tol, note, exact))
 
     # Forward (Model.__call__): every recorded activation, in order.
     acts = _capture_forward(model, images, vec["text"].long(), vec["mask_ar"].long())
@@ -327,3 +349,25 @@ def run_case(case_dir: str | Path) -> Report:
             "final_logits_softcap=0.0 as in the PaliGemma 2 transfer configs",
         )
     return Report(case.get("case", case_dir.name), all(s.ok for s in stages), stages)
+
+
+def _run_vae_case(case_dir: Path, case: dict[str, Any], vec: dict[str, torch.Tensor]) -> Report:
+    """Mask VAE decoder: every module output of the first example, then all masks."""
+    decoder = load_mask_decoder(case_dir / "params.npz")
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        decoder.decoder[i].register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, out.permute(0, 2, 3, 1))  # NHWC
+        )
+        for name, i in VAE_STAGES.items()
+    ]
+    codes = vec["codes"].long()
+    with torch.no_grad():
+        decoder(codes[:1])
+        for h in hooks:
+            h.remove()
+        masks = decoder(codes)
+    stages = [_stage(name, seen[name], vec[f"ex0_out_{name}"], TOL_VAE) for name in VAE_STAGES]
+    stages.append(_stage("masks", masks, vec["masks"][..., 0], TOL_VAE))
+    return Report(case.get("case", case_dir.name), all(s.ok for s in stages), stages)
+

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paligemma.parity import run_case
+from paligemma.parity import VAE_STAGES, run_case
 
 REQUIRED_STAGES = {"zimg", "text_logits", "decode_logits", "decode_tokens"}
 
@@ -54,6 +54,14 @@ def test_cli_writes_json_and_exits_0(case_dir, tmp_path):
     assert REQUIRED_STAGES <= {s["name"] for s in report["stages"]}
     assert all(set(s) >= {"name", "max_abs_err", "tol", "ok"} for s in report["stages"])
     assert "text_logits" in out.stdout and "PASS" in out.stdout
+
+
+def test_cli_checks_the_mask_vae_case(tmp_path):
+    out = _run_cli(Path(__file__).parent / "data" / "seg_vae", "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] is True and report["case"] == "seg_vae"
+    assert {s["name"] for s in report["stages"]} == {*VAE_STAGES, "masks"}
 
 
 def test_cli_exits_1_when_a_weight_is_off(tmp_path):

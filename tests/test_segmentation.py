@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from paligemma.parity import VAE_STAGES
 from paligemma.segmentation import load_mask_decoder
 
 CASE = Path(__file__).parents[1] / "parity_tests" / "data" / "seg_vae"
@@ -37,22 +38,18 @@ def test_masks_match_big_vision(decoder, gold):
 
 
 def test_every_decoder_stage_matches(decoder, gold):
-    stages = {  # big_vision module -> our decoder index (outputs before the following relu)
-        "Conv_0": 0, "ResBlock_0": 2, "ResBlock_1": 3, "ConvTranspose_0": 4,
-        "ConvTranspose_1": 6, "ConvTranspose_2": 8, "ConvTranspose_3": 10, "Conv_1": 12,
-    }
     seen = {}
     hooks = [
         decoder.decoder[i].register_forward_hook(
             lambda m, a, out, name=name: seen.__setitem__(name, out.permute(0, 2, 3, 1))
         )
-        for name, i in stages.items()
+        for name, i in VAE_STAGES.items()
     ]
     with torch.no_grad():
         decoder(torch.from_numpy(gold["codes"][:1]).long())
     for h in hooks:
         h.remove()
-    for name in stages:
+    for name in VAE_STAGES:
         np.testing.assert_allclose(seen[name].numpy(), gold[f"ex0_out_{name}"], atol=ATOL,
                                    rtol=0, err_msg=name)
 
