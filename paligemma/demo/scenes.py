@@ -156,18 +156,20 @@ def _background(rng: random.Random, size: int) -> PIL.Image.Image:
 
     def tone() -> np.ndarray:
         gray = rng.choice([rng.uniform(190, 250), rng.uniform(110, 150), rng.uniform(25, 70)])
-        return np.array([gray + rng.uniform(-18, 18) for _ in range(3)])
+        return np.array([gray + rng.uniform(-18, 18) for _ in range(3)], np.float32)
 
     a, b = tone(), tone() if rng.random() < 0.6 else None
-    ramp = np.linspace(0, 1, size)[:, None, None]
+    ramp = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
     if b is None:
-        pixels = np.broadcast_to(a, (size, size, 3)).copy()
+        pixels = a
     elif rng.random() < 0.5:
-        pixels = np.broadcast_to(a + (b - a) * ramp, (size, size, 3)).copy()  # top to bottom
+        pixels = a + (b - a) * ramp  # top to bottom
     else:
-        pixels = np.broadcast_to(a + (b - a) * ramp.transpose(1, 0, 2), (size, size, 3)).copy()
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 8), pixels.shape)
-    return PIL.Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8), "RGB")
+        pixels = a + (b - a) * ramp.transpose(1, 0, 2)
+    # float32 throughout: the noise is most of the cost of drawing a scene.
+    sigma = rng.uniform(0, 8)
+    noise = np.random.default_rng(rng.getrandbits(32)).standard_normal((size, size, 3), np.float32)
+    return PIL.Image.fromarray(np.clip(pixels + sigma * noise, 0, 255).astype(np.uint8), "RGB")
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
