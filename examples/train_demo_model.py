@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/train_demo_model.py            # the committed recipe
     .venv/bin/python examples/train_demo_model.py --steps 200 --out /tmp/pilot   # a quick try
+    .venv/bin/python examples/train_demo_model.py --device cuda --out /tmp/gpu  # on a GPU
 
 1. Tokenizer: SentencePiece (BPE) trained on the task texts, Gemma's special ids (pad 0, eos 1,
    bos 2, unk 3), "\\n" as one piece, then the 1024 `<locNNNN>` and 128 `<segNNN>` pieces
