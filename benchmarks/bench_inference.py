@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from paligemma import checkpoint  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
+from paligemma.quantize import MODES, load_quantized, quantized_types  # noqa: E402
 
 TEXT_TOKENS = [2, 1018, 1101, 573, 4352, 108]  # bos, 4 word pieces, "\n" (fit every vocab)
 # int8 modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in bf16.
@@ -152,9 +153,7 @@ class Runner:
 
     def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
         self.framework, self.dtype, self.config = framework, dtype, config
-        if framework == "ours" and dtype.startswith("int8"):
-            from paligemma.quantize import load_quantized
-
+        if framework == "ours" and dtype in MODES:
             self.model = load_quantized(directory, dtype)
         elif framework == "ours":
             torch_dtype = None if dtype == "bfloat16" else DTYPES[dtype]
@@ -282,17 +281,19 @@ def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
     """Weight bytes read by one decode step: decoder layers + the tied output projection."""
     with torch.device("meta"):
         decoder = PaliGemmaModel(config).decoder
-    matrices = [p for p in decoder.parameters() if p.dim() == 2]
-    others = sum(p.numel() for p in decoder.parameters() if p.dim() != 2) * 4
-    if dtype == "int8-linear":  # the embedding stays bf16
-        embedding = decoder.embedder.weight
-        matrices = [p for p in matrices if p is not embedding]
-        others += embedding.numel() * 2
-    rows = sum(p.shape[0] for p in matrices)
-    numel = sum(p.numel() for p in matrices)
-    if dtype.startswith("int8"):
-        return numel + 4 * rows + others
-    return numel * DTYPES[dtype].itemsize + others
+    quantized: set[int] = set()
+    if dtype in MODES:  # the matrices the mode quantizes: 1 byte per weight + a f32 scale per row
+        types = quantized_types(dtype)
+        quantized = {id(m.weight) for m in decoder.modules() if isinstance(m, types)}
+    total = 0
+    for p in decoder.parameters():
+        if id(p) in quantized:
+            total += p.numel() + 4 * p.shape[0]
+        elif p.dim() == 2:
+            total += p.numel() * DTYPES[dtype].itemsize
+        else:  # norms and other vectors are float32
+            total += p.numel() * 4
+    return total
 
 
 def machine() -> dict[str, Any]:
@@ -346,7 +347,7 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
             continue
         theirs = (
             [("hf f32", results.get("hf/float32")), ("hf bf16", results.get("hf/bfloat16"))]
-            if dtype.startswith("int8")
+            if dtype in MODES
             else [("transformers", results.get(f"hf/{dtype}"))]
         )
         theirs = [(name, r) for name, r in theirs if r and "error" not in r]
