@@ -30,7 +30,7 @@ from .config import GEMMA_DECODERS, PaliGemmaConfig, TextConfig, VisionConfig
 from .gemma import softcap
 from .generate import generate
 from .model import PaliGemmaModel, make_attn_mask
-from .segmentation import load_mask_decoder
+from .segmentation import MaskDecoder, load_mask_decoder
 from .weights import load_official
 
 # Max-abs tolerances. f32 math on either side; the independent float64 re-implementation of the
@@ -351,23 +351,31 @@ def run_case(case_dir: str | Path) -> Report:
     return Report(case.get("case", case_dir.name), all(s.ok for s in stages), stages)
 
 
-def _run_vae_case(case_dir: Path, case: dict[str, Any], vec: dict[str, torch.Tensor]) -> Report:
-    """Mask VAE decoder: every module output of the first example, then all masks."""
-    decoder = load_mask_decoder(case_dir / "params.npz")
+def vae_stage_outputs(decoder: MaskDecoder, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """codes [B, 16] -> each VAE_STAGES module's output, NHWC as big_vision records them."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         decoder.decoder[i].register_forward_hook(
-            lambda m, a, out, name=name: seen.__setitem__(name, out.permute(0, 2, 3, 1))  # NHWC
+            lambda m, a, out, name=name: seen.__setitem__(name, out.permute(0, 2, 3, 1))
         )
         for name, i in VAE_STAGES.items()
     ]
-    codes = vec["codes"].long()
-    with torch.no_grad():
-        decoder(codes[:1])
+    try:
+        with torch.no_grad():
+            decoder(codes)
+    finally:
         for h in hooks:
             h.remove()
+    return seen
+
+
+def _run_vae_case(case_dir: Path, case: dict[str, Any], vec: dict[str, torch.Tensor]) -> Report:
+    """Mask VAE decoder: every module output of the first example, then all masks."""
+    decoder = load_mask_decoder(case_dir / "params.npz")
+    codes = vec["codes"].long()
+    seen = vae_stage_outputs(decoder, codes[:1])
+    with torch.no_grad():
         masks = decoder(codes)
     stages = [_stage(name, seen[name], vec[f"ex0_out_{name}"], TOL_VAE) for name in VAE_STAGES]
     stages.append(_stage("masks", masks, vec["masks"][..., 0], TOL_VAE))
     return Report(case.get("case", case_dir.name), all(s.ok for s in stages), stages)
-

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from paligemma.parity import VAE_STAGES
+from paligemma.parity import VAE_STAGES, vae_stage_outputs
 from paligemma.segmentation import load_mask_decoder
 
 CASE = Path(__file__).parents[1] / "parity_tests" / "data" / "seg_vae"
@@ -38,17 +38,7 @@ def test_masks_match_big_vision(decoder, gold):
 
 
 def test_every_decoder_stage_matches(decoder, gold):
-    seen = {}
-    hooks = [
-        decoder.decoder[i].register_forward_hook(
-            lambda m, a, out, name=name: seen.__setitem__(name, out.permute(0, 2, 3, 1))
-        )
-        for name, i in VAE_STAGES.items()
-    ]
-    with torch.no_grad():
-        decoder(torch.from_numpy(gold["codes"][:1]).long())
-    for h in hooks:
-        h.remove()
+    seen = vae_stage_outputs(decoder, torch.from_numpy(gold["codes"][:1]).long())
     for name in VAE_STAGES:
         np.testing.assert_allclose(seen[name].numpy(), gold[f"ex0_out_{name}"], atol=ATOL,
                                    rtol=0, err_msg=name)
