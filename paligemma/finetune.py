@@ -51,6 +51,7 @@ MODES = ("full", "frozen-image", "lora")
 CHECKPOINT_DIR = "checkpoint"  # under out_dir: the latest training state, replaced atomically
 MODEL_DIR = "model"  # under out_dir: the final (merged) model, our checkpoint format
 METRICS_FILE = "metrics.jsonl"
+AUX_PREFIX = "aux."  # names of the auxiliary objective's parameters in training checkpoints
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Example:
     image: ImageLike  # path, PIL image or array
     prefix: str
     suffix: str
+    aux: Sequence[float] | None = None  # targets of an auxiliary objective (finetune's `aux`)
 
 
 class JsonlDataset(Dataset):
@@ -153,15 +155,20 @@ class Batch:
     mask_ar: torch.Tensor  # [B, T] long: 0 prefix (full attention), 1 suffix and padding
     mask_loss: torch.Tensor  # [B, T] long: 1 on suffix and eos
     input_mask: torch.Tensor  # [B, T] bool: False on padding
+    aux: torch.Tensor | None = None  # [B, K] float: the examples' `aux` targets, if they have any
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device) for t in dataclasses.astuple(self)))
+        return Batch(*(None if t is None else t.to(device)
+                       for t in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
 def collate(
     examples: Sequence[Example], tokenizer: Tokenizer, image_size: int, max_len: int | None = None
 ) -> Batch:
     """Preprocesses images and encodes/pads texts (to the longest, at most max_len)."""
+    with_aux = [e.aux is not None for e in examples]
+    if any(with_aux) and not all(with_aux):
+        raise ValueError("either every example of a batch has `aux` targets or none has")
     images = preprocess([to_rgb_array(e.image) for e in examples], image_size)
     encoded = [encode_example(tokenizer, e.prefix, e.suffix) for e in examples]
     if max_len is not None:
@@ -175,7 +182,8 @@ def collate(
         n = len(tokens)
         batch[row, :n], mask_ar[row, :n] = torch.tensor(tokens), torch.tensor(ar)
         mask_loss[row, :n], input_mask[row, :n] = torch.tensor(loss), True
-    return Batch(images, batch, mask_ar, mask_loss, input_mask)
+    aux = torch.tensor([e.aux for e in examples], dtype=torch.float32) if all(with_aux) else None
+    return Batch(images, batch, mask_ar, mask_loss, input_mask, aux)
 
 
 def sample_order(n: int, seed: int) -> Iterator[int]:
@@ -264,13 +272,24 @@ def prepare_model(model: PaliGemmaModel, config: FinetuneConfig) -> list[str]:
 # Checkpoints
 
 
+def trainable_parameters(
+    model: PaliGemmaModel, aux: torch.nn.Module | None = None
+) -> dict[str, torch.nn.Parameter]:
+    """What the optimizer updates, by name: the model's trainable parameters, then those of
+    the auxiliary objective (if any) under `aux.`."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if aux is not None:
+        named.update({f"{AUX_PREFIX}{n}": p for n, p in aux.named_parameters()})
+    return named
+
+
 def save_training_state(
     directory: Path, model: PaliGemmaModel, optimizer: torch.optim.Optimizer, step: int,
-    config: FinetuneConfig,
+    config: FinetuneConfig, aux: torch.nn.Module | None = None,
 ) -> None:
     """`directory` (replaced atomically): trainable.safetensors, optimizer.safetensors (AdamW
     moments per parameter index), state.json (step, config, param groups, names)."""
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach() for n, p in trainable_parameters(model, aux).items()}
     opt = optimizer.state_dict()
     moments = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
     state = {
@@ -287,17 +306,22 @@ def save_training_state(
 
 
 def load_training_state(
-    directory: Path, model: PaliGemmaModel, optimizer: torch.optim.Optimizer
+    directory: Path, model: PaliGemmaModel, optimizer: torch.optim.Optimizer,
+    aux: torch.nn.Module | None = None,
 ) -> int:
     """Restores what `save_training_state` wrote into a prepared model; returns the step."""
     state = ckpt.read_json(directory / "state.json")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if names != state["trainable"]:
+    if list(trainable_parameters(model, aux)) != state["trainable"]:
         raise ValueError(
             f"{directory}: its trainable parameters differ from this run's "
-            "(resume with the same mode and base model)"
+            "(resume with the same mode, base model and auxiliary objective)"
         )
-    model.load_state_dict(load_file(directory / "trainable.safetensors"), strict=False)
+    saved = load_file(directory / "trainable.safetensors")
+    model.load_state_dict({k: v for k, v in saved.items() if not k.startswith(AUX_PREFIX)},
+                          strict=False)
+    if aux is not None:
+        aux.load_state_dict({k.removeprefix(AUX_PREFIX): v for k, v in saved.items()
+                             if k.startswith(AUX_PREFIX)})
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(directory / "optimizer.safetensors").items():
         index, name = key.split(".", 1)
@@ -337,6 +361,7 @@ def finetune(
     evaluate: Callable[[PaliGemmaModel], dict[str, float]] | None = None,
     resume: bool = False,
     progress: bool = True,
+    aux: torch.nn.Module | None = None,
 ) -> PaliGemmaModel:
     """Trains `model` in place on Examples and returns it, LoRA merged.
 
@@ -344,7 +369,12 @@ def finetune(
     (`model/`, with `tokenizer.model`) go; None keeps nothing on disk. eval_data: examples whose
     loss is reported every `eval_every` steps and at the end; evaluate: an extra callback
     (model -> {metric: value}) run at the same times, e.g. generation scores. resume: continue
-    from `out_dir/checkpoint` (same base model, data and config).
+    from `out_dir/checkpoint` (same base model, data and config). aux: an auxiliary objective,
+    a module called as `aux(model, batch)` right after the model's forward pass of a training
+    batch, returning a per-example loss [B] that is added to the suffix loss; it can read
+    activations that its forward hooks captured, and targets from `batch.aux` (the examples'
+    `aux`). Its parameters are trained and checkpointed with the model's, never exported, and
+    evaluation losses leave it out.
     """
     if tokenizer.vocab_size != model.config.text.vocab_size:
         raise ValueError(
@@ -353,7 +383,9 @@ def finetune(
     out = Path(out_dir) if out_dir is not None else None
     prepare_model(model, config)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if aux is not None:
+        aux.to(model.device).train()
+    params = list(trainable_parameters(model, aux).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     make_batch = functools.partial(
         collate, tokenizer=tokenizer, image_size=model.config.vision.image_size,
@@ -363,7 +395,7 @@ def finetune(
     if resume:
         if out is None or not (out / CHECKPOINT_DIR).is_dir():
             raise FileNotFoundError(f"{out}: no {CHECKPOINT_DIR}/ to resume from")
-        step = load_training_state(out / CHECKPOINT_DIR, model, optimizer)
+        step = load_training_state(out / CHECKPOINT_DIR, model, optimizer, aux)
     per_step = config.batch_size * config.grad_accum
     order = itertools.islice(sample_order(len(train_data), config.seed), step * per_step, None)
     batches = _chunks(order, config.batch_size)
@@ -384,7 +416,10 @@ def finetune(
         for _ in range(config.grad_accum):
             batch = next(data).to(model.device)
             with _autocast(model, config.bf16):
-                loss = example_losses(model, batch, tokenizer.loc_ids, config.loc_sigma).mean()
+                losses = example_losses(model, batch, tokenizer.loc_ids, config.loc_sigma)
+                if aux is not None:
+                    losses = losses + aux(model, batch)
+                loss = losses.mean()
             (loss / config.grad_accum).backward()
             loss_sum += float(loss.detach())
         if config.max_grad_norm is not None:
@@ -409,7 +444,7 @@ def finetune(
             with open(out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if config.save_every and step % config.save_every == 0 or last:
-                save_training_state(out / CHECKPOINT_DIR, model, optimizer, step, config)
+                save_training_state(out / CHECKPOINT_DIR, model, optimizer, step, config, aux)
     bar.close()
     merge_lora(model)
     model.eval()

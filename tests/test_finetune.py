@@ -179,6 +179,43 @@ class Crash(RuntimeError):
     pass
 
 
+class MeanTokenProbe(torch.nn.Module):
+    """A test auxiliary objective: squared error of a linear probe on the mean ViT token."""
+
+    def __init__(self, model):
+        super().__init__()
+        torch.manual_seed(0)  # the same head in every run
+        self.head = torch.nn.Linear(model.config.vision.width, 2)
+        self.hook = model.vision.register_forward_hook(lambda m, i, out: setattr(self, "out", out))
+
+    def forward(self, model, batch):
+        return ((self.head(self.out.mean(1)) - batch.aux) ** 2).mean(1)
+
+
+def with_aux(items):
+    return [Example(e.image, e.prefix, e.suffix, aux=[1.0, -1.0]) for e in items]
+
+
+def test_collate_stacks_aux_targets_and_refuses_a_mix(tok):
+    model = tiny_model(tok)
+    assert collate(examples(2), tok, 16).aux is None
+    assert torch.equal(collate(with_aux(examples(2)), tok, 16).aux, torch.tensor([[1.0, -1.0]] * 2))
+    with pytest.raises(ValueError, match="aux"):
+        collate([*with_aux(examples(1)), *examples(1)], tok, model.config.vision.image_size)
+
+
+def test_aux_objective_trains_its_head_and_reaches_the_encoder(tok):
+    config = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=1)
+    plain = finetune(tiny_model(tok), tok, with_aux(examples()), config, progress=False)
+    model = tiny_model(tok)
+    probe = MeanTokenProbe(model)
+    head_before = probe.head.weight.detach().clone()
+    finetune(model, tok, with_aux(examples()), config, progress=False, aux=probe)
+    assert not torch.equal(probe.head.weight, head_before)
+    assert not torch.allclose(model.vision.patch_embed.weight, plain.vision.patch_embed.weight)
+    assert "aux.head.weight" not in model.state_dict()
+
+
 class CrashAfter(list):
     """Examples whose item access fails once `limit` items were read: a run dying mid-way."""
 
@@ -205,6 +242,25 @@ def test_resume_continues_identically(tok, tmp_path):
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
+
+
+def test_resume_restores_the_aux_objective(tok, tmp_path):
+    config = FinetuneConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=1, save_every=2)
+    model = tiny_model(tok)
+    straight = MeanTokenProbe(model)
+    finetune(model, tok, with_aux(examples()), config, tmp_path / "a", progress=False, aux=straight)
+    with pytest.raises(Crash):
+        model = tiny_model(tok)
+        finetune(model, tok, CrashAfter(with_aux(examples()), 4), config, tmp_path / "b",
+                 progress=False, aux=MeanTokenProbe(model))
+    model = tiny_model(tok)
+    resumed = MeanTokenProbe(model)
+    finetune(model, tok, with_aux(examples()), config, tmp_path / "b", resume=True,
+             progress=False, aux=resumed)
+    assert torch.equal(straight.head.weight, resumed.head.weight)
+    with pytest.raises(ValueError, match="auxiliary"):  # a checkpoint with aux, resumed without
+        finetune(tiny_model(tok), tok, examples(), config, tmp_path / "b", resume=True,
+                 progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
