@@ -26,6 +26,18 @@ def _font(size: int) -> PIL.ImageFont.ImageFont:
     return PIL.ImageFont.load_default(size=size)
 
 
+def wrap_text(text: str, font: PIL.ImageFont.ImageFont, width: float) -> list[str]:
+    """Greedy word wrap to lines at most `width` pixels wide in `font` (a longer word gets a
+    line of its own)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def _label(draw: PIL.ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
            color: tuple[int, int, int], font: PIL.ImageFont.ImageFont) -> None:
     """Text in white on a filled box of `color`, with its bottom-left corner at xy."""

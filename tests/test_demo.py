@@ -5,9 +5,11 @@ import random
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFont
 import pytest
 
 from paligemma import cli
+from paligemma.annotate import wrap_text
 from paligemma.demo import scenes
 from paligemma.demo.command import DEMO_MODEL, NPZ
 
@@ -83,3 +85,12 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     with PIL.Image.open(tmp_path / "annotated.png") as image:
         assert image.width == 448 and image.height > 448
+
+
+def test_wrap_text_fits_the_width_and_keeps_every_word():
+    font = PIL.ImageFont.load_default(size=18)
+    text = "caption: a green triangle, a blue star and an orange circle"
+    lines = wrap_text(text, font, 200)
+    assert len(lines) > 1 and " ".join(lines) == text
+    assert all(font.getlength(line) <= 200 for line in lines)
+    assert wrap_text("short", font, 200) == ["short"]

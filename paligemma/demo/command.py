@@ -21,7 +21,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from ..annotate import draw_objects
+from ..annotate import draw_objects, wrap_text
 from ..api import PaliGemma
 from ..parity import run_case
 from ..tasks import Detection, parse_detections
@@ -152,6 +152,7 @@ def _annotate(image: PIL.Image.Image, detections: list[Detection], results: dict
     lines += [f"{q['prompt'].removeprefix('answer en ')}? {q['answer']}"
               for q in results["questions"]]
     font = PIL.ImageFont.load_default(size=18)
+    lines = [part for line in lines for part in wrap_text(line, font, boxed.width - 20)]
     panel = PIL.Image.new("RGB", (boxed.width, 12 + 26 * len(lines)), "white")
     draw = PIL.ImageDraw.Draw(panel)
     for i, line in enumerate(lines):

@@ -34,6 +34,10 @@ SHAPES = ("circle", "square", "triangle", "star")
 COLOR_JITTER = 20  # per channel, so that colors are ranges rather than exact values
 MAX_SHAPES = 3
 MIN_CENTER_GAP = 0.1
+# Side of a shape's square, as a fraction of the image: at least MIN_SIDE (34 px, two 16 px
+# patches, in the demo model's 112 px input: smaller shapes made its circles and squares hard to
+# tell apart), at most MAX_SIDE_ALONE alone in a scene and MAX_SIDE beside other shapes.
+MIN_SIDE, MAX_SIDE_ALONE, MAX_SIDE = 0.3, 0.5, 0.36
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def draw_scene(rng: random.Random, size: int = 224) -> Scene:
     shapes: list[Shape] = []
     boxes: list[tuple[float, float, float, float]] = []
     for kind in kinds:
-        square = _place(rng, boxes, max_side=0.5 if count == 1 else 0.36)
+        square = _place(rng, boxes, max_side=MAX_SIDE_ALONE if count == 1 else MAX_SIDE)
         if square is None:
             continue
         boxes.append(square)
@@ -117,7 +121,7 @@ def _place(rng: random.Random, boxes: list[tuple[float, ...]], max_side: float
     that the left-to-right order of a caption is never a near tie.
     """
     for _ in range(100):
-        side = rng.uniform(0.22, max_side)
+        side = rng.uniform(MIN_SIDE, max_side)
         y0, x0 = rng.uniform(0.02, 0.98 - side), rng.uniform(0.02, 0.98 - side)
         square = (y0, x0, y0 + side, x0 + side)
         if all(_apart(square, other) for other in boxes):
