@@ -265,7 +265,7 @@ def prepare_model(model: PaliGemmaModel, config: FinetuneConfig) -> list[str]:
         for block in [*model.vision.blocks, *model.decoder.layers]:
             # Recompute each block's activations in the backward pass instead of storing them.
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    return list(trainable_parameters(model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,11 +197,10 @@ def with_aux(items):
 
 
 def test_collate_stacks_aux_targets_and_refuses_a_mix(tok):
-    model = tiny_model(tok)
     assert collate(examples(2), tok, 16).aux is None
     assert torch.equal(collate(with_aux(examples(2)), tok, 16).aux, torch.tensor([[1.0, -1.0]] * 2))
     with pytest.raises(ValueError, match="aux"):
-        collate([*with_aux(examples(1)), *examples(1)], tok, model.config.vision.image_size)
+        collate([*with_aux(examples(1)), *examples(1)], tok, 16)
 
 
 def test_aux_objective_trains_its_head_and_reaches_the_encoder(tok):
