@@ -57,6 +57,36 @@ def test_boxes_and_colors_match_the_pixels(seed):
                 assert np.abs(outside - inside).max() > 30, (shape, x)
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_draw_scene_draws_the_count_asked_for_or_fewer_if_they_do_not_fit(count):
+    counts = [len(scenes.draw_scene(random.Random(seed), 64, count).shapes) for seed in range(10)]
+    assert max(counts) == count and min(counts) >= 1
+
+
+def test_draw_scene_refuses_a_count_out_of_range():
+    with pytest.raises(ValueError, match="count must be in"):
+        scenes.draw_scene(random.Random(0), 64, scenes.MAX_SHAPES + 1)
+
+
+def test_patch_labels_mark_the_patches_whose_center_is_in_a_box():
+    # 4 x 4 grid, patch centers at 0.125, 0.375, 0.625, 0.875 on each axis.
+    shapes = [scenes.Shape("star", "green", (0.1, 0.1, 0.4, 0.4)),  # rows 0-1, columns 0-1
+              scenes.Shape("circle", "purple", (0.7, 0.8, 0.95, 0.95))]  # row 3, column 3
+    kinds, colors = scenes.patch_labels(scenes.Scene(PIL.Image.new("RGB", (8, 8)), shapes), 4)
+    star, circle, none = (scenes.SHAPES.index("star"), scenes.SHAPES.index("circle"),
+                          len(scenes.SHAPES))
+    assert kinds == [star, star, none, none,
+                     star, star, none, none,
+                     none, none, none, none,
+                     none, none, none, circle]
+    green, purple, none = (list(scenes.COLORS).index("green"), list(scenes.COLORS).index("purple"),
+                           len(scenes.COLORS))
+    assert colors == [green, green, none, none,
+                      green, green, none, none,
+                      none, none, none, none,
+                      none, none, none, purple]
+
+
 def test_examples_cover_every_task():
     scene = scenes.draw_scene(random.Random(3), 224)
     prefixes = [p for p, _ in scenes.examples(scene)]
