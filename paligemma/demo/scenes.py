@@ -103,7 +103,7 @@ def patch_labels(scene: Scene, grid: int) -> tuple[list[int], list[int]]:
 def draw_scene(rng: random.Random, size: int = 224, count: int | None = None) -> Scene:
     """A random scene of `size` x `size` pixels: background, then `count` non-overlapping shapes
     (default: 1 to MAX_SHAPES, uniformly). A shape that finds no free spot is left out: about
-    one draw of 3 shapes in 5 ends with 2."""
+    one draw of 3 shapes in 5 ends with fewer."""
     if count is not None and not 1 <= count <= MAX_SHAPES:
         raise ValueError(f"count must be in [1, {MAX_SHAPES}], got {count}")
     image = _background(rng, size)
