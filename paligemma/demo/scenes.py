@@ -92,11 +92,11 @@ def patch_labels(scene: Scene, grid: int) -> tuple[list[int], list[int]]:
     kinds, colors = [len(SHAPES)] * grid**2, [len(COLORS)] * grid**2
     for shape in scene.shapes:
         y0, x0, y1, x1 = shape.box
+        kind, color = SHAPES.index(shape.kind), list(COLORS).index(shape.color)
         for row in range(grid):
             for col in range(grid):
                 if y0 <= (row + 0.5) / grid <= y1 and x0 <= (col + 0.5) / grid <= x1:
-                    kinds[row * grid + col] = SHAPES.index(shape.kind)
-                    colors[row * grid + col] = list(COLORS).index(shape.color)
+                    kinds[row * grid + col], colors[row * grid + col] = kind, color
     return kinds, colors
 
 
