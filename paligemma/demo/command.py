@@ -23,8 +23,8 @@ import PIL.ImageFont
 
 from ..annotate import draw_objects, wrap_text
 from ..api import PaliGemma
-from ..parity import run_case
 from ..eval.metrics import box_iou
+from ..parity import run_case
 from ..tasks import Detection, parse_detections
 from . import scenes
 

@@ -235,7 +235,8 @@ _VQA_CONTRACTIONS = {
 # Half-written forms the official table also maps ("couldnt've" -> "couldn't've", ...).
 _VQA_CONTRACTIONS.update({
     "couldnt've": "couldn't've", "couldn'tve": "couldn't've", "hadnt've": "hadn't've",
-    "hadn'tve": "hadn't've", "hed've": "he'd've", "he'dve": "he'd've", "itd've": "it'd've", "it'dve": "it'd've", "mightnt've": "mightn't've",
+    "hadn'tve": "hadn't've", "hed've": "he'd've", "he'dve": "he'd've", "itd've": "it'd've",
+    "it'dve": "it'd've", "mightnt've": "mightn't've",
     "mightn'tve": "mightn't've", "shed've": "she'd've", "she'dve": "she'd've",
     "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
     "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",

@@ -151,7 +151,9 @@ def aggregate(task: str, rows: Sequence[dict], examples: Sequence[EvalExample]
         for t in DET_IOUS:
             out[f"boxacc@{t}"] = float(np.mean([r["box_iou"] >= t for r in ok]))
         out["invalid"] = sum(not r["valid"] for r in ok)
-    return dict(sorted(out.items(), key=lambda kv: kv[0] != HEADLINE[task]))
+    # The headline first, the counts last.
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != HEADLINE[task],
+                                                    kv[0] in ("num", "errors"))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,3 +325,47 @@ def table(task: str, metrics: dict[str, float]) -> str:
             key = f"{key} (x100)" if key == "cider" else f"{key} (%)"
         lines.append(f"  {key:<24} {shown:>10}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# During fine-tuning
+
+
+def task_of_prompt(prefix: str) -> str | None:
+    """The eval task that scores a fine-tuning record, from its prompt's first word: caption /
+    describe -> caption, detect -> detect, segment -> None (fine-tuning has no mask VAE),
+    anything else (answer, ocr, question, ...) -> vqa (exact match and ANLS)."""
+    word = prefix.split(maxsplit=1)[0] if prefix.strip() else ""
+    return {"caption": "caption", "describe": "caption", "detect": "detect",
+            "segment": None}.get(word, "vqa")
+
+
+def finetune_evaluator(tokenizer: Any, records: Sequence[Any], batch_size: int = 8,
+                       max_new_tokens: int = 32) -> Any:
+    """A `finetune(evaluate=...)` callback: generates greedily for the (image, prefix, suffix)
+    records, groups them by `task_of_prompt`, and returns each group's metrics as
+    {"eval_<task>_<metric>": value} (caption: cider, bleu4, exact_match; vqa: accuracy, anls;
+    detect: accuracy@0.5, miou)."""
+    from ..api import PaliGemma
+    from .datasets import box_from_suffix
+
+    groups: dict[str, list[EvalExample]] = {}
+    for n, r in enumerate(records):
+        task = task_of_prompt(r.prefix)
+        box = box_from_suffix(r.suffix) if task == "detect" else None
+        if task is None or (task == "detect" and box is None):
+            continue
+        groups.setdefault(task, []).append(
+            EvalExample(str(n), r.image, r.prefix, answers=[r.suffix], box=box))
+    keep = {"caption": ("cider", "bleu4", "exact_match"), "vqa": ("accuracy", "anls"),
+            "detect": ("accuracy@0.5", "miou")}
+
+    def callback(model: Any) -> dict[str, float]:
+        pg = PaliGemma(model, tokenizer)
+        out = {}
+        for task, examples in groups.items():
+            metrics, _ = evaluate(pg, task, examples, batch_size, max_new_tokens=max_new_tokens)
+            out |= {f"eval_{task}_{k}": metrics[k] for k in keep[task] if k in metrics}
+        return out
+
+    return callback
