@@ -4,6 +4,7 @@ evaluators define them."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -103,9 +104,16 @@ def _main(args: argparse.Namespace) -> int:
     pg = PaliGemma.from_pretrained(
         args.model, tokenizer=args.tokenizer, vae=args.vae,
         dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
-    result = run(pg, args.task, examples, args.output, source, batch_size=args.batch_size,
-                 progress=not args.quiet, max_new_tokens=args.max_new_tokens,
-                 num_beams=args.beams, vqa_style=args.vqa_style)
+    # A malformed detection is scored (IoU 0) and kept in its row: no warning per example.
+    logger = logging.getLogger("paligemma")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        result = run(pg, args.task, examples, args.output, source, batch_size=args.batch_size,
+                     progress=not args.quiet, max_new_tokens=args.max_new_tokens,
+                     num_beams=args.beams, vqa_style=args.vqa_style)
+    finally:
+        logger.setLevel(level)
     print(table(args.task, result["metrics"]))
     print(f"wrote {args.output} ({len(result['examples'])} examples)")
     if result["metrics"]["errors"]:
