@@ -104,6 +104,23 @@ def test_vqav2_questions_and_annotations(tmp_path: Path):
         datasets.load("vqav2", tmp_path / "q.json")
 
 
+def test_vqav2_aggregate_by_answer_type():
+    # Three questions, ten answers each; accuracies by the leave-one-out rule: "yes" given by
+    # 10 -> 1; "2" by 1 -> 0.3; "red" by 2 -> 0.6. Overall (1 + 0.3 + 0.6) / 3; per type:
+    # yes/no 1, number 0.3, other 0.6.
+    examples = [EvalExample("1", "-", "q", ["yes"] * 10, info={"answer_type": "yes/no"}),
+                EvalExample("2", "-", "q", ["2"] + ["3"] * 9, info={"answer_type": "number"}),
+                EvalExample("3", "-", "q", ["red"] * 2 + ["blue"] * 8,
+                            info={"answer_type": "other"})]
+    rows = [{"id": e.id, **runner.score("vqav2", e, p, [], None)}
+            for e, p in zip(examples, ["yes", "2", "red"], strict=True)]
+    metrics = runner.aggregate("vqav2", rows, examples)
+    assert metrics["accuracy"] == pytest.approx(1.9 / 3)
+    assert metrics["accuracy/yes/no"] == 1.0
+    assert metrics["accuracy/number"] == pytest.approx(0.3)
+    assert metrics["accuracy/other"] == pytest.approx(0.6)
+
+
 def test_refcoco_records_with_polygons(tmp_path: Path):
     """A COCO polygon decodes as pycocotools' annToMask (what big_vision's RefCOCO builder
     calls); the box is COCO's [x, y, w, h] in pixels, normalized by the image size."""

@@ -6,7 +6,8 @@ Formats (picked by `load`, from the file's content):
   or "answers" (a list); detect / segment records may give "box" ([y_min, x_min, y_max, x_max]
   in [0, 1]) and segment records "mask" (a PNG, nonzero = inside) instead of a `<loc>` suffix.
 - RefCOCO-style JSONL: records with "image", "sentence" (the referring expression), "bbox"
-  ([x, y, width, height] in pixels, COCO's convention), and for segment "segmentation" (COCO
+  ([x, y, width, height] in pixels, COCO's convention; the image's "width" and "height" if
+  given, else read from the image header), and for segment "segmentation" (COCO
   polygons or RLE, decoded with pycocotools as big_vision's RefCOCO builder does) or "mask"; an
   optional "split" ("val", "testA", ...) that `--split` selects.
 - COCO captions JSON (`captions_val2014.json`: "images" + "annotations") or Karpathy's
@@ -180,8 +181,11 @@ def _jsonl_example(task: str, record: dict, images: Path, template: str, where: 
     image = images / record["image"]
     ident = str(record.get("id", n))
     if "bbox" in record:  # RefCOCO-style: COCO pixel box, referring expression
-        with PIL.Image.open(image) as im:  # header only: the size normalizes the box
-            width, height = im.size
+        if "width" in record and "height" in record:
+            width, height = int(record["width"]), int(record["height"])
+        else:
+            with PIL.Image.open(image) as im:  # header only: the size normalizes the box
+                width, height = im.size
         x, y, w, h = (float(v) for v in record["bbox"])
         box = (y / height, x / width, (y + h) / height, (x + w) / width)
         mask = None
