@@ -1,9 +1,11 @@
 """Runs a model over EvalExamples and scores them: one row per example, then the task's
 aggregate metrics, as big_vision's evaluators compute them.
 
-    rows = predict(pg, "vqav2", examples, batch_size=16)      # generation + per-example scores
-    metrics = aggregate("vqav2", rows, examples)              # {"accuracy": ..., ...}
-    run(pg, "vqav2", examples, "results.json")                # + progress, resume, JSON file
+    metrics, rows = evaluate(pg, "vqav2", examples, batch_size=16)   # in memory
+    run(pg, "vqav2", examples, "results.json", source)        # + progress, resume, JSON file
+
+`predict` yields each batch's rows (generation and per-example scores), `aggregate` turns rows
+into the task's metrics.
 
 Output file (`run`): {"format": "paligemma-eval", "task", "source": {...}, "metrics", "examples":
 [row, ...]}, written atomically at the end. While it runs, rows are appended to
