@@ -104,6 +104,23 @@ def test_vqav2_questions_and_annotations(tmp_path: Path):
         datasets.load("vqav2", tmp_path / "q.json")
 
 
+def test_docvqa_and_tallyqa_json(tmp_path: Path):
+    """DocVQA's own {"data": [...]} (prompt: the bare question) and TallyQA's JSON list (a
+    numeric "answer")."""
+    docvqa = {"dataset_name": "docvqa", "data": [
+        {"questionId": 49153, "question": "What is the value?", "image": "documents/p_81.png",
+         "answers": ["0.28", "0.28 per 1000"], "data_split": "val"}]}
+    (tmp_path / "val_v1.0.json").write_text(json.dumps(docvqa))
+    [doc] = datasets.load("docvqa", tmp_path / "val_v1.0.json")
+    assert (doc.id, doc.prefix, doc.image, doc.answers) == (
+        "49153", "What is the value?", tmp_path / "documents/p_81.png", ["0.28", "0.28 per 1000"])
+    tally = [{"image": "val2014/COCO_val2014_000000000001.jpg", "answer": 2, "question_id": 7,
+              "question": "How many dogs?", "issimple": True}]
+    (tmp_path / "test.json").write_text(json.dumps(tally))
+    [count] = datasets.load("count", tmp_path / "test.json")
+    assert (count.id, count.prefix, count.answers) == ("7", "answer en How many dogs?", ["2"])
+
+
 def test_vqav2_aggregate_by_answer_type():
     # Three questions, ten answers each; accuracies by the leave-one-out rule: "yes" given by
     # 10 -> 1; "2" by 1 -> 0.3; "red" by 2 -> 0.6. Overall (1 + 0.3 + 0.6) / 3; per type:

@@ -26,7 +26,8 @@ scores it as PaliGemma's official evaluators (big_vision) do:
   segment  big_vision's referring segmentation: mean IoU of the VAE masks in original-image
            pixels, box accuracy at IoU >= 0.5 / 0.75, invalid outputs (needs --vae)
 
-Data: the project's JSONL ({"image", "prefix", "suffix" or "answers"}), RefCOCO-style JSONL
+Data: the project's JSONL ({"image", "prefix", "suffix" or "answers"}) or such records as a
+JSON list / under "data" (DocVQA's val_v1.0.json, TallyQA's JSON), RefCOCO-style JSONL
 ({"image", "sentence", "bbox": [x, y, w, h] px, "segmentation" or "mask", "split"}), COCO
 captions JSON (or Karpathy's dataset_coco.json with --split test), VQAv2 questions JSON with
 --annotations. Writes every prediction with its scores and the aggregate to -o (JSON), prints

@@ -2,13 +2,16 @@
 
 Formats (picked by `load`, from the file's content):
 - the project's JSONL (the fine-tuning colab's records): one object per line with "image", and
-  "prefix" (default: the task's prompt) and "suffix" (the one answer / reference / `<loc>` box)
-  or "answers" (a list); detect / segment records may give "box" ([y_min, x_min, y_max, x_max]
-  in [0, 1]) and segment records "mask" (a PNG, nonzero = inside) instead of a `<loc>` suffix.
-- RefCOCO-style JSONL: records with "image", "sentence" (the referring expression), "bbox"
+  "prefix" (default: the task's prompt over the record's fields, e.g. "answer en {question}")
+  and "suffix" (the one answer / reference / `<loc>` box) or "answers" (a list) or "answer";
+  an id from "id", "question_id" or "questionId" (default: the line number). The same records
+  as a JSON list, or under "data" (DocVQA's own `val_v1.0.json`; TallyQA's JSON list).
+  Detect / segment records may give "box" ([y_min, x_min, y_max, x_max] in [0, 1]) and segment
+  records "mask" (a PNG, nonzero = inside) instead of a `<loc>` suffix.
+- RefCOCO-style JSONL, one record per referring expression: "image", "sentence", "bbox"
   ([x, y, width, height] in pixels, COCO's convention; the image's "width" and "height" if
-  given, else read from the image header), and for segment "segmentation" (COCO
-  polygons or RLE, decoded with pycocotools as big_vision's RefCOCO builder does) or "mask"; an
+  given, else read from the image header), and for segment "segmentation" (COCO polygons or
+  RLE, decoded with pycocotools as big_vision's RefCOCO builder does) or "mask"; an
   optional "split" ("val", "testA", ...) that `--split` selects.
 - COCO captions JSON (`captions_val2014.json`: "images" + "annotations") or Karpathy's
   `dataset_coco.json` ("images" with "sentences" and "split").
@@ -21,7 +24,7 @@ Images are paths, opened only when their batch runs (memory is bounded by the ba
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +79,14 @@ def load(task: str, path: str | Path, image_dir: str | Path | None = None,
     images = Path(image_dir) if image_dir is not None else path.parent
     template = prompt or DEFAULT_PROMPTS[task]
     if path.suffix == ".jsonl":
-        examples = _load_jsonl(task, path, images, split, template)
+        examples = _load_records(task, _jsonl_records(path), images, split, template)
     else:
         data = _read_json(path)
-        if isinstance(data, dict) and "questions" in data:
+        items = data.get("data") if isinstance(data, dict) else data
+        if isinstance(items, list):  # DocVQA's {"data": [...]}, TallyQA's [...]
+            records = ((f"{path}: record {n}", n, r) for n, r in enumerate(items, 1))
+            examples = _load_records(task, records, images, split, template)
+        elif isinstance(data, dict) and "questions" in data:
             if annotations is None:
                 raise ValueError(f"{path}: a VQAv2 questions file needs its annotations file "
                                  "(--annotations v2_mscoco_..._annotations.json)")
@@ -87,8 +94,9 @@ def load(task: str, path: str | Path, image_dir: str | Path | None = None,
         elif isinstance(data, dict) and "images" in data:
             examples = _load_coco_captions(path, data, images, split, template)
         else:
-            raise ValueError(f"{path}: not a COCO captions or VQAv2 questions JSON (no "
-                             "'images' or 'questions' key); JSONL files need the .jsonl suffix")
+            raise ValueError(f"{path}: not a COCO captions, VQAv2 questions or record-list JSON "
+                             "(no 'images', 'questions' or 'data' key, not a list); JSONL files "
+                             "need the .jsonl suffix")
     if not examples:
         raise ValueError(f"{path}: no examples" + (f" in split {split!r}" if split else ""))
     ids = [e.id for e in examples]
@@ -153,33 +161,38 @@ def _coco_mask(segmentation: Any, height: int, width: int, where: str) -> Callab
     return load
 
 
-def _load_jsonl(task: str, path: Path, images: Path, split: str | None, template: str
-                ) -> list[EvalExample]:
-    examples = []
+def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict]]:
+    """(where, line number, record) of each non-empty line."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise TypeError("a record must be a JSON object")
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{where}: not a JSON object ({e})") from None
-            if split is not None and record.get("split") != split:
-                continue
-            try:
-                examples.append(_jsonl_example(task, record, images, template, where, n))
-            except KeyError as e:
-                raise ValueError(f"{where}: missing key {e} (keys: {sorted(record)})") from None
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+            yield f"{path}:{n}", n, record
+
+
+def _load_records(task: str, records: Iterable[tuple[str, int, Any]], images: Path,
+                  split: str | None, template: str) -> list[EvalExample]:
+    examples = []
+    for where, n, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object")
+        if split is not None and record.get("split") != split:
+            continue
+        try:
+            examples.append(_record_example(task, record, images, template, where, n))
+        except KeyError as e:
+            raise ValueError(f"{where}: missing key {e} (keys: {sorted(record)})") from None
     return examples
 
 
-def _jsonl_example(task: str, record: dict, images: Path, template: str, where: str, n: int
+def _record_example(task: str, record: dict, images: Path, template: str, where: str, n: int
                    ) -> EvalExample:
     image = images / record["image"]
-    ident = str(record.get("id", n))
+    ident = str(next((record[k] for k in ("id", "question_id", "questionId") if k in record), n))
     if "bbox" in record:  # RefCOCO-style: COCO pixel box, referring expression
         if "width" in record and "height" in record:
             width, height = int(record["width"]), int(record["height"])
@@ -197,7 +210,12 @@ def _jsonl_example(task: str, record: dict, images: Path, template: str, where: 
         return EvalExample(ident, image, prefix, box=box, mask=mask,
                            info={"sentence": record.get("sentence", "")})
     prefix = record.get("prefix") or _fill(template, where, **record)
-    answers = record["answers"] if "answers" in record else [record["suffix"]]
+    if "answers" in record:
+        answers = record["answers"]
+    elif "answer" in record:  # TallyQA: one answer, a number
+        answers = [str(record["answer"])]
+    else:
+        answers = [record["suffix"]]
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{where}: 'answers' must be a list of strings")
     box = mask = None
