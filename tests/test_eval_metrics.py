@@ -30,6 +30,10 @@ TRICKY = [
     "yes!! what?!", "fish &amp; chips", "team #1 vs #tag", "I'd've done it", "Plan B.",
     "A black-and-white photo of a 1950's car, 3.5 m long.", "good-bye. A cat's- toy",
     "A clock at 10 o'clock.", "A man--in a hat", "Two people ... standing",
+    # A final single letter keeps its period unless the next line starts with a capital.
+    "a sign near the p.", "the p. sign", "A sign near the p.", "The x. Y", "plan b.",
+    "Mr. and Dr. Smith on St. Patrick's day, Jan. 5", "A cat in the sun.", "A No. 5 bus",
+    "the '90s and 'em", "the U.S.A. flag at 7 a.m.", "The dogs' bowls.", "Ain't it",
 ]
 
 
@@ -66,10 +70,11 @@ def java_tokenized(captions) -> tuple[list[list[str]], list[str], dict[int, list
 def test_ptb_tokenize_equals_the_java_tokenizer(captions, java_tokenized):
     refs, preds = captions
     java_refs, java_preds, java_tricky = java_tokenized
-    ours = [[M.ptb_tokenize(c) for c in r] for r in refs]
-    assert ours == java_refs
-    assert [M.ptb_tokenize(p) for p in preds] == java_preds
-    assert [M.ptb_tokenize(c) for c in TRICKY] == [java_tricky[i][0] for i in range(len(TRICKY))]
+    # Each set goes to the lexer as one file, a caption per line, in this order.
+    flat = M.ptb_tokenize_all([c for r in refs for c in r])
+    assert flat == [c for r in java_refs for c in r]
+    assert M.ptb_tokenize_all(preds) == java_preds
+    assert M.ptb_tokenize_all(TRICKY) == [java_tricky[i][0] for i in range(len(TRICKY))]
 
 
 def test_cider_d_and_bleu_equal_pycocoevalcap_on_the_same_tokens(captions):
@@ -78,8 +83,8 @@ def test_cider_d_and_bleu_equal_pycocoevalcap_on_the_same_tokens(captions):
     from pycocoevalcap.cider.cider import Cider
 
     refs, preds = captions
-    refs = [[M.ptb_tokenize(c) for c in r] for r in refs]
-    preds = [M.ptb_tokenize(p) for p in preds]
+    refs = [M.ptb_tokenize_all(r) for r in refs]
+    preds = M.ptb_tokenize_all(preds)
     gts = dict(enumerate(refs))
     res = {i: [p] for i, p in enumerate(preds)}
     ref_cider, ref_per_image = Cider().compute_score(gts, res)

@@ -36,15 +36,16 @@ _PTB_FORMS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb
 # Words the PTB lexer keeps with their final period (the common ones in captions).
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr st jr sr etc vs inc ltd co corp mt ft prof gen sgt capt lt col ave rd blvd "
-    "jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun".split())
+    "jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri".split())
 _CONTRACTION = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _SPECIAL_SPLITS = {"can't": ["ca", "n't"], "won't": ["wo", "n't"], "cannot": ["can", "not"],
                    "gonna": ["gon", "na"], "wanna": ["wan", "na"], "gotta": ["got", "ta"]}
+_ELISION = re.compile(r"'(?:em|\d0s)\W*$")  # "'em", "'90s": the apostrophe stays
 _TRAILING = (",", ";", ":", "%", '"', "'", "`", ")", "]", "}", "-")
 _LEADING = ('"', "'", "`", "(", "[", "{", "$")
 
 
-def ptb_tokenize(text: str) -> str:
+def ptb_tokenize(text: str, next_text: str = "") -> str:
     """Caption -> the words pycocoevalcap scores: Stanford PTBTokenizer 3.4.1 with
     `-preserveLines -lowerCase` (what `pycocoevalcap.tokenizer.PTBTokenizer` runs in Java),
     then the toolkit's removal of punctuation tokens.
@@ -54,25 +55,43 @@ def ptb_tokenize(text: str) -> str:
     numbers, "u.s." / "p.m." / common abbreviations kept whole; characters outside the Basic
     Multilingual Plane such as emoji dropped, as the lexer does), so that captioning metrics need
     no Java. tests/test_eval_metrics.py compares it with the Java tokenizer token for token.
+
+    next_text: the caption on the next line of the toolkit's input file (`ptb_tokenize_all`):
+    the lexer looks ahead across lines to decide whether a caption's final single-letter
+    abbreviation ("plan b.") ends a sentence.
     """
-    text = "".join(c for c in text.replace("\n", " ").lower() if ord(c) <= 0xFFFF)
+    text = "".join(c for c in text.replace("\n", " ") if ord(c) <= 0xFFFF)
     text = text.replace("&amp;", "&")
     # Separators that split wherever they are: brackets, quotes, ";", runs of "!" and "?",
     # "--", "...", commas that are not digit grouping, "#" before a number.
     text = re.sub(r'([()\[\]{}";]|[!?]+|--|\.\.\.)', r" \1 ", text)
     text = re.sub(r"(?<!\d),|,(?!\d)", " , ", text)
     text = re.sub(r"#(?=\d)", " # ", text)
+    chunks = text.lower().split()
+    # A final "b." before a capitalized next caption is a sentence end: its period splits.
+    sentence_end = next_text.lstrip()[:1].isupper()
     words: list[str] = []
-    for chunk in text.split():
-        words += _split_word(chunk)
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        words += _split_word(chunk, single_letter=not (sentence_end and last),
+                             before_number=not last and chunks[i + 1][:1].isdigit())
     return " ".join(w for w in (_PTB_FORMS.get(w, w) for w in words) if w not in _DROPPED)
 
 
-def _split_word(word: str) -> list[str]:
+def ptb_tokenize_all(texts: Sequence[str]) -> list[str]:
+    """`ptb_tokenize` of captions written one per line in this order, as pycocoevalcap writes
+    them for the lexer (each caption sees the next one)."""
+    return [ptb_tokenize(t, texts[i + 1] if i + 1 < len(texts) else "")
+            for i, t in enumerate(texts)]
+
+
+def _split_word(word: str, single_letter: bool = True, before_number: bool = False
+                ) -> list[str]:
     """One whitespace-free chunk -> tokens: leading and trailing punctuation peeled off, then a
-    final period and a contraction split."""
+    final period and a contraction split. single_letter: whether "b." keeps its period;
+    before_number: whether the next chunk is a number ("no. 5" keeps it)."""
     head: list[str] = []
-    while len(word) > 1 and word[0] in _LEADING:
+    while len(word) > 1 and word[0] in _LEADING and not _ELISION.match(word):
         head.append(word[0])
         word = word[1:]
     tail: list[str] = []
@@ -83,7 +102,8 @@ def _split_word(word: str) -> list[str]:
         elif word[-1] in _TRAILING:
             tail.insert(0, word[-1])
             word = word[:-1]
-        elif word[-1] == "." and not _keeps_period(word):
+        elif word[-1] == "." and not (_keeps_period(word, single_letter)
+                                      or before_number and word == "no."):
             tail.insert(0, ".")
             word = word[:-1]
         else:
@@ -96,12 +116,12 @@ def _split_word(word: str) -> list[str]:
     return head + [w for w in core if w] + tail
 
 
-def _keeps_period(word: str) -> bool:
-    """'u.s.', 'p.m.', 'etc.', 'mr.' keep their period; 'horse.' and '5.' do not. (A single
-    letter, 'plan b.', keeps it only before a lowercase word, in the next caption too: the lexer
-    looks ahead across lines. Captions start with a capital, so it is split here.)"""
+def _keeps_period(word: str, single_letter: bool) -> bool:
+    """'u.s.', 'p.m.', 'etc.', 'mr.' (and 'b.' if single_letter) keep their period; 'horse.'
+    and '5.' do not."""
     stem = word[:-1]
-    return stem in _ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.)+[a-z]", stem) is not None
+    letters = r"(?:[a-z]\.)*[a-z]" if single_letter else r"(?:[a-z]\.)+[a-z]"
+    return stem in _ABBREVIATIONS or re.fullmatch(letters, stem) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +224,13 @@ def caption_scores(references: Sequence[Sequence[str]], predictions: Sequence[st
     """Raw captions -> {"cider": CIDEr-D, "bleu4": BLEU-4} after `ptb_tokenize`, as big_vision's
     COCO caption evaluator (pycocoevalcap scale: the PaliGemma README's "CIDEr 141.92" is 1.4192
     here)."""
-    refs = [[ptb_tokenize(r) for r in rs] for rs in references]
-    cands = [ptb_tokenize(p) for p in predictions]
+    # Tokenized in the toolkit's order: all references image by image, then the predictions.
+    flat = ptb_tokenize_all([r for rs in references for r in rs])
+    refs, start = [], 0
+    for rs in references:
+        refs.append(flat[start : start + len(rs)])
+        start += len(rs)
+    cands = ptb_tokenize_all(predictions)
     return {"cider": cider_d(refs, cands)[0], "bleu4": bleu(refs, cands)[3]}
 
 
