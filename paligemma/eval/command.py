@@ -98,7 +98,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.limit is not None:
         examples = examples[: args.limit]
     source = {"data": str(Path(args.data).resolve()), "split": args.split,
-              "model": str(args.model), "prompt": args.prompt, "limit": args.limit,
+              "model": str(Path(args.model).resolve()) if Path(args.model).exists()
+              else args.model, "prompt": args.prompt, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "beams": args.beams,
               "vqa_style": args.vqa_style}
     check_output(args.output, {"format": FORMAT, "task": args.task, "source": source})
