@@ -100,8 +100,12 @@ def test_vqav2_questions_and_annotations(tmp_path: Path):
     assert str(example.image) == "/coco/COCO_val2014_000000000042.jpg"
     assert example.prefix == "answer en What is it?"
     assert example.answers == ["cat"] * 10 and example.info["answer_type"] == "other"
-    with pytest.raises(ValueError, match="needs its annotations file"):
-        datasets.load("vqav2", tmp_path / "q.json")
+    # No annotations (test-dev): predictions only, for the evaluation server.
+    [test_dev] = datasets.load("vqav2", tmp_path / "q.json")
+    assert test_dev.answers == []
+    row = {"id": "420", **runner.score("vqav2", test_dev, "cat", [], None)}
+    assert row == {"id": "420", "prediction": "cat"}
+    assert runner.aggregate("vqav2", [row], [test_dev]) == {"num": 1, "errors": 0}
 
 
 def test_docvqa_and_tallyqa_json(tmp_path: Path):

@@ -16,7 +16,8 @@ Formats (picked by `load`, from the file's content):
 - COCO captions JSON (`captions_val2014.json`: "images" + "annotations") or Karpathy's
   `dataset_coco.json` ("images" with "sentences" and "split").
 - VQAv2: the questions JSON (`v2_OpenEnded_mscoco_val2014_questions.json`) with the
-  annotations JSON beside it (`annotations=`), images named `COCO_<subtype>_<id:012d>.jpg`.
+  annotations JSON beside it (`annotations=`; without it, as for test-dev, predictions only),
+  images named `COCO_<subtype>_<id:012d>.jpg`.
 
 Images are paths, opened only when their batch runs (memory is bounded by the batch).
 """
@@ -87,10 +88,7 @@ def load(task: str, path: str | Path, image_dir: str | Path | None = None,
             records = ((f"{path}: record {n}", n, r) for n, r in enumerate(items, 1))
             examples = _load_records(task, records, images, split, template)
         elif isinstance(data, dict) and "questions" in data:
-            if annotations is None:
-                raise ValueError(f"{path}: a VQAv2 questions file needs its annotations file "
-                                 "(--annotations v2_mscoco_..._annotations.json)")
-            examples = _load_vqav2(path, data, Path(annotations), images, template)
+            examples = _load_vqav2(path, data, annotations, images, template)
         elif isinstance(data, dict) and "images" in data:
             examples = _load_coco_captions(path, data, images, split, template)
         else:
@@ -262,26 +260,30 @@ def _load_coco_captions(path: Path, data: dict, images: Path, split: str | None,
                         answers=refs[im["id"]]) for im in entries]
 
 
-def _load_vqav2(path: Path, questions: dict, annotations_path: Path, images: Path,
-                template: str) -> list[EvalExample]:
-    if not annotations_path.is_file():
-        raise FileNotFoundError(f"{annotations_path}: no such annotations file")
-    annotations = _read_json(annotations_path)
-    if not isinstance(annotations, dict) or "annotations" not in annotations:
-        raise ValueError(f"{annotations_path}: no 'annotations' key: not a VQAv2 annotations "
-                         "file")
-    by_id = {a["question_id"]: a for a in annotations["annotations"]}
-    subtype = questions.get("data_subtype", annotations.get("data_subtype", "val2014"))
+def _load_vqav2(path: Path, questions: dict, annotations_path: str | Path | None,
+                images: Path, template: str) -> list[EvalExample]:
+    """Without annotations (test-dev, test): examples without answers, predictions only."""
+    by_id: dict[Any, dict] = {}
+    if annotations_path is not None:
+        annotations_path = Path(annotations_path)
+        if not annotations_path.is_file():
+            raise FileNotFoundError(f"{annotations_path}: no such annotations file")
+        annotations = _read_json(annotations_path)
+        if not isinstance(annotations, dict) or "annotations" not in annotations:
+            raise ValueError(f"{annotations_path}: no 'annotations' key: not a VQAv2 "
+                             "annotations file")
+        by_id = {a["question_id"]: a for a in annotations["annotations"]}
+    subtype = questions.get("data_subtype", "val2014")
     out = []
     for q in questions["questions"]:
         ann = by_id.get(q["question_id"])
-        if ann is None:
+        if annotations_path is not None and ann is None:
             raise ValueError(f"{annotations_path}: no annotation for question_id "
                              f"{q['question_id']} of {path}")
         out.append(EvalExample(
             str(q["question_id"]), images / f"COCO_{subtype}_{q['image_id']:012d}.jpg",
             _fill(template, f"{path}: question {q['question_id']}", **q),
-            answers=[a["answer"] for a in ann["answers"]],
+            answers=[a["answer"] for a in ann["answers"]] if ann else [],
             info={"answer_type": ann.get("answer_type", "other"),
-                  "question_type": ann.get("question_type", "")}))
+                  "question_type": ann.get("question_type", "")} if ann else {}))
     return out

@@ -56,7 +56,7 @@ def score(task: str, example: EvalExample, text: str, tokens: Sequence[int], pg:
     row: dict[str, Any] = {"prediction": text}
     if task == "caption":
         row["exact"] = M.exact_match(text, example.answers)
-    elif task == "vqav2":
+    elif task == "vqav2" and example.answers:  # no answers (test-dev): prediction only
         row["accuracy"] = M.vqav2_accuracy(text, example.answers, vqa_style)
         row["answer_type"] = example.info.get("answer_type", "other")
     elif task in ("vqa", "docvqa"):
@@ -135,10 +135,11 @@ def aggregate(task: str, rows: Sequence[dict], examples: Sequence[EvalExample]
         out.update(M.caption_scores([by_id[r["id"]].answers for r in ok],
                                     [r["prediction"] for r in ok]))
         out["exact_match"] = mean("exact")
-    elif task == "vqav2":
-        out["accuracy"] = mean("accuracy")
-        for kind in sorted({r["answer_type"] for r in ok}):
-            out[f"accuracy/{kind}"] = mean("accuracy", [r for r in ok if r["answer_type"] == kind])
+    elif task == "vqav2" and (scored := [r for r in ok if "accuracy" in r]):
+        out["accuracy"] = mean("accuracy", scored)
+        for kind in sorted({r["answer_type"] for r in scored}):
+            out[f"accuracy/{kind}"] = mean("accuracy",
+                                           [r for r in scored if r["answer_type"] == kind])
     elif task in ("vqa", "docvqa"):
         first, second = ("anls", "accuracy") if task == "docvqa" else ("accuracy", "anls")
         out[first], out[second] = mean(first), mean(second)
