@@ -106,6 +106,9 @@ def test_vqav2_questions_and_annotations(tmp_path: Path):
     row = {"id": "420", **runner.score("vqav2", test_dev, "cat", [], None)}
     assert row == {"id": "420", "prediction": "cat"}
     assert runner.aggregate("vqav2", [row], [test_dev]) == {"num": 1, "errors": 0}
+    (tmp_path / "td.json").write_text(json.dumps(dict(questions, data_subtype="test-dev2015")))
+    [td] = datasets.load("vqav2", tmp_path / "td.json", image_dir="/coco")
+    assert str(td.image) == "/coco/COCO_test2015_000000000042.jpg"
 
 
 def test_docvqa_and_tallyqa_json(tmp_path: Path):

@@ -273,7 +273,8 @@ def _load_vqav2(path: Path, questions: dict, annotations_path: str | Path | None
             raise ValueError(f"{annotations_path}: no 'annotations' key: not a VQAv2 "
                              "annotations file")
         by_id = {a["question_id"]: a for a in annotations["annotations"]}
-    subtype = questions.get("data_subtype", "val2014")
+    # test-dev questions are about test2015 images (COCO_test2015_...).
+    subtype = questions.get("data_subtype", "val2014").replace("test-dev", "test")
     out = []
     for q in questions["questions"]:
         ann = by_id.get(q["question_id"])
