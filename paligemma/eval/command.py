@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -114,6 +115,10 @@ def _main(args: argparse.Namespace) -> int:
         result = run(pg, args.task, examples, args.output, source, batch_size=args.batch_size,
                      progress=not args.quiet, max_new_tokens=args.max_new_tokens,
                      num_beams=args.beams, vqa_style=args.vqa_style)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished batches are kept in {args.output}.partial.jsonl; "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
     finally:
         logger.setLevel(level)
     print(table(args.task, result["metrics"]))
