@@ -341,6 +341,23 @@ def test_cli_eval_on_demo_held_out_scenes(demo_model: Path, tmp_path: Path, caps
     assert result["metrics"]["accuracy@0.5"] == pytest.approx(np.mean(np.array(ious) >= 0.5))
 
 
+def test_cli_interrupt_then_resume(vqa_jsonl: Path, tmp_path: Path, monkeypatch, capsys):
+    """Ctrl-C in `paligemma eval`: exit 130 and a one-line hint; the same command continues."""
+    from paligemma.api import PaliGemma
+
+    fakes = iter([FakeModel(answers_for(10), stop_after=4), FakeModel(answers_for(10))])
+    used = []
+    monkeypatch.setattr(PaliGemma, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: used.append(next(fakes)) or used[-1]))
+    argv = ["eval", "vqa", "--model", "m", "--data", str(vqa_jsonl), "-o",
+            str(tmp_path / "r.json"), "--batch-size", "2", "--quiet"]
+    assert main(argv) == 130
+    assert "run the same command again to continue" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert used[0].seen + used[1].seen == [f"answer en q{i}" for i in range(10)]
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["num"] == 10
+
+
 def test_cli_eval_errors_are_one_line(tmp_path: Path, capsys):
     assert main(["eval", "vqa", "--model", str(tmp_path), "--data",
                  str(tmp_path / "nope.jsonl")]) == 2
