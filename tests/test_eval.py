@@ -105,7 +105,8 @@ def test_vqav2_questions_and_annotations(tmp_path: Path):
     assert test_dev.answers == []
     row = {"id": "420", **runner.score("vqav2", test_dev, "cat", [], None)}
     assert row == {"id": "420", "prediction": "cat"}
-    assert runner.aggregate("vqav2", [row], [test_dev]) == {"num": 1, "errors": 0}
+    assert runner.aggregate("vqav2", [row], [test_dev]) == {"num": 0, "errors": 0,
+                                                            "unscored": 1}
     (tmp_path / "td.json").write_text(json.dumps(dict(questions, data_subtype="test-dev2015")))
     [td] = datasets.load("vqav2", tmp_path / "td.json", image_dir="/coco")
     assert str(td.image) == "/coco/COCO_test2015_000000000042.jpg"
@@ -126,6 +127,13 @@ def test_docvqa_and_tallyqa_json(tmp_path: Path):
     (tmp_path / "test.json").write_text(json.dumps(tally))
     [count] = datasets.load("count", tmp_path / "test.json")
     assert (count.id, count.prefix, count.answers) == ("7", "answer en How many dogs?", ["2"])
+    # DocVQA's test split has no answers: predictions only, counted as unscored.
+    del docvqa["data"][0]["answers"]
+    (tmp_path / "test_v1.0.json").write_text(json.dumps(docvqa))
+    [unanswered] = datasets.load("docvqa", tmp_path / "test_v1.0.json")
+    row = {"id": unanswered.id, **runner.score("docvqa", unanswered, "0.28", [], None)}
+    assert runner.aggregate("docvqa", [row], [unanswered]) == {"num": 0, "errors": 0,
+                                                               "unscored": 1}
 
 
 def test_vqav2_aggregate_by_answer_type():
@@ -179,8 +187,12 @@ def test_bad_records_name_the_line(tmp_path: Path):
     path.write_text('{"image": "a.png", "prefix": "caption en", "suffix": "x"}\n{"image": 1\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
         datasets.load("caption", path)
-    path.write_text('{"image": "a.png", "prefix": "answer en why"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key 'suffix'"):
+    path.write_text('{"image": "a.png", "prefix": "detect cat"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no box: give 'box' or a suffix"):
+        datasets.load("detect", path)
+    path.write_text('{"image": "a.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: prompt 'answer en \{question\}' "
+                       "needs field 'question'"):
         datasets.load("vqa", path)
     record = '{"id": 1, "image": "a", "prefix": "p", "suffix": "x"}\n'
     path.write_text(record * 2)

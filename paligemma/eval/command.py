@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     p.add_argument("--vqa-style", choices=["big_vision", "vqa"], default="big_vision",
                    help="VQAv2 answer normalization: big_vision's evaluator (default) or the "
-                   "VQA team's vqaEval.py (the test-dev server)")
+                   "VQA team's vqaEval.py (as the evaluation server)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="SentencePiece model (default: tokenizer.model in --model)")
     p.add_argument("--vae", metavar="PATH", help="mask VAE: vae-oid.npz or its converted "

@@ -212,8 +212,10 @@ def _record_example(task: str, record: dict, images: Path, template: str, where:
         answers = record["answers"]
     elif "answer" in record:  # TallyQA: one answer, a number
         answers = [str(record["answer"])]
-    else:
+    elif "suffix" in record:
         answers = [record["suffix"]]
+    else:  # a test split without answers (DocVQA test): predictions only; or a "box" below
+        answers = []
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{where}: 'answers' must be a list of strings")
     box = mask = None
@@ -223,7 +225,7 @@ def _record_example(task: str, record: dict, images: Path, template: str, where:
             if len(box) != 4:
                 raise ValueError(f"{where}: 'box' must be [y_min, x_min, y_max, x_max]")
         else:
-            box = box_from_suffix(answers[0])
+            box = box_from_suffix(answers[0]) if answers else None
             if box is None:
                 raise ValueError(f"{where}: no box: give 'box' or a suffix starting with four "
                                  f"<locNNNN> tokens (values up to {LOC_GRID})")

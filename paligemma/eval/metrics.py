@@ -315,7 +315,7 @@ def vqav2_accuracy(prediction: str, answers: Sequence[str], style: str = "big_vi
     Normalization, `style`:
     - "big_vision" (PaliGemma's evaluator, `transfers/vqav2.py`): whitespace only when the
       humans all agree; otherwise `vqa_normalize` on the prediction and on every answer.
-    - "vqa" (the VQA team's `vqaEval.py`, as the test-dev server): `vqa_normalize` on the
+    - "vqa" (the VQA team's `vqaEval.py`, as the evaluation server): `vqa_normalize` on the
       prediction always; only `vqa_punctuation` on the answers, and only when they disagree.
     """
     if not answers:

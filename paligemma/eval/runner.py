@@ -33,6 +33,7 @@ from . import metrics as M
 from .datasets import EvalExample
 
 TASKS = ("caption", "vqav2", "vqa", "docvqa", "count", "detect", "segment")
+TEXT_TASKS = ("caption", "vqav2", "vqa", "docvqa", "count")  # scored against answers
 # The metric a task is known by (first in its table).
 HEADLINE = {"caption": "cider", "vqav2": "accuracy", "vqa": "accuracy", "docvqa": "anls",
             "count": "accuracy", "detect": "accuracy@0.5", "segment": "miou"}
@@ -52,11 +53,15 @@ def _check_task(task: str) -> None:
 
 def score(task: str, example: EvalExample, text: str, tokens: Sequence[int], pg: Any,
           vqa_style: str = "big_vision") -> dict[str, Any]:
-    """One generated answer -> the row's task fields (prediction and per-example scores)."""
+    """One generated answer -> the row's task fields (prediction and per-example scores). A
+    text task's example without answers (a test split scored by a server: VQAv2 test-dev,
+    DocVQA test) gets its prediction only."""
     row: dict[str, Any] = {"prediction": text}
+    if task in TEXT_TASKS and not example.answers:
+        return row
     if task == "caption":
         row["exact"] = M.exact_match(text, example.answers)
-    elif task == "vqav2" and example.answers:  # no answers (test-dev): prediction only
+    elif task == "vqav2":
         row["accuracy"] = M.vqav2_accuracy(text, example.answers, vqa_style)
         row["answer_type"] = example.info.get("answer_type", "other")
     elif task in ("vqa", "docvqa"):
@@ -120,12 +125,22 @@ def _segment_scores(example: EvalExample, tokens: Sequence[int], pg: Any) -> dic
 def aggregate(task: str, rows: Sequence[dict], examples: Sequence[EvalExample]
               ) -> dict[str, float]:
     """Rows (with "id") -> the task's metrics over the rows without an error. "num": examples
-    scored; "errors": rows that could not be (bad image, ...), left out of every mean."""
+    scored; "errors": rows that could not be (bad image, ...), left out of every mean;
+    "unscored" (text tasks): rows of examples without answers, predictions only."""
     _check_task(task)
     ok = [r for r in rows if "error" not in r]
     out: dict[str, float] = {"num": len(ok), "errors": len(rows) - len(ok)}
     if not ok:
         return out
+
+    if task in TEXT_TASKS:  # rows without answers (test splits) have predictions only
+        scored = [r for r in ok if set(r) - {"id", "prefix", "prediction"}]
+        if len(scored) < len(ok):
+            out["unscored"] = len(ok) - len(scored)
+        ok = scored
+        out["num"] = len(ok)
+        if not ok:
+            return out
 
     def mean(key: str, subset: Sequence[dict] = ok) -> float:
         return float(np.mean([float(r[key]) for r in subset]))
@@ -135,11 +150,10 @@ def aggregate(task: str, rows: Sequence[dict], examples: Sequence[EvalExample]
         out.update(M.caption_scores([by_id[r["id"]].answers for r in ok],
                                     [r["prediction"] for r in ok]))
         out["exact_match"] = mean("exact")
-    elif task == "vqav2" and (scored := [r for r in ok if "accuracy" in r]):
-        out["accuracy"] = mean("accuracy", scored)
-        for kind in sorted({r["answer_type"] for r in scored}):
-            out[f"accuracy/{kind}"] = mean("accuracy",
-                                           [r for r in scored if r["answer_type"] == kind])
+    elif task == "vqav2":
+        out["accuracy"] = mean("accuracy")
+        for kind in sorted({r["answer_type"] for r in ok}):
+            out[f"accuracy/{kind}"] = mean("accuracy", [r for r in ok if r["answer_type"] == kind])
     elif task in ("vqa", "docvqa"):
         first, second = ("anls", "accuracy") if task == "docvqa" else ("accuracy", "anls")
         out[first], out[second] = mean(first), mean(second)
@@ -156,7 +170,7 @@ def aggregate(task: str, rows: Sequence[dict], examples: Sequence[EvalExample]
         out["invalid"] = sum(not r["valid"] for r in ok)
     # The headline first, the counts last.
     return dict(sorted(out.items(), key=lambda kv: (kv[0] != HEADLINE[task],
-                                                    kv[0] in ("num", "errors"))))
+                                                    kv[0] in ("num", "errors", "unscored"))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +333,7 @@ def table(task: str, metrics: dict[str, float]) -> str:
     papers quote it), IoU means as fractions."""
     lines = [f"{task}"]
     for key, value in metrics.items():
-        if key in ("num", "errors", "invalid"):
+        if key in ("num", "errors", "invalid", "unscored"):
             shown = str(int(value))
         elif key.startswith("miou") or key == "iou":
             shown = f"{value:.4f}"
