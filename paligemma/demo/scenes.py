@@ -19,6 +19,8 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..api import PaliGemma
+from ..eval.datasets import EvalExample, box_from_suffix
+from ..eval.runner import evaluate
 from ..tasks import LOC_GRID
 
 COLORS = {
@@ -224,9 +226,6 @@ def score(pg: PaliGemma, scenes: Sequence[Scene], batch_size: int = 32) -> dict[
     caption: exact match of `caption en`; vqa: accuracy (exact match) over every color and
     count question; detection: mean IoU of the first box `detect <kind>` returns (0 if none),
     over all shapes."""
-    from ..eval.datasets import EvalExample, box_from_suffix
-    from ..eval.runner import evaluate
-
     scores = {}
     for task, records in eval_records(scenes).items():
         examples = [EvalExample(str(n), scenes[i].image, prefix, answers=[suffix],
