@@ -34,7 +34,7 @@ from paligemma.generate import generate  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
 from paligemma.parity import case_config  # noqa: E402
 from paligemma.quantize import quantize_  # noqa: E402
-from paligemma.weights import load_official  # noqa: E402
+from paligemma.formats import load_official  # noqa: E402
 
 CASES = ROOT / "parity_tests" / "data"
 DEMO_SCENE_SIZE = 224
@@ -105,7 +105,7 @@ def demo_model(directory: Path, n_scenes: int, seed: int = 0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", type=Path, default=ROOT / "examples" / "demo_model")
+    p.add_argument("--demo", type=Path, default=ROOT / "paligemma" / "demo" / "model")
     p.add_argument("--scenes", type=int, default=40)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)

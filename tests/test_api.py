@@ -24,7 +24,7 @@ from paligemma.image import preprocess, to_rgb_array
 from paligemma.model import PaliGemmaModel
 from paligemma.parity import case_config
 from paligemma.tokenizer import Tokenizer
-from paligemma.weights import load_official
+from paligemma.formats import load_official
 
 DATA = Path(__file__).parents[1] / "parity_tests" / "data"
 SEG_CODES = [0, 68, 84, 96, 33, 73, 18, 28, 47, 32, 6, 41, 9, 119, 42, 127]  # seg_vae codes[0]

@@ -13,13 +13,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import paligemma.weights
-from convert import sources, vae
+import paligemma.formats.mapping
+import paligemma.formats.open
+from paligemma.formats import vae
 from convert.cli import main, parse_size
-from paligemma.checkpoint import load_pretrained, load_state_dict, save_pretrained
+from paligemma.formats import load_pretrained, save_pretrained
+from paligemma.formats.ours import load_state_dict
 from paligemma.config import PaliGemmaConfig
-from paligemma.npz import OfficialNpz
-from paligemma.weights import load_official
+from paligemma.formats.npz import OfficialNpz
+from paligemma.formats import load_official
 
 ROOT = Path(__file__).parents[1]
 GOLD = ROOT / "parity_tests" / "data"
@@ -215,8 +217,8 @@ def test_stacked_arrays_are_read_one_layer_at_a_time(tmp_path, monkeypatch):
 def test_variant_is_detected_from_the_shapes(tmp_path, monkeypatch):
     # Registry of tiny variants, so that detection runs on the gold files.
     tiny = {c: PaliGemmaConfig.load(CONFIGS / f"{c}.json") for c in ("pg1_tiny", "pg2_tiny")}
-    monkeypatch.setattr(paligemma.weights, "VARIANTS", tiny)
-    monkeypatch.setattr(sources, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.mapping, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.open, "VARIANTS", tiny)
     assert run(GOLD / "pg2_tiny" / "params.npz", "-o", tmp_path / "a") == 0
     assert json.loads((tmp_path / "a" / "config.json").read_text())["name"] == "pg2_tiny"
     assert run(GOLD / "pg1_tiny" / "params.npz", "--variant", "pg1_tiny", "-o", tmp_path / "b") == 0

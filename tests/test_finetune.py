@@ -28,7 +28,7 @@ from paligemma.finetune import (
 from paligemma.lora import add_lora, merge_lora
 from paligemma.model import PaliGemmaModel
 from paligemma.tokenizer import Tokenizer
-from paligemma.weights import load_official
+from paligemma.formats import load_official
 
 SUFFIXES = ["a cat sitting on a sofa", "two dogs in the park", "a red car", "a person"]
 

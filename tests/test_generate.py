@@ -16,7 +16,7 @@ from paligemma.generate import (
     stream,
 )
 from paligemma.parity import case_config
-from paligemma.weights import load_official
+from paligemma.formats import load_official
 
 CASE = Path(__file__).parents[1] / "parity_tests" / "data" / "pg1_tiny"
 

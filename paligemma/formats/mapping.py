@@ -1,8 +1,9 @@
 """The official big_vision parameter layout <-> our module parameters.
 
 `weight_rules(config)` is the single mapping table: each row names one official array, the
-module parameter(s) it becomes, and the reshape that turns one into the other. The loader here,
-the converter and the reverse converter all read this table; nothing else renames weights.
+module parameter(s) it becomes, and the reshape that turns one into the other. Every loader and
+writer of the official layout (`formats.open`, `formats.writers`) reads this table; nothing else
+renames official weights.
 
 Official layouts (gotcha 2 of the reference notes):
 - Layers are scan-stacked: `img/Transformer/encoderblock/...` and `llm/layers/...` carry a
@@ -14,15 +15,16 @@ Official layouts (gotcha 2 of the reference notes):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import VARIANTS, PaliGemmaConfig
-from .model import PaliGemmaModel
-from .npz import TORCH_DTYPE_NAMES, CheckpointError, OfficialNpz
+from ..config import VARIANTS, PaliGemmaConfig
+from ..model import PaliGemmaModel
+from .dtypes import TORCH_DTYPE_NAMES
+from .errors import CheckpointError
+from .npz import OfficialNpz
 
 
 @dataclass(frozen=True)
@@ -260,27 +262,3 @@ def resolve_config(ckpt: OfficialNpz, config: PaliGemmaConfig | str | None) -> P
         config = config.replace(param_dtype=TORCH_DTYPE_NAMES[embedding.dtype])
     return config
 
-
-def load_official(
-    paths: str | Path | Iterable[str | Path],
-    config: PaliGemmaConfig | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> PaliGemmaModel:
-    """Builds the model from an official big_vision `.npz` (one file or its parts).
-
-    The model is created on the meta device and filled one official array at a time, so peak
-    memory is the model in `dtype` plus one array. `dtype=float32` (default) reproduces the
-    official numerics for f32, f16 and bf16 checkpoints alike (big_vision computes in f32).
-    """
-    ckpt = OfficialNpz(paths)
-    config = resolve_config(ckpt, config)
-    check_layout(ckpt, config)
-    with torch.device("meta"):
-        model = PaliGemmaModel(config)
-    state = {}
-    for rule in weight_rules(config):
-        for name, tensor in to_ours(rule, ckpt.read(rule.official)).items():
-            state[name] = tensor.to(device=device, dtype=dtype).contiguous()
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()

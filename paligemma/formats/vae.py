@@ -10,7 +10,8 @@ as they are, unchecked.
 
 from __future__ import annotations
 
-from paligemma.npz import CheckpointError, OfficialNpz
+from .errors import CheckpointError
+from .npz import OfficialNpz
 
 VARIANT = "vae-oid"
 ENCODER_PREFIX = "encoder."
@@ -56,6 +57,8 @@ def is_vae(keys: list[str]) -> bool:
 def check_layout(ckpt: OfficialNpz) -> None:
     """Raises CheckpointError naming the first missing / unexpected key or wrong shape."""
     shapes, where = ckpt.shapes(), ", ".join(map(str, ckpt.paths))
+    if not is_vae(list(shapes)):
+        raise CheckpointError(f"{where}: no '_vq_vae._embedding' key, not the segmentation VAE")
     missing = sorted(set(SHAPES) - set(shapes))
     if missing:
         raise CheckpointError(f"{where}: missing key(s) {missing[:5]} for {VARIANT}")
