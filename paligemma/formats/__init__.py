@@ -9,12 +9,14 @@
     hf_import   Hugging Face transformers -> our names and config
     hf_serve    tokenizer / processor / generation files of an export
     vae         the segmentation mask VAE (`vae-oid.npz`)
-    open        open_checkpoint -> Source (checked) -> load_model / the writers
+    open        open_checkpoint -> Source: the format recognised, every name and shape checked
+    load        a Source -> PaliGemmaModel (load_model, load_pretrained, load_official)
     writers     a Source -> our directory, a Hugging Face directory, an official `.npz`
 """
 
 from .errors import CheckpointError
-from .open import Source, load_model, load_official, load_pretrained, open_checkpoint
+from .load import load_model, load_official, load_pretrained
+from .open import Source, open_checkpoint
 from .ours import save_pretrained
 from .writers import write_hf, write_npz, write_ours
 

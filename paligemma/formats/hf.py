@@ -19,8 +19,9 @@ What the config must say to reproduce big_vision (and ours), see `hf_config`:
   Google's repositories): serving stacks look `<image>` up in the embedding before replacing it.
   transformers replaces it before the embedding lookup, and image features are not scaled by
   sqrt(width) in transformers >= 4.47 either.
-- `big_vision_param_dtype`: our `param_dtype` (the stored dtype of the official weights), so that
-  reading the export back (`formats.hf_import`) gives the same config whatever dtype it holds.
+- `big_vision`: {"variant": our config's name, "param_dtype": the stored dtype of the official
+  weights}, so that reading the export back (`formats.hf_import`) gives the same config whatever
+  dtype it holds; transformers keeps unknown keys and ignores them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..config import PaliGemmaConfig
 from .dtypes import TORCH_DTYPE_NAMES
 from .errors import CheckpointError
 
-PARAM_DTYPE_KEY = "big_vision_param_dtype"
+BIG_VISION_KEY = "big_vision"
 VOCAB_MULTIPLE = 64  # Google pads 257152 tokens + <image> to 257216 = 64 * 4019 rows
 _VISION = "vision_tower.vision_model."
 _LLM = "language_model.model."
@@ -164,7 +165,7 @@ def hf_config(
         "torch_dtype": TORCH_DTYPE_NAMES[dtype],
         "vocab_size": padded_vocab(t.vocab_size),
         "image_token_index": t.vocab_size,
-        PARAM_DTYPE_KEY: t.param_dtype,
+        BIG_VISION_KEY: {"variant": config.name, "param_dtype": t.param_dtype},
         "hidden_size": t.width,
         "projection_dim": t.width,
         **special_ids,

@@ -29,7 +29,7 @@ from ..config import VARIANTS, PaliGemmaConfig, TextConfig, VisionConfig
 from ..model import PaliGemmaModel
 from .dtypes import TORCH_DTYPE_NAMES
 from .errors import CheckpointError
-from .hf import PARAM_DTYPE_KEY, hf_names, hf_shape
+from .hf import BIG_VISION_KEY, hf_names, hf_shape
 
 _VISION, _LLM = "vision_tower.vision_model.", "language_model.model."
 LM_HEAD = "lm_head.weight"  # tied to the embedding in every PaliGemma; not a weight of ours
@@ -117,6 +117,7 @@ def config_from_hf(
     else:
         query, caps = "rsqrt_head_dim", (None, None)
     rows, dtype = embedding
+    ours_export = raw.get(BIG_VISION_KEY) or {}  # written by our export (formats.hf)
     if t.get("vocab_size", rows[0]) != rows[0]:
         raise CheckpointError(
             f"{where}: text_config.vocab_size {t['vocab_size']} but the embedding has {rows[0]} rows"
@@ -148,12 +149,13 @@ def config_from_hf(
                 post_norms=kind == "gemma2",
                 query_pre_attn_norm=query,
                 rope_max_wavelength=float(rope_theta),
-                param_dtype=raw.get(PARAM_DTYPE_KEY, TORCH_DTYPE_NAMES[dtype]),
+                param_dtype=ours_export.get("param_dtype", TORCH_DTYPE_NAMES[dtype]),
             ),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: unusable PaliGemma config: {type(e).__name__} {e}") from e
-    name = next((n for n, c in VARIANTS.items() if (c.vision, c.text) == (
+    name = ours_export.get("variant") or next((n for n, c in VARIANTS.items() if (
+        c.vision, c.text) == (
         config.vision, dataclasses.replace(config.text, param_dtype=c.text.param_dtype))), None)
     return PaliGemmaConfig(config.vision, config.text, name)
 
