@@ -1,6 +1,7 @@
 """The Hugging Face export, checked against transformers itself (an optional dependency)."""
 
 import json
+import random
 import os
 import shutil
 import subprocess
@@ -321,3 +322,48 @@ def test_unsupported_hf_settings_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="text_config.hidden_activation 'relu'"):
         load_pretrained(directory)
     assert main([str(directory), "-o", str(tmp_path / "out"), "-q"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# An export that serves: what AutoProcessor and serving stacks read.
+
+DEMO = Path(__file__).parents[1] / "paligemma" / "demo" / "model"
+
+
+def test_export_serves_the_demo_model_through_the_processor(tmp_path):
+    from paligemma.demo import scenes
+
+    npz, config = DEMO / "paligemma-demo.npz", DEMO / "config.json"
+    # The tokenizer next to the .npz is found and exported with the weights.
+    assert main([str(npz), "--config", str(config), "--to", "hf", "-o", str(tmp_path / "hf"),
+                 "-q"]) == 0
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["image_token_index"] == VOCAB < exported["text_config"]["vocab_size"] == ROWS
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.image_token_id == VOCAB and processor.tokenizer.bos_token == "<s>"
+    hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32).eval()
+    assert main([str(npz), "--config", str(config), "-o", str(tmp_path / "ours"), "-q"]) == 0
+    pg = PaliGemma.from_pretrained(tmp_path / "ours", tokenizer=DEMO / "tokenizer.model")
+    n = pg.model.config.num_image_tokens
+    for seed in (1, 2):  # drawn at the model's 112 px: no resize, so the pixels agree exactly
+        scene = scenes.draw_scene(random.Random(seed), pg.model.config.vision.image_size)
+        kind = scene.shapes[0].kind
+        for prompt in ["caption en", f"answer en what color is the {kind}", f"detect {kind}"]:
+            inputs = processor(images=scene.image, text="<image>" + prompt, return_tensors="pt")
+            assert inputs.input_ids[0, n:].tolist() == pg.tokenizer.batch([prompt])[0][0].tolist()
+            with torch.no_grad():
+                out = hf.generate(**inputs, max_new_tokens=16, do_sample=False)
+            theirs = out[0, inputs.input_ids.shape[1]:].tolist()
+            eos = pg.tokenizer.eos_id
+            theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
+            assert theirs == pg.generate(scene.image, prompt, max_new_tokens=16).tokens, prompt
+
+
+def test_export_without_a_tokenizer_says_so(tmp_path, capsys):
+    src = GOLD / "pg2_tiny" / "params.npz"
+    assert main([str(src), "--config", str(CONFIGS / "pg2_tiny.json"), "--to", "hf", "-o",
+                 str(tmp_path / "hf")]) == 0
+    assert "has no tokenizer files" in capsys.readouterr().err
+    assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()

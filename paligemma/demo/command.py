@@ -48,7 +48,7 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name}: the demo model file is missing")
 
-    _step(1, f"converting the official-format checkpoint {model_dir / NPZ}")
+    _step(1, f"converting the official-format checkpoint {_shown(model_dir / NPZ)}")
     converted = out / "model"
     write_ours(open_checkpoint(model_dir / NPZ, config_file=model_dir / CONFIG), converted,
                force=True, quiet=True)
@@ -125,6 +125,14 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
     print(f"done in {report['seconds']} s; wrote {out}/ (scene.png, annotated.png, report.json, "
           "model/)")
     return report
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the current folder when it is under it (the README's output)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def _rounded(box: tuple[float, ...] | None) -> list[float] | None:

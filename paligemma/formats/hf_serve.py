@@ -10,9 +10,9 @@
     generation_config.json     bos / eos / pad ids
 
 The processor resizes with `resample` 2 (bilinear; PIL and torchvision antialias it when
-downscaling), which is what big_vision and we do. Google's repositories say 3 (bicubic): on the
-same 448 -> 224 px photo the two differ by up to ~0.1 in [-1, 1] pixel values; see
-docs/convert.md for what that does to outputs.
+downscaling), which is what big_vision and we do. Google's repositories say 3 (bicubic), which
+differs from ours by up to 0.21 in [-1, 1] pixel values on the demo's 448 -> 112 px scenes
+(bilinear: 0.007); docs/convert.md has what that does to outputs.
 """
 
 from __future__ import annotations
