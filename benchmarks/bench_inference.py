@@ -46,9 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_pretrained  # noqa: E402
 from paligemma.formats import ours as checkpoint  # noqa: E402
-from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
 from paligemma.quantize import MODES, quantized_types  # noqa: E402
 

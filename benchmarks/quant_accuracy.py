@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paligemma.config import PaliGemmaConfig  # noqa: E402
+from paligemma.formats import load_official  # noqa: E402
 from paligemma.generate import generate  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
 from paligemma.parity import case_config  # noqa: E402
 from paligemma.quantize import quantize_  # noqa: E402
-from paligemma.formats import load_official  # noqa: E402
 
 CASES = ROOT / "parity_tests" / "data"
 DEMO_SCENE_SIZE = 224

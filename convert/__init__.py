@@ -32,3 +32,5 @@ renamed into place at the end, so a failure leaves nothing behind.
 """
 
 from paligemma import __version__
+
+__all__ = ["__version__"]

@@ -41,8 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .formats import ours as ckpt
 from .formats import open_checkpoint, write_npz
+from .formats import ours as ckpt
 from .image import ImageLike, preprocess, to_rgb_array
 from .lora import add_lora, merge_lora
 from .model import PaliGemmaModel

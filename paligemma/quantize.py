@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+
 import torch
 from torch import nn
 

@@ -15,13 +15,11 @@ from safetensors import safe_open
 
 import paligemma.formats.mapping
 import paligemma.formats.open
-from paligemma.formats import vae
 from convert.cli import main, parse_size
-from paligemma.formats import load_pretrained, save_pretrained
-from paligemma.formats.ours import load_state_dict
 from paligemma.config import PaliGemmaConfig
+from paligemma.formats import load_official, load_pretrained, save_pretrained, vae
 from paligemma.formats.npz import OfficialNpz
-from paligemma.formats import load_official
+from paligemma.formats.ours import load_state_dict
 
 ROOT = Path(__file__).parents[1]
 GOLD = ROOT / "parity_tests" / "data"

@@ -1,8 +1,8 @@
 """The Hugging Face export, checked against transformers itself (an optional dependency)."""
 
 import json
-import random
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -166,8 +166,9 @@ def _legacy_name(name: str) -> str:
 DEMO_TOKENIZER = Path(__file__).parents[1] / "paligemma" / "demo" / "model" / "tokenizer.model"
 VOCAB, ROWS = 1280, 1344  # the demo tokenizer's pieces; rows padded past <image> = 1280
 # Measured max |transformers - ours| on the logits of these random models (|logits| up to 6):
-# 2.2e-6 (PG1), 1.8e-6 (PG2) in float32, every naming scheme; bf16 weights 1.9e-6 / 3.0e-6 once
-# transformers uses big_vision's rounded sqrt(width) (5.4e-4 / 6.6e-4 without). Margin for other CPUs.
+# 2.2e-6 (PG1), 1.8e-6 (PG2) in float32, every naming scheme; bf16 weights 1.9e-6 / 3.0e-6
+# once transformers uses big_vision's rounded sqrt(width) (5.4e-4 / 6.6e-4 without). The
+# tolerance leaves margin for other CPUs and BLAS libraries.
 IMPORT_TOL = 1e-4
 
 

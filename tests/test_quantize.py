@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_api import cat_image, tiny_checkpoint
 
-from paligemma.formats import load_pretrained
 from paligemma.cli import main
+from paligemma.formats import load_pretrained
 from paligemma.layers import Linear
 from paligemma.quantize import quantize_
 

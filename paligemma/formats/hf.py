@@ -203,7 +203,8 @@ def hf_readme(config: PaliGemmaConfig, dtype: torch.dtype, has_tokenizer: bool) 
     return f"""# PaliGemma, exported for Hugging Face transformers
 
 Converted by paligemma-convert {__version__} ({config.name or "custom config"}), weights in
-{TORCH_DTYPE_NAMES[dtype]}. Load it with `PaliGemmaForConditionalGeneration.from_pretrained(this_dir)`.
+{TORCH_DTYPE_NAMES[dtype]}. Load it with
+`PaliGemmaForConditionalGeneration.from_pretrained(this_dir)`.
 {tokenizer}
 
 Settings in config.json that make transformers compute what big_vision computes:

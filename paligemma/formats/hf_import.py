@@ -88,7 +88,8 @@ def config_from_hf(
     rope = t.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", t.get("rope_theta"))
     if rope.get("rope_type", "default") != "default" or t.get("rope_scaling"):
-        raise CheckpointError(f"{where}: RoPE scaling {rope or t.get('rope_scaling')} is not supported")
+        scaling = rope or t.get("rope_scaling")
+        raise CheckpointError(f"{where}: RoPE scaling {scaling} is not supported")
     for key, value in (
         ("text_config.hidden_activation", t.get("hidden_activation") or t.get("hidden_act")),
         ("vision_config.hidden_act", v.get("hidden_act")),
@@ -120,7 +121,8 @@ def config_from_hf(
     ours_export = raw.get(BIG_VISION_KEY) or {}  # written by our export (formats.hf)
     if t.get("vocab_size", rows[0]) != rows[0]:
         raise CheckpointError(
-            f"{where}: text_config.vocab_size {t['vocab_size']} but the embedding has {rows[0]} rows"
+            f"{where}: text_config.vocab_size {t['vocab_size']}, but the embedding has "
+            f"{rows[0]} rows"
         )
     image_token = raw.get("image_token_index", raw.get("image_token_id", IMAGE_TOKEN_INDEX_DEFAULT))
     projection = raw.get("projection_dim", v.get("projection_dim", width))

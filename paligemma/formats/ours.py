@@ -10,9 +10,9 @@
     manifest.json                  optional (written by the converter): sources and versions
 
 Reading is header-first (`tensor_specs`) and then one memory-mapped tensor at a time
-(`read_tensor`; `formats.open` builds the model from them without a second copy). Writing plans every tensor's byte range up front and
-streams each tensor, in chunks, to its place in its shard: memory stays bounded by one chunk,
-not by a shard.
+(`read_tensor`; `formats.load` builds the model from them without a second copy). Writing plans
+every tensor's byte range up front and streams each tensor, in chunks, to its place in its
+shard: memory stays bounded by one chunk, not by a shard.
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..tokenizer import Tokenizer
-from . import hf, hf_serve, vae
-from . import ours
+from . import hf, hf_serve, ours, vae
 from .dtypes import DTYPES, TORCH_DTYPE_NAMES
 from .errors import CheckpointError
 from .mapping import WeightRule, official_shapes, weight_rules
