@@ -28,7 +28,7 @@ import torch
 from ..config import VARIANTS, PaliGemmaConfig, TextConfig, VisionConfig
 from ..model import PaliGemmaModel
 from .dtypes import TORCH_DTYPE_NAMES
-from .errors import CheckpointError
+from .errors import CheckpointError, check_layout
 from .hf import BIG_VISION_KEY, hf_names, hf_shape
 
 _VISION, _LLM = "vision_tower.vision_model.", "language_model.model."
@@ -174,29 +174,19 @@ def our_names(
         ours = {k: tuple(t.shape) for k, t in PaliGemmaModel(config).state_dict().items()}
     to_hf = hf_names(config, list(ours))
     from_hf = {hf: name for name, hf in to_hf.items()}
-    mapping, unexpected = {}, []
+    canonical = {}  # Google's name -> stored name, for what we load
     for name in stored:
-        canonical = canonical_name(name)
-        if canonical in from_hf:
-            if from_hf[canonical] in mapping.values():
-                raise CheckpointError(f"{where}: {name!r} is stored twice, under two names")
-            mapping[name] = from_hf[canonical]
-        elif canonical != LM_HEAD and not canonical.startswith(_UNUSED_PREFIX):
-            unexpected.append(name)
-    missing = sorted(to_hf[n] for n in set(ours) - set(mapping.values()))
-    for what, names in (("missing", missing), ("unexpected", sorted(unexpected))):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise CheckpointError(f"{where}: {what} tensor(s) {names[:3]}{more}")
-    for name, our in mapping.items():
-        shape, expected = stored[name][0], hf_shape(our, ours[our], config)
-        if our == "decoder.embedder.weight":  # padded rows: only the width has to agree
-            expected = (shape[0], expected[1])
-        if shape != expected:
-            raise CheckpointError(
-                f"{where}: {name!r} has shape {list(shape)}, expected {list(expected)}"
-            )
-    return mapping
+        key = canonical_name(name)
+        if key in canonical:
+            raise CheckpointError(f"{where}: {name!r} is {canonical[key]!r} stored again")
+        if key != LM_HEAD and not key.startswith(_UNUSED_PREFIX):
+            canonical[key] = name
+    expected = {to_hf[n]: hf_shape(n, shape, config) for n, shape in ours.items()}
+    found = {key: stored[name][0] for key, name in canonical.items()}
+    if EMBEDDING in found:  # padded rows: only the width has to agree
+        expected[EMBEDDING] = (found[EMBEDDING][0], expected[EMBEDDING][1])
+    check_layout(where, expected, found)
+    return {name: from_hf[key] for key, name in canonical.items()}
 
 
 def from_hf_tensor(our_name: str, t: torch.Tensor, config: PaliGemmaConfig) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
 from .dtypes import TORCH_DTYPE_NAMES
-from .errors import CheckpointError
+from .errors import CheckpointError, check_layout
 from .npz import OfficialNpz
 
 
@@ -219,27 +219,11 @@ def detect_variants(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     return [name for name, cfg in VARIANTS.items() if official_shapes(cfg) == shapes]
 
 
-def check_layout(ckpt: OfficialNpz, config: PaliGemmaConfig) -> None:
+def check_official_layout(ckpt: OfficialNpz, config: PaliGemmaConfig) -> None:
     """Raises CheckpointError naming the first missing / unexpected key or wrong shape."""
-    expected, found = official_shapes(config), ckpt.shapes()
     where = ", ".join(str(p) for p in ckpt.paths)
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise CheckpointError(
-            f"{where}: missing key(s) {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} for config {config.name or ''}"
-        )
-    unexpected = sorted(set(found) - set(expected))
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    for key, shape in expected.items():
-        if found[key] != shape:
-            raise CheckpointError(
-                f"{ckpt.arrays[key].path}: {key!r} has shape {list(found[key])}, "
-                f"expected {list(shape)}"
-            )
+    files = {key: info.path for key, info in ckpt.arrays.items()}
+    check_layout(where, official_shapes(config), ckpt.shapes(), "key", files)
 
 
 def resolve_config(ckpt: OfficialNpz, config: PaliGemmaConfig | str | None) -> PaliGemmaConfig:

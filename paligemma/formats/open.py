@@ -27,10 +27,10 @@ from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
 from . import hf_import, ours, vae
 from .dtypes import TORCH_DTYPE_NAMES
-from .errors import CheckpointError
+from .errors import CheckpointError, check_layout
 from .mapping import (
     IDENTITY,
-    check_layout,
+    check_official_layout,
     official_shapes,
     resolve_config,
     to_ours,
@@ -100,7 +100,7 @@ class OfficialSource(Source):
             specs = {k: (i.shape, i.dtype) for k, i in self.ckpt.arrays.items()}
         else:
             config, vae_config = _resolve_config(self.ckpt, variant, config_file, config), None
-            check_layout(self.ckpt, config)
+            check_official_layout(self.ckpt, config)
             specs = {}
             for rule in weight_rules(config):
                 info = self.ckpt.arrays[rule.official]
@@ -180,9 +180,7 @@ class ConvertedSource(Source):
                 expected = {
                     k: tuple(v.shape) for k, v in PaliGemmaModel(config).state_dict().items()
                 }
-        ours.check_names_and_shapes(
-            self.directory, expected, {k: s for k, (s, _) in specs.items()}
-        )
+        check_layout(self.directory, expected, {k: s for k, (s, _) in specs.items()})
         files = sorted(set(self.weight_map.values()))
         super().__init__(
             files, specs, config, vae_config, official, check_finite,
@@ -305,7 +303,7 @@ def _closest_variant_hint(ckpt: OfficialNpz) -> str:
     if not scores[name]:
         return " (no official variant shares a single array shape with it)"
     try:
-        check_layout(ckpt, VARIANTS[name])
+        check_official_layout(ckpt, VARIANTS[name])
     except CheckpointError as e:
         return f"; closest official variant {name}: {e}"
     return ""

@@ -138,24 +138,6 @@ def load_state_dict(
     return state
 
 
-def check_names_and_shapes(
-    directory: str | Path, expected: dict[str, tuple], found: dict[str, tuple]
-) -> None:
-    """Raises CheckpointError naming the first missing / unexpected tensor or wrong shape."""
-    for what, names in (
-        ("missing", sorted(set(expected) - set(found))),
-        ("unexpected", sorted(set(found) - set(expected))),
-    ):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise CheckpointError(f"{directory}: {what} tensor(s) {names[:3]}{more}")
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise CheckpointError(
-                f"{directory}: {name!r} has shape {list(found[name])}, expected {list(shape)}"
-            )
-
-
 def _open_safetensors(path: Path, device: torch.device | str = "cpu") -> safe_open:
     try:
         return safe_open(path, framework="pt", device=str(device))
