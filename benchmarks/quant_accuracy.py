@@ -6,7 +6,7 @@ float32 math and an f32 KV cache. For each: greedy decode of the gold prompts (t
 bf16's, position by position, and whole sequences), and the logits of one teacher-forced pass
 over the prompt + bf16's greedy tokens (max |difference| to f32, next to the logit range).
 
-Demo model (the trained tiny PaliGemma 2 of `examples/demo_model/`: official-format npz,
+Demo model (the trained tiny PaliGemma 2 of `paligemma/demo/model/`: official-format npz,
 config.json, tokenizer.model): greedy outputs of bf16, int8 and int8-linear (tied embedding left
 in bf16) on freshly drawn scenes (224 px, as the demo draws them) for every task prompt
 (identical texts), and the task scores of each (`paligemma.demo.scenes.score`).
