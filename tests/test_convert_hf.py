@@ -368,3 +368,17 @@ def test_export_without_a_tokenizer_says_so(tmp_path, capsys):
     assert "has no tokenizer files" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_config_as_transformers_writes_it_imports_as_that_variant(variant):
+    from paligemma.formats.hf import padded_vocab
+    from paligemma.formats.hf_import import config_from_hf
+
+    config = VARIANTS[variant]
+    raw = hf_config(config, torch.bfloat16)
+    del raw["big_vision"]  # as in Google's repositories: the variant is found from the shapes
+    written = transformers.PaliGemmaConfig(**raw).to_dict()  # what save_pretrained would write
+    rows = (padded_vocab(config.text.vocab_size), config.text.width)
+    got = config_from_hf(written, (rows, torch.bfloat16), Path("config.json"))
+    assert got == config.replace(param_dtype="bfloat16") and got.name == variant
