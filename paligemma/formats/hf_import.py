@@ -118,7 +118,7 @@ def config_from_hf(
     else:
         query, caps = "rsqrt_head_dim", (None, None)
     rows, dtype = embedding
-    ours_export = raw.get(BIG_VISION_KEY) or {}  # written by our export (formats.hf)
+    ours_export = raw.get(BIG_VISION_KEY) or {}  # what our export (formats.hf) records
     if t.get("vocab_size", rows[0]) != rows[0]:
         raise CheckpointError(
             f"{where}: text_config.vocab_size {t['vocab_size']}, but the embedding has "
@@ -156,10 +156,17 @@ def config_from_hf(
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: unusable PaliGemma config: {type(e).__name__} {e}") from e
-    name = ours_export.get("variant") or next((n for n, c in VARIANTS.items() if (
-        c.vision, c.text) == (
-        config.vision, dataclasses.replace(config.text, param_dtype=c.text.param_dtype))), None)
+    name = ours_export.get("variant") or _variant_name(config)
     return PaliGemmaConfig(config.vision, config.text, name)
+
+
+def _variant_name(config: PaliGemmaConfig) -> str | None:
+    """The registry variant `config` is, whatever dtype its weights are stored in."""
+    for name, variant in VARIANTS.items():
+        text = dataclasses.replace(config.text, param_dtype=variant.text.param_dtype)
+        if (variant.vision, variant.text) == (config.vision, text):
+            return name
+    return None
 
 
 def our_names(

@@ -225,6 +225,7 @@ class HFSource(ConvertedSource):
             shapes = {k: tuple(t.shape) for k, t in PaliGemmaModel(config).state_dict().items()}
         specs = {our: (shapes[our], stored[name][1]) for name, our in self.names.items()}
         files = sorted(set(stored_map.values()))
+        # Source's fields directly: ConvertedSource.__init__ reads our layout, not this one.
         Source.__init__(
             self, files, specs, config, None, {}, check_finite, _find_tokenizer(self.directory)
         )
