@@ -1,6 +1,7 @@
 """The converter on the gold checkpoints: output format, loading, round trips, streaming."""
 
 import argparse
+import ast
 import hashlib
 import json
 import subprocess
@@ -276,3 +277,12 @@ def test_shard_sizes_parse_like_hugging_face_sizes():
     assert parse_size("1024") == 1024
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size("5 parsecs")
+
+
+def test_the_library_never_imports_the_converter_command():
+    # Imports run one way: convert/ is a command over paligemma.formats, never the reverse.
+    for path in (ROOT / "paligemma").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n == "convert" or n.startswith("convert.") for n in names), path
