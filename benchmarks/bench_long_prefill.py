@@ -40,8 +40,8 @@ from benchmarks.bench_inference import machine  # noqa: E402
 from benchmarks.convert_benchmark import write_synthetic  # noqa: E402
 from paligemma import gemma  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
+from paligemma.formats import load_official  # noqa: E402
 from paligemma.generate import prefill  # noqa: E402
-from paligemma.weights import load_official  # noqa: E402
 
 PROMPT_TOKENS = 64
 SETTINGS = {"one chunk": 1 << 62, "chunked": gemma.ATTENTION_CHUNK_SCORES}

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_pretrained
+from .formats import load_pretrained
+from .formats.open import TOKENIZER_FILES
 from .generate import Sampler, beam_search, generate, make_sampler, record_attention, stream
 from .image import ImageLike, preprocess, to_rgb_array
 from .model import PaliGemmaModel
@@ -31,8 +32,8 @@ from .tokenizer import Tokenizer
 
 # Gemma 1 and 2 were trained with an 8192-token context: image tokens + prompt + new tokens.
 MAX_SEQ_LEN = 8192
-TOKENIZER_FILES = ("tokenizer.model", "paligemma_tokenizer.model")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model"]  # not the .bin / .npz copies some repos add
 Images = ImageLike | Sequence[ImageLike]  # one image -> one result; a list -> a list
 
 
@@ -88,12 +89,14 @@ class PaliGemma:
         device: torch.device | str = "cpu",
         quantize: str | None = None,
     ) -> PaliGemma:
-        """A converted checkpoint directory, or a Hugging Face Hub repo id holding one.
+        """A checkpoint: our directory, a Hugging Face transformers PaliGemma directory, an
+        official `.npz`, or a Hugging Face Hub repo id holding one of the directories (e.g.
+        "google/paligemma2-3b-pt-224"; `HF_HUB_OFFLINE=1` reads the local hub cache only).
 
-        tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model in
-        the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only);
+        tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model
+        next to the weights); vae: `vae-oid.npz` or its converted directory (segment only);
         quantize: "int8" or "int8-linear" (`quantize.MODES`) quantizes each matrix as it is
-        read (`quantize.load_quantized`; dtype is then ignored).
+        read (dtype is then ignored). Opened, checked and loaded by `formats.load_pretrained`.
         """
         path = Path(name_or_path)
         if not path.exists():
@@ -102,14 +105,17 @@ class PaliGemma:
             from huggingface_hub import snapshot_download
 
             try:
-                path = Path(snapshot_download(repo_id=str(name_or_path)))
+                path = Path(
+                    snapshot_download(repo_id=str(name_or_path), allow_patterns=_HUB_FILES)
+                )
             except (OSError, ValueError) as e:
                 raise FileNotFoundError(
                     f"{name_or_path}: not a local directory and not downloadable from the "
                     f"Hugging Face Hub ({type(e).__name__}: {e})"
                 ) from None
         if tokenizer is None:
-            found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+            folder = path if path.is_dir() else path.parent
+            found = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
             if not found:
                 raise FileNotFoundError(
                     f"{path}: no {' or '.join(TOKENIZER_FILES)}; pass the tokenizer file "
@@ -117,12 +123,7 @@ class PaliGemma:
                 )
             tokenizer = found[0]
         tok = Tokenizer(tokenizer)
-        if quantize:
-            from .quantize import load_quantized
-
-            model = load_quantized(path, quantize, device=device)
-        else:
-            model = load_pretrained(path, dtype=dtype, device=device)
+        model = load_pretrained(path, dtype=dtype, device=device, quantize=quantize)
         return cls(model, tok, load_mask_decoder(vae, device) if vae is not None else None)
 
     # -- generation ---------------------------------------------------------------------------

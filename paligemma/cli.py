@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .formats.dtypes import DTYPES
 from .parity import run_case
 from .quantize import MODES as QUANTIZE_MODES
 
@@ -55,7 +54,7 @@ def _load(args: argparse.Namespace) -> Any:
         args.model,
         tokenizer=args.tokenizer,
         vae=getattr(args, "vae", None),
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         quantize=args.quantize,
     )
@@ -175,11 +174,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
-                   help="converted checkpoint directory (or a Hugging Face Hub repo id)")
+                   help="checkpoint: our directory, a Hugging Face transformers directory, an "
+                   "official .npz, or a Hugging Face Hub repo id")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="SentencePiece model (default: tokenizer.model in --model)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=list(DTYPES),
                    help="cast the weights (default: as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="int8 weights with per-row scales: half of bf16's memory, faster "

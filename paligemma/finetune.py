@@ -41,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
+from .formats import open_checkpoint, write_npz
+from .formats import ours as ckpt
 from .image import ImageLike, preprocess, to_rgb_array
 from .lora import add_lora, merge_lora
 from .model import PaliGemmaModel
@@ -463,11 +464,8 @@ def export_npz(
     model_dir: str | Path, npz_path: str | Path, dtype: torch.dtype | None = torch.bfloat16
 ) -> None:
     """Our checkpoint directory -> the official big_vision `.npz` (bf16 stored as `|V2` by
-    default), through the reverse converter (`python -m convert DIR --to npz`)."""
-    from convert import write_npz
-    from convert.sources import ConvertedSource
-
-    write_npz(ConvertedSource(model_dir), npz_path, dtype, force=True, quiet=True)
+    default), as `paligemma-convert DIR --to npz` writes it."""
+    write_npz(open_checkpoint(model_dir), npz_path, dtype, force=True, quiet=True)
 
 
 def _run_callback(model: PaliGemmaModel, evaluate: Callable) -> dict[str, float]:

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from .config import GEMMA_DECODERS, PaliGemmaConfig, TextConfig, VisionConfig
+from .formats import load_official
 from .gemma import softcap
 from .generate import generate
 from .model import PaliGemmaModel, make_attn_mask
 from .segmentation import MaskDecoder, load_mask_decoder
-from .weights import load_official
 
 # Max-abs tolerances. f32 math on either side; the independent float64 re-implementation of the
 # reference notes lands within 4e-6 on zimg and 2e-3 on logits.

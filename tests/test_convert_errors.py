@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import paligemma.checkpoint
-import paligemma.weights
-from convert import sources
+import paligemma.formats.mapping
+import paligemma.formats.open
+import paligemma.formats.ours
 from convert.cli import main
 from paligemma.config import PaliGemmaConfig
 
@@ -168,8 +168,8 @@ def test_unknown_variant_name(fails):
 
 def test_undetectable_variant_names_the_closest_and_why(fails, monkeypatch):
     tiny = {"pg1_tiny": PaliGemmaConfig.load(CONFIGS / "pg1_tiny.json")}
-    monkeypatch.setattr(paligemma.weights, "VARIANTS", tiny)
-    monkeypatch.setattr(sources, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.mapping, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.open, "VARIANTS", tiny)
     err = fails(PG2)  # no --variant / --config
     assert "cannot detect the variant from the shapes (candidates: none)" in err
     assert "closest official variant pg1_tiny:" in err
@@ -185,13 +185,13 @@ def test_disk_full_leaves_nothing(fails, monkeypatch):
     def no_space(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(paligemma.checkpoint.os, "pwrite", no_space)
+    monkeypatch.setattr(paligemma.formats.ours.os, "pwrite", no_space)
     err = fails(PG1, *PG1_CONFIG)
     assert "model.safetensors: cannot write the header: No space left on device" in err
 
 
 def test_disk_full_mid_way_keeps_the_previous_output(fails, tmp_path, monkeypatch):
-    pwrite, calls = paligemma.checkpoint.os.pwrite, []
+    pwrite, calls = paligemma.formats.ours.os.pwrite, []
 
     def fills_up(fd, data, offset):
         calls.append(offset)
@@ -201,7 +201,7 @@ def test_disk_full_mid_way_keeps_the_previous_output(fails, tmp_path, monkeypatc
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "previous.txt").write_text("kept")
-    monkeypatch.setattr(paligemma.checkpoint.os, "pwrite", fills_up)
+    monkeypatch.setattr(paligemma.formats.ours.os, "pwrite", fills_up)
     err = fails(PG1, *PG1_CONFIG, "--force")
     assert "cannot write 'vision.blocks." in err and "No space left on device" in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["previous.txt"]

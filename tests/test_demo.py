@@ -110,7 +110,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     results = report["results"]
     assert results["caption"]["answer"] and len(results["questions"]) == 2
     assert all(q["answer"] for q in results["questions"])
-    # The shipped model's answers are not all right (see examples/demo_model/README.md): this
+    # The shipped model's answers are not all right (see paligemma/demo/model/README.md): this
     # checks the path, not the model's quality.
     assert (tmp_path / "model" / "model.safetensors").is_file()
     with PIL.Image.open(tmp_path / "annotated.png") as image:

@@ -9,10 +9,10 @@
                                    {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
     manifest.json                  optional (written by the converter): sources and versions
 
-Loading builds the model on the meta device and assigns memory-mapped safetensors tensors, so it
-never holds two copies of the weights. Writing plans every tensor's byte range up front and
-streams each tensor, in chunks, to its place in its shard: memory stays bounded by one chunk,
-not by a shard.
+Reading is header-first (`tensor_specs`) and then one memory-mapped tensor at a time
+(`read_tensor`; `formats.load` builds the model from them without a second copy). Writing plans
+every tensor's byte range up front and streams each tensor, in chunks, to its place in its
+shard: memory stays bounded by one chunk, not by a shard.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import PaliGemmaConfig
-from .model import PaliGemmaModel
-from .npz import CheckpointError, tensor_bytes
+from ..model import PaliGemmaModel
+from .dtypes import SAFETENSORS_DTYPES, from_safetensors
+from .errors import CheckpointError
+from .npz import tensor_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,8 +42,6 @@ MANIFEST_FILE = "manifest.json"
 MODEL_TYPE = "paligemma"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; the Hugging Face default ("5GB")
 CHUNK_BYTES = 64 << 20  # tensors are converted and written in pieces of about this size
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +97,6 @@ def shards(directory: str | Path) -> dict[Path, list[str]]:
 
 def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of every stored tensor, from the headers only."""
-    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     specs = {}
     for path, names in shards(directory).items():
         with _open_safetensors(path) as f:
@@ -107,11 +105,12 @@ def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torc
                 if name not in stored:
                     raise CheckpointError(f"{path}: no tensor {name!r} (listed in the index)")
                 sl = f.get_slice(name)
-                if sl.get_dtype() not in dtypes:
+                dtype = from_safetensors(sl.get_dtype())
+                if dtype is None:
                     raise CheckpointError(
                         f"{path}: {name!r} has unsupported dtype {sl.get_dtype()}"
                     )
-                specs[name] = (tuple(sl.get_shape()), dtypes[sl.get_dtype()])
+                specs[name] = (tuple(sl.get_shape()), dtype)
     return specs
 
 
@@ -137,52 +136,6 @@ def load_state_dict(
                 tensor = f.get_tensor(name)
                 state[name] = tensor if dtype is None else tensor.to(dtype)
     return state
-
-
-def load_pretrained(
-    directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-) -> PaliGemmaModel:
-    """Loads a converted checkpoint directory. dtype None keeps the stored dtype.
-
-    The model is built on the meta device and its parameters are the memory-mapped tensors
-    themselves (or their dtype-converted copies): one copy of the weights, never two.
-    """
-    raw = read_config(directory)
-    model_type = raw.get("model_type", MODEL_TYPE)
-    if model_type != MODEL_TYPE:
-        raise CheckpointError(
-            f"{directory}: model_type {model_type!r} is not a PaliGemma model "
-            "(for the segmentation VAE use paligemma.segmentation.load_mask_decoder)"
-        )
-    try:
-        config = PaliGemmaConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid config: {e}") from e
-    with torch.device("meta"):
-        model = PaliGemmaModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = tensor_specs(directory)
-    check_names_and_shapes(directory, expected, {k: s for k, (s, _) in found.items()})
-    model.load_state_dict(load_state_dict(directory, dtype, device), strict=True, assign=True)
-    return model.eval()
-
-
-def check_names_and_shapes(
-    directory: str | Path, expected: dict[str, tuple], found: dict[str, tuple]
-) -> None:
-    """Raises CheckpointError naming the first missing / unexpected tensor or wrong shape."""
-    for what, names in (
-        ("missing", sorted(set(expected) - set(found))),
-        ("unexpected", sorted(set(found) - set(expected))),
-    ):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise CheckpointError(f"{directory}: {what} tensor(s) {names[:3]}{more}")
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise CheckpointError(
-                f"{directory}: {name!r} has shape {list(found[name])}, expected {list(shape)}"
-            )
 
 
 def _open_safetensors(path: Path, device: torch.device | str = "cpu") -> safe_open:
