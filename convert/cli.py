@@ -7,8 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+from paligemma import guard, outputs
 from paligemma.checkpoint import DEFAULT_MAX_SHARD_SIZE
-from paligemma.npz import CheckpointError
 
 from .sources import ConversionError, open_source
 from .targets import DTYPES, write_hf, write_npz, write_ours
@@ -45,7 +45,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = guard.ArgumentParser(
         prog="paligemma-convert",
         description="Convert official PaliGemma checkpoints (.npz, one file or several parts) "
         "to safetensors (our format, or Hugging Face transformers with --to hf), and our "
@@ -96,23 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="split safetensors above this size (default 5GB)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous output of this command of the same "
+                   "format (recognised by its manifest.json / .npz mark); anything else is "
+                   "refused")
     p.add_argument("--hash", action="store_true", help="record the sources' sha256 in the manifest")
-    p.add_argument("--check-finite", action="store_true", help="refuse NaN/Inf weights")
+    p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse NaN/Inf weights, naming the array and index (default: on; "
+                   "--no-check-finite skips the check)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    guard.add_debug_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> None:
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     out = Path(args.output)
-    if out.exists() and not args.force:  # fail before reading gigabytes
-        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
     from_dir = len(args.src) == 1 and Path(args.src[0]).is_dir()
     to = args.to or ("npz" if from_dir else "ours")
     if to == "ours" and from_dir:
         raise ConversionError(f"{args.src[0]}: already in our format; pass --to npz or --to hf")
+    # Before reading gigabytes; checked again under the writer's lock.
+    outputs.check(out, _KINDS[to], args.force, sources=args.src)
     source = open_source(args.src, args.variant, args.config, args.check_finite)
+    if not args.quiet:
+        how = "given" if args.variant or args.config else "detected from the shapes"
+        name = source.config.name if source.config else "vae-oid"
+        print(f"variant: {name or 'custom config'} ({how})", file=sys.stderr)
     common = {"force": args.force, "quiet": args.quiet}
     if to == "npz":
         write_npz(source, out, dtype, **common)
@@ -124,14 +134,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {out}", file=sys.stderr)
 
 
+_KINDS = {"ours": "checkpoint", "hf": "hf-checkpoint", "npz": "npz"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, ConversionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 0
+    return guard.run(lambda a: run(a) or 0, args)

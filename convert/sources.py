@@ -35,7 +35,6 @@ from . import vae
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Chunks = Iterator[torch.Tensor]  # pieces of one tensor along axis 0
 _CHUNK_BYTES = checkpoint.CHUNK_BYTES
-_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask of the NaN/Inf check
 
 
 class ConversionError(ValueError):
@@ -56,7 +55,7 @@ class Source:
     vae_config: dict[str, Any] | None
     # Official key -> {"shape", "dtype"} of the original arrays (for the manifest and --to npz).
     official: dict[str, dict[str, Any]] = field(default_factory=dict)
-    check_finite: bool = False
+    check_finite: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +73,7 @@ class OfficialSource(Source):
         paths: list[str | Path],
         variant: str | None = None,
         config_file: str | Path | None = None,
-        check_finite: bool = False,
+        check_finite: bool = True,
     ):
         self.ckpt = OfficialNpz(paths)
         _check_parts_agree(self.ckpt)
@@ -124,7 +123,7 @@ class OfficialSource(Source):
         start = 0
         for chunk in self.ckpt.iter_rows(key, max(1, max_bytes // row_bytes)):
             if self.check_finite:
-                _check_finite(chunk, f"{info.path}: {key!r}", start)
+                checkpoint.check_finite(chunk, f"{info.path}: {key!r}", start)
             progress.update(chunk.nbytes)
             start += chunk.shape[0]
             yield chunk if info.shape else chunk.reshape(())
@@ -133,7 +132,7 @@ class OfficialSource(Source):
 class ConvertedSource(Source):
     """One of our checkpoint directories (see paligemma.checkpoint)."""
 
-    def __init__(self, directory: str | Path, check_finite: bool = False):
+    def __init__(self, directory: str | Path, check_finite: bool = True):
         self.directory = Path(directory)
         raw = checkpoint.read_config(self.directory)
         self.weight_map = checkpoint.weight_map(self.directory)
@@ -167,7 +166,7 @@ class ConvertedSource(Source):
         """One tensor, memory-mapped; checked for NaN/Inf if asked."""
         tensor = checkpoint.read_tensor(self.weight_map[name], name)
         if self.check_finite:
-            _check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
+            checkpoint.check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
         return tensor
 
     def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
@@ -181,7 +180,7 @@ def open_source(
     srcs: list[str | Path],
     variant: str | None = None,
     config_file: str | Path | None = None,
-    check_finite: bool = False,
+    check_finite: bool = True,
 ) -> Source:
     """A converted directory (one SRC that is a directory) or official `.npz` part(s)."""
     if len(srcs) == 1 and Path(srcs[0]).is_dir():
@@ -250,17 +249,3 @@ def _check_parts_agree(ckpt: OfficialNpz) -> None:
         raise CheckpointError(
             f"{', '.join(map(str, ckpt.paths))}: mixes segmentation VAE keys with PaliGemma keys"
         )
-
-
-def _check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
-    """Raises CheckpointError at the first NaN/Inf, with its index in the whole array."""
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
-        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
-        if bad.any():
-            i = start + int(bad.nonzero()[0, 0])
-            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
-            if index:
-                index[0] += row_offset
-            value = float(flat[i])
-            raise CheckpointError(f"{where} has {value} at index {index} (--check-finite)")

@@ -1,7 +1,8 @@
 """Where tensors go: our directory format, a Hugging Face directory, or an official `.npz`.
 
-Every writer goes through `paligemma.checkpoint.atomic_output`: output is written to a temporary
-sibling and renamed into place only when complete.
+Every writer goes through `paligemma.outputs.atomic`: output is written to a temporary sibling
+and renamed into place only when complete; `--force` replaces only a previous output of the
+same kind.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from paligemma import __version__, checkpoint
+from paligemma import __version__, checkpoint, outputs
 from paligemma.npz import PARAMS_PREFIX, TORCH_DTYPE_NAMES, NpzWriter
 from paligemma.weights import WeightRule, official_shapes, weight_rules
 
@@ -41,7 +42,7 @@ def write_ours(
     """
     specs = {k: (shape, dtype or d) for k, (shape, d) in source.specs.items()}
     config = source.vae_config or {"model_type": checkpoint.MODEL_TYPE, **source.config.to_dict()}
-    with checkpoint.atomic_output(out_dir, force) as tmp:
+    with outputs.atomic(out_dir, "checkpoint", force) as tmp:
         manifest = _manifest(source, "paligemma", specs, hash_sources, quiet)
         _stream(source, tmp, specs, {k: k for k in specs}, max_shard_size, quiet)
         checkpoint.write_json(tmp / checkpoint.CONFIG_FILE, config)
@@ -69,7 +70,7 @@ def write_hf(
     names = hf.hf_names(source.config, list(source.specs))
     specs = {names[k]: (hf.hf_shape(k, shape), out_dtype) for k, (shape, _) in source.specs.items()}
     config = hf.hf_config(source.config, out_dtype)
-    with checkpoint.atomic_output(out_dir, force) as tmp:
+    with outputs.atomic(out_dir, "hf-checkpoint", force) as tmp:
         manifest = _manifest(source, "transformers-paligemma", specs, hash_sources, quiet)
         _stream(source, tmp, specs, names, max_shard_size, quiet, hf.hf_tensor)
         checkpoint.write_json(tmp / checkpoint.CONFIG_FILE, config)
@@ -97,7 +98,8 @@ def write_npz(
         return dtype or (DTYPES[original] if original in DTYPES else stored)
 
     bar = _progress(source.nbytes, quiet, f"writing {Path(out_file).name}")
-    with checkpoint.atomic_output(out_file, force, is_dir=False) as tmp, NpzWriter(tmp) as npz:
+    with (outputs.atomic(out_file, "npz", force) as tmp,
+          NpzWriter(tmp, comment=outputs.npz_comment()) as npz):
         if source.config is None:  # the VAE: same keys, no prefix
             for name, (shape, stored) in source.specs.items():
                 tensor = source.read(name)

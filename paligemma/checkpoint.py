@@ -17,16 +17,14 @@ not by a shard.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -41,6 +39,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_TYPE = "paligemma"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; the Hugging Face default ("5GB")
 CHUNK_BYTES = 64 << 20  # tensors are converted and written in pieces of about this size
+_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask that locates a NaN/Inf
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -54,7 +53,28 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a converted checkpoint)")
-    return read_json(path)
+    raw = read_json(path)
+    if "text_config" in raw or "architectures" in raw:
+        raise CheckpointError(
+            f"{path}: a Hugging Face transformers checkpoint, not ours; convert the official "
+            ".npz with paligemma-convert (without --to hf) and use that folder"
+        )
+    return raw
+
+
+def read_model_config(directory: str | Path) -> PaliGemmaConfig:
+    """The PaliGemmaConfig of a converted checkpoint directory, validated."""
+    raw = read_config(directory)
+    model_type = raw.get("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(
+            f"{directory}: model_type {model_type!r} is not a PaliGemma model "
+            "(for the segmentation VAE use paligemma.segmentation.load_mask_decoder)"
+        )
+    try:
+        return PaliGemmaConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid config: {e}") from e
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -122,19 +142,39 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
+def check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
+    """Raises CheckpointError naming the first NaN/Inf of `t` and its index (rows counted from
+    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask."""
+    if t.numel() == 0 or torch.isfinite(t.sum(dtype=torch.float32)):
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
+        if bad.any():
+            i = start + int(bad.nonzero()[0, 0])
+            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
+            if index:
+                index[0] += row_offset
+            raise CheckpointError(
+                f"{where} has {float(flat[i])} at index {index}: the checkpoint holds NaN/Inf "
+                "weights (a broken download or training run); it cannot give sensible outputs"
+            )
+
+
 def load_state_dict(
     directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, memory-mapped (dtype None keeps the stored one).
 
     With a dtype change, only one shard's file pages are mapped at a time next to the
-    converted tensors.
+    converted tensors. Every tensor is checked for NaN/Inf (`check_finite`).
     """
     state = {}
     for path, names in shards(directory).items():
         with _open_safetensors(path, device) as f:
             for name in names:
                 tensor = f.get_tensor(name)
+                check_finite(tensor, f"{path}: {name!r}")
                 state[name] = tensor if dtype is None else tensor.to(dtype)
     return state
 
@@ -147,17 +187,7 @@ def load_pretrained(
     The model is built on the meta device and its parameters are the memory-mapped tensors
     themselves (or their dtype-converted copies): one copy of the weights, never two.
     """
-    raw = read_config(directory)
-    model_type = raw.get("model_type", MODEL_TYPE)
-    if model_type != MODEL_TYPE:
-        raise CheckpointError(
-            f"{directory}: model_type {model_type!r} is not a PaliGemma model "
-            "(for the segmentation VAE use paligemma.segmentation.load_mask_decoder)"
-        )
-    try:
-        config = PaliGemmaConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid config: {e}") from e
+    config = read_model_config(directory)
     with torch.device("meta"):
         model = PaliGemmaModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -339,38 +369,3 @@ def save_pretrained(
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, force: bool = False, is_dir: bool = True) -> Iterator[Path]:
-    """Yields a temporary sibling of `path` (a directory, or a file when not `is_dir`) to write
-    into; it is renamed to `path` on success.
-
-    On any error the temporary is removed and `path` is untouched: a failed or interrupted
-    write leaves nothing behind. An existing `path` is refused unless `force`, and is only
-    replaced once the new output is complete.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would end up on the output; mkdir follows the umask.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
-        out = tmp if is_dir else tmp / path.name
-        yield out
-        if path.exists():  # --force: move the old output aside, then drop it
-            old = tmp.parent / (tmp.name + ".old")
-            os.replace(path, old)
-            _remove(old)
-        os.replace(out, path)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()

@@ -30,6 +30,7 @@ class VisionConfig:
     image_size: int = 224
 
     def __post_init__(self) -> None:
+        _check_types(self, "vision")
         _require(
             self.width % self.num_heads == 0,
             f"vision width {self.width} is not divisible by num_heads {self.num_heads}",
@@ -72,6 +73,7 @@ class TextConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        _check_types(self, "text")
         # The official configs spell "no softcap" as 0.0; keep a single spelling.
         for name in ("attn_logits_softcap", "final_logits_softcap"):
             if not getattr(self, name):
@@ -140,6 +142,12 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PaliGemmaConfig:
+        _require(isinstance(d, dict), f"expected a JSON object, got {type(d).__name__}")
+        for part in ("vision", "text"):
+            value = d.get(part, {})
+            _require(isinstance(value, dict), f"{part}: expected an object, got {value!r}")
+        name = d.get("name")
+        _require(name is None or isinstance(name, str), f"name: expected a string, got {name!r}")
         for part, typ in (("vision", VisionConfig), ("text", TextConfig)):
             unknown = set(d.get(part, {})) - _field_names(typ)
             _require(not unknown, f"unknown {part} config fields {sorted(unknown)}")
@@ -157,6 +165,27 @@ class PaliGemmaConfig:
 
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_types(config: Any, part: str) -> None:
+    """Every field has its annotated type; numbers are in range (sizes >= 1, floats finite and
+    >= 0, the RoPE wavelength > 0). Raises ValueError naming `part.field` and the value."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.type.split(" |")[0]
+        if value is None and "None" in f.type:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "int":
+            ok, want = number and isinstance(value, int) and value >= 1, "a positive integer"
+        elif kind == "float":
+            ok, want = number and math.isfinite(value) and value >= 0, "a number >= 0"
+            if f.name == "rope_max_wavelength":
+                ok, want = ok and value > 0, "a number > 0"
+        elif kind == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        _require(ok, f"{part}.{f.name}: expected {want}, got {value!r}")
 
 
 def _require(ok: bool, message: str) -> None:

@@ -85,7 +85,7 @@ def load_quantized(
     stored checkpoint: about 0.5x the bf16 checkpoint for a 3B model instead of 1.5x.
     """
     types = quantized_types(mode)
-    config = PaliGemmaConfig.from_dict(checkpoint.read_config(directory))
+    config = checkpoint.read_model_config(directory)
     with torch.device("meta"):
         model = PaliGemmaModel(config).requires_grad_(False)
     found = {name: shape for name, (shape, _) in checkpoint.tensor_specs(directory).items()}
@@ -95,6 +95,7 @@ def load_quantized(
     state = {}
     for name, path in checkpoint.weight_map(directory).items():
         tensor = checkpoint.read_tensor(path, name).to(device)
+        checkpoint.check_finite(tensor, f"{path}: {name!r}")
         module, _, kind = name.rpartition(".")
         if module in quantized and kind == "weight":
             state[name], state[f"{module}.scale"] = quantize_int8(tensor)
