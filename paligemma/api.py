@@ -62,14 +62,18 @@ def check_device(device: torch.device | str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r}: not a torch device; e.g. cpu, cuda, cuda:1") from None
+        raise ValueError(
+            f"--device {device!r}: not a torch device; e.g. cpu, cuda, cuda:1"
+        ) from None
     backends = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
                 "xpu": getattr(torch, "xpu", None)}
     if dev.type not in backends:
         return
     backend = backends[dev.type]
     if backend is None or not backend.is_available():
-        raise ValueError(f"--device {device}: no {dev.type} device on this machine; use --device cpu")
+        raise ValueError(
+            f"--device {device}: no {dev.type} device on this machine; use --device cpu"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
                          "cuda device(s), numbered from 0")

@@ -45,7 +45,6 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import outputs
 from .guard import message as guard_message
-from .guard import positive_int
 from .image import ImageLike, open_image, preprocess
 from .lora import add_lora, merge_lora
 from .model import PaliGemmaModel

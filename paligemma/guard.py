@@ -46,9 +46,9 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         logger.addHandler(handler)
-    outputs.handle_sigterm()
     try:
-        return func(args)
+        with outputs.sigterm_as_interrupt():
+            return func(args)
     except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()

@@ -108,7 +108,9 @@ def preprocess(images: Sequence[ImageLike], size: int) -> torch.Tensor:
     return load_batch(images, size)[0]
 
 
-def load_batch(images: Sequence[ImageLike], size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def load_batch(
+    images: Sequence[ImageLike], size: int
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """`preprocess`, plus each image's original (height, width). Images are decoded and resized
     one at a time, so memory holds one full-size image, not the batch's."""
     out, sizes = [], []

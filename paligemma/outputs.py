@@ -11,7 +11,7 @@ Nothing is half-written or left behind: output goes to a temporary sibling
 only when complete. While it is written, `.NAME.lock` holds the writer's PID, so a second
 concurrent writer of the same target fails instead of both "succeeding". Temporaries and locks
 whose PID no longer runs (a SIGKILL, a power cut) are removed, with a warning, by the next
-writer of that target. `handle_sigterm` turns SIGTERM into KeyboardInterrupt, so `kill`,
+writer of that target. `sigterm_as_interrupt` turns SIGTERM into KeyboardInterrupt, so `kill`,
 `timeout` and `docker stop` clean up exactly like Ctrl-C.
 
     check("out/model", "checkpoint", force)           # before the long work: fails early
@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import signal
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -212,13 +213,22 @@ def remove_stale(path: str | Path) -> list[Path]:
     return removed
 
 
-def handle_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so clean-up runs as for Ctrl-C."""
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM raises KeyboardInterrupt("SIGTERM") in the main thread, so the clean-up
+    of every `atomic` output runs as for Ctrl-C. The previous handler is restored after."""
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+        raise KeyboardInterrupt("SIGTERM")
 
-    signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _pid_in(lock: Path) -> int | None:

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import PaliGemmaConfig
 from .layers import Embedding, Linear
 from .model import PaliGemmaModel
 

@@ -11,6 +11,7 @@ stride=2, padding=1)`.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,11 @@ def load_mask_decoder(path: str | Path, device: torch.device | str = "cpu") -> M
     elif path.is_file():
         try:
             with np.load(path, allow_pickle=False) as f:
+                if "_vq_vae._embedding" not in f.files:  # before reading (bf16) arrays
+                    raise ValueError("no '_vq_vae._embedding' key, not the segmentation VAE "
+                                     "(vae-oid.npz)")
                 state = {k: torch.from_numpy(f[k]) for k in f.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(f"{path}: not a vae-oid .npz file ({e})") from None
     else:
         raise FileNotFoundError(f"{path}: no such VAE file or directory")

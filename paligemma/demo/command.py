@@ -21,8 +21,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from ..annotate import draw_objects, wrap_text
 from .. import outputs
+from ..annotate import draw_objects, wrap_text
 from ..api import PaliGemma
 from ..parity import run_case
 from ..tasks import Detection, parse_detections
