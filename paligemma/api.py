@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, read_model_config
 from .generate import Sampler, beam_search, generate, make_sampler, record_attention, stream
 from .image import ImageLike, load_batch, preprocess
 from .model import PaliGemmaModel
@@ -131,6 +131,7 @@ class PaliGemma:
                     f"{name_or_path}: not a local directory and not downloadable from the "
                     f"Hugging Face Hub ({type(e).__name__}: {e})"
                 ) from None
+        read_model_config(path)  # a wrong folder is named before anything else is read
         if tokenizer is None:
             found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
             if not found:
