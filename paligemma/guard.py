@@ -42,10 +42,10 @@ def positive_int(text: str) -> int:
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `func(args)` the way a command should end: see the module docstring."""
     debug = getattr(args, "debug", False)
-    if not logger.handlers:  # warnings (stale temporaries removed, malformed boxes), one line
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(handler)
+    # Warnings (stale temporaries removed, malformed boxes), one line each, for this run only.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)
     try:
         with outputs.sigterm_as_interrupt():
             return func(args)
@@ -67,6 +67,8 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         print(f"error: internal error ({type(e).__name__}: {message(e)}); rerun with --debug "
               "for the traceback and please report it", file=sys.stderr)
         return 3
+    finally:
+        logger.removeHandler(handler)
 
 
 def message(e: BaseException) -> str:

@@ -21,12 +21,14 @@ import paligemma.cli
 
 
 def tree(*roots: Path) -> dict[str, tuple[int, int]]:
-    """{path: (size, mtime_ns)} of every file and folder under `roots`, hidden ones included."""
+    """{path: (size, mtime_ns)} of every file (folders: (0, 0): a lock or temporary created
+    and removed changes a folder's mtime, not what it holds) under `roots`, hidden included."""
     found = {}
     for root in roots:
         for path in [root, *root.rglob("*")] if root.exists() else []:
             stat = path.lstat()
-            found[str(path)] = (stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
+            plain = path.is_file() or path.is_symlink()
+            found[str(path)] = (stat.st_size, stat.st_mtime_ns) if plain else (0, 0)
     return found
 
 
