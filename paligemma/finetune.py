@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,17 +182,22 @@ class JsonlDataset(Dataset):
         for n, example in zip(self.lines, tqdm(self.examples, desc=f"checking {self.path.name}",
                                                 disable=not progress, leave=False), strict=True):
             try:
-                with open_image(example.image, decode=False) as image:
-                    image.draft("RGB", (size, size))
-                    image.load()
-            except (OSError, ValueError, SyntaxError) as e:
+                with open_image(example.image, decode=False) as image:  # errors name the file
+                    try:
+                        image.draft("RGB", (size, size))
+                        image.load()
+                    except (OSError, SyntaxError) as e:
+                        raise ValueError(f"{example.image}: cannot decode image ({e})") from None
+            except (OSError, ValueError) as e:
                 raise ValueError(f"{self.path}:{n}: {guard_message(e)}") from None
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the records and the image folder: what `--resume` compares."""
+        """sha256 of the records and of each image's size in bytes (a cheap stat, not a read):
+        what `--resume` compares. Moving the data elsewhere keeps it."""
         digest = hashlib.sha256(self.path.read_bytes())
-        digest.update(str(self.image_dir.resolve()).encode())
+        for example in self.examples:
+            digest.update(str(Path(example.image).stat().st_size).encode())
         return digest.hexdigest()
 
     def __len__(self) -> int:
@@ -590,7 +596,7 @@ def _train(
             optimizer.zero_grad(set_to_none=True)  # a partly accumulated step is dropped
             save()
             bar.write(f"interrupted: saved the state after step {step} to "
-                      f"{out / CHECKPOINT_DIR}; continue with --resume")
+                      f"{out / CHECKPOINT_DIR}; continue with --resume", file=sys.stderr)
         raise
     finally:
         bar.close()
