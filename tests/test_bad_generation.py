@@ -74,3 +74,12 @@ def test_segment_without_a_loc_tokenizer_is_explained(model_dir, photo):
     pg.vae = None
     with pytest.raises(ValueError, match="segment needs the segmentation VAE weights"):
         pg.segment(photo, "cat")
+
+
+def test_debug_shows_the_traceback_then_the_line(model_dir, tmp_path, capsys):
+    import paligemma.cli
+
+    assert paligemma.cli.main(["caption", str(tmp_path / "x.jpg"), "--model", str(model_dir),
+                               "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith(f"error: {tmp_path / 'x.jpg'}: no such file\n")
