@@ -356,7 +356,9 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
-    """Writes `model` as a checkpoint directory (created if needed) that `load_pretrained` reads."""
+    """Writes `model` into `directory` (created if needed) as a checkpoint that
+    `load_pretrained` reads. Files there are overwritten: commands write through
+    `paligemma.outputs.atomic` (see `finetune.save_model`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

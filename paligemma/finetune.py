@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -500,10 +501,13 @@ def finetune(
     out = Path(out_dir)
     with outputs.locked(out):  # one writer per run folder
         if resume:
-            if outputs.kind_of(out) != "finetune-run" or not (out / CHECKPOINT_DIR).is_dir():
+            if not (out / CHECKPOINT_DIR / "state.json").is_file():
                 raise FileNotFoundError(f"{out}: no fine-tuning run with a {CHECKPOINT_DIR}/ "
                                         "to resume from")
             check_resume(out / CHECKPOINT_DIR, config, fingerprints)
+            for folder, kind in ((out, "finetune-run"), (out / CHECKPOINT_DIR, "training-state")):
+                if outputs.kind_of(folder) is None:  # a run started before folders were marked
+                    outputs.mark(folder, kind)
         else:
             outputs.check(out, "finetune-run", force)
             if out.exists():  # a previous run folder, and force: replaced
@@ -613,7 +617,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines()
              if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)  # all or nothing: an interruption here keeps the old file
 
 
 def save_model(model: PaliGemmaModel, tokenizer: Tokenizer, directory: str | Path,
