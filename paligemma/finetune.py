@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import outputs
+from .config import check_fields
 from .guard import message as guard_message
 from .image import ImageLike, open_image, preprocess
 from .lora import add_lora, merge_lora
@@ -92,23 +93,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), f.type.split(" |")[0]
-            if value is None and "None" in f.type or kind == "str":
-                continue
-            if kind == "bool":
-                ok = isinstance(value, bool)
-            else:
-                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and (kind == "float" or isinstance(value, int)) and math.isfinite(value)
-                      and value >= _MINIMUM.get(f.name, 0))
-            positive = f.name in ("lr", "lora_alpha", "max_grad_norm")
-            if not ok or positive and value <= 0:
-                what = {"int": "an integer", "bool": "true or false"}.get(kind, "a number")
-                low = "" if kind == "bool" else "> 0" if positive else (
-                    f">= {_MINIMUM.get(f.name, 0)}")
-                raise ValueError(f"{f.name} (--{f.name.replace('_', '-')}) must be "
-                                 f"{what}{' ' * bool(low)}{low}, got {value!r}")
+        check_fields(self, lambda name: f"{name} (--{name.replace('_', '-')})", _MINIMUM,
+                     above_zero=("lr", "lora_alpha", "max_grad_norm"), int_min=0)
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be below 1, got {self.lora_dropout}")
 

@@ -91,7 +91,7 @@ def test_config_value_of_the_wrong_type(refused, src, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(config))
     convert(refused, src, "--config", tmp_path / "c.json", "-o", tmp_path / "o",
             says=(f"{tmp_path / 'c.json'}: not a usable config file",
-                  "vision.width: expected a positive integer, got '128'"))
+                  "vision.width: expected an integer >= 1, got '128'"))
 
 
 def test_bad_shard_size(refused, src, tmp_path):

@@ -115,9 +115,9 @@ def test_missing_image_folder(refused, base, data, tmp_path, no_model):
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [
-    ("--batch-size", "0", "batch_size (--batch-size) must be an integer >= 1, got 0"),
-    ("--lr", "-1", "lr (--lr) must be a number > 0, got -1.0"),
-    ("--warmup-steps", "-5", "warmup_steps (--warmup-steps) must be an integer >= 0, got -5"),
+    ("--batch-size", "0", "batch_size (--batch-size): expected an integer >= 1, got 0"),
+    ("--lr", "-1", "lr (--lr): expected a number > 0, got -1.0"),
+    ("--warmup-steps", "-5", "warmup_steps (--warmup-steps): expected an integer >= 0, got -5"),
     ("--mode", "half", "argument --mode: invalid choice: 'half'"),
 ])
 def test_bad_training_settings_name_the_flag(refused, base, data, tmp_path, flag, value, says,

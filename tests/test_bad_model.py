@@ -41,10 +41,10 @@ def test_no_such_folder(refused, photo, tmp_path):
 
 
 @pytest.mark.parametrize(("edit", "says"), [
-    (lambda c: c["vision"].update(width="128"), "vision.width: expected a positive integer, "
+    (lambda c: c["vision"].update(width="128"), "vision.width: expected an integer >= 1, "
      "got '128'"),
-    (lambda c: c["vision"].update(image_size=-224), "vision.image_size: expected a positive "
-     "integer, got -224"),
+    (lambda c: c["vision"].update(image_size=-224), "vision.image_size: expected an "
+     "integer >= 1, got -224"),
     (lambda c: c["text"].update(post_norms="yes"), "text.post_norms: expected true or false"),
     (lambda c: c["text"].update(rope_max_wavelength=0), "text.rope_max_wavelength: expected a "
      "number > 0, got 0"),
