@@ -172,6 +172,7 @@ def locked(path: str | Path) -> Iterator[None]:
     path = Path(path)
     remove_stale(path)
     lock = path.parent / f".{path.name}.lock"
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -184,9 +185,13 @@ def locked(path: str | Path) -> Iterator[None]:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        for folder in created:  # made for this output, left empty by the failure: removed
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    lock.unlink(missing_ok=True)
 
 
 def remove_stale(path: str | Path) -> list[Path]:

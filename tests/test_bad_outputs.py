@@ -133,6 +133,12 @@ def test_error_inside_atomic_leaves_the_target_untouched(tmp_path, snapshot):
     assert snapshot(tmp_path) == before
 
 
+def test_failure_removes_the_folders_made_for_the_output(tmp_path):
+    with pytest.raises(OSError), outputs.atomic(tmp_path / "a" / "b" / "m", "checkpoint"):
+        raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_interrupt_inside_atomic_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt), outputs.atomic(tmp_path / "a.npz", "npz") as tmp:
         tmp.write_bytes(b"partial")
