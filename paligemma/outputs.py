@@ -80,7 +80,10 @@ def check(path: str | Path, kind: str, force: bool = False, sources: Iterable[st
         raise OutputError(f"{path}: already exists (use --force to replace a previous {what})")
     found = kind_of(path)
     if found != kind or path.is_symlink():
-        seen = f"a {KINDS[found][1]}" if found in KINDS else "not written by this command"
+        seen = "not written by this command"
+        if found in KINDS:
+            other = KINDS[found][1]
+            seen = ("an " if other[0] in "aeiou" else "a ") + other
         raise OutputError(
             f"{path}: exists and is {seen}, not a previous {what}; --force only replaces "
             "those: remove it yourself or choose another path"
