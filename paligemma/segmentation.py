@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint import check_finite
+
 NUM_CODES = 16  # seg tokens per mask (a 4x4 grid)
 MASK_SIZE = 64
 
@@ -93,5 +95,7 @@ def load_mask_decoder(path: str | Path, device: torch.device | str = "cpu") -> M
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise ValueError(f"{path}: missing VAE decoder weights {missing}")
+    for k in wanted:
+        check_finite(state[k], f"{path}: {k!r}")
     decoder.load_state_dict({k: state[k].float() for k in wanted})
     return decoder.to(device).eval()

@@ -132,3 +132,15 @@ def test_paligemma_npz_given_as_vae(refused, model_dir, photo):
 def test_missing_vae(refused, model_dir, photo, tmp_path):
     refused("segment", photo, "--object", "cat", "--model", model_dir,
             "--vae", tmp_path / "vae-oid.npz", says="no such VAE file or directory")
+
+
+def test_nan_in_the_vae_is_refused(refused, model_dir, photo, tmp_path):
+    import numpy as np
+
+    with np.load(GOLD / "seg_vae" / "params.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["decoder.0.bias"][3] = np.nan
+    np.savez(tmp_path / "vae.npz", **arrays)
+    refused("segment", photo, "--object", "cat", "--model", model_dir, "--vae",
+            tmp_path / "vae.npz", says=f"{tmp_path / 'vae.npz'}: 'decoder.0.bias' has nan at "
+            "index [3]")
