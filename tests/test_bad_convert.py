@@ -59,7 +59,7 @@ def test_to_npz_force_onto_the_official_download(refused, converted, src):
             says=f"{src}: exists and is not written by this command, not a previous exported")
 
 
-def test_to_hf_force_onto_a_converted_folder_of_the_other_kind(refused, converted):
+def test_to_hf_force_into_its_own_source_folder(refused, converted):
     convert(refused, converted, "--to", "hf", "-o", converted, "--force",
             says=f"{converted}: holds the input")
 

@@ -69,7 +69,7 @@ def test_explain_bad_layer_selection(refused, model_dir, photo, tmp_path, layers
             "-o", tmp_path / "heat.png", f"--layers={layers}", "--max-new-tokens", "2", says=says)
 
 
-def test_segment_without_a_loc_tokenizer_is_explained(model_dir, photo):
+def test_segment_without_a_vae_is_explained(model_dir, photo):
     pg = PaliGemma.from_pretrained(model_dir)
     pg.vae = None
     with pytest.raises(ValueError, match="segment needs the segmentation VAE weights"):
