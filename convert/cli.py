@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from paligemma import guard, outputs
 from paligemma.formats import CheckpointError, open_checkpoint, write_hf, write_npz, write_ours
 from paligemma.formats.dtypes import DTYPES
 from paligemma.formats.open import ConvertedSource, HFSource
@@ -45,7 +46,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = guard.ArgumentParser(
         prog="paligemma-convert",
         description="Convert official PaliGemma checkpoints (big_vision .npz, one file or "
         "several parts; Hugging Face transformers directories) to safetensors (our format, or "
@@ -104,18 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="--to hf: the model's SentencePiece file, written with the tokenizer and processor "
         "files (default: tokenizer.model or paligemma_tokenizer.model next to SRC)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous output of this command of the same "
+                   "format (recognised by its manifest.json / .npz mark); anything else is "
+                   "refused")
     p.add_argument("--hash", action="store_true", help="record the sources' sha256 in the manifest")
-    p.add_argument("--check-finite", action="store_true", help="refuse NaN/Inf weights")
+    p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse NaN/Inf weights, naming the array and index (default: on; "
+                   "--no-check-finite skips the check)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    guard.add_debug_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> None:
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     out = Path(args.output)
-    if out.exists() and not args.force:  # fail before reading gigabytes
-        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
     if args.tokenizer and args.to != "hf":
         raise CheckpointError("--tokenizer is for --to hf")
     source = open_checkpoint(args.src, args.variant, args.config, args.check_finite)
@@ -123,6 +128,12 @@ def run(args: argparse.Namespace) -> None:
     to = args.to or ("npz" if ours_dir else "ours")
     if to == "ours" and ours_dir:
         raise CheckpointError(f"{args.src[0]}: already in our format; pass --to npz or --to hf")
+    # Before reading gigabytes (opening reads headers only); checked again under the lock.
+    outputs.check(out, _KINDS[to], args.force, sources=args.src)
+    if not args.quiet:
+        how = "given" if args.variant or args.config else "detected from the shapes"
+        name = source.config.name if source.config else "vae-oid"
+        print(f"variant: {name or 'custom config'} ({how})", file=sys.stderr)
     common = {"force": args.force, "quiet": args.quiet}
     if to == "npz":
         write_npz(source, out, dtype, **common)
@@ -138,14 +149,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {out}", file=sys.stderr)
 
 
+_KINDS = {"ours": "checkpoint", "hf": "hf-checkpoint", "npz": "npz"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 0
+    return guard.run(lambda a: run(a) or 0, args)

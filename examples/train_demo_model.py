@@ -238,7 +238,9 @@ def main() -> int:
     train_seconds = time.time() - start
 
     npz = args.out / "paligemma-demo.npz"
-    export_npz(work / "run" / "model", npz, torch.bfloat16)
+    # force: replaces the .npz a previous run of this script exported (marked as ours; the
+    # shipped file predates the mark, delete it first to regenerate it).
+    export_npz(work / "run" / "model", npz, torch.bfloat16, force=True)
     shutil.copyfile(tokenizer.path, args.out / "tokenizer.model")
     config.save(args.out / "config.json")
     # Score what ships: the bf16 .npz, converted back to our format by the converter.

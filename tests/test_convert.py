@@ -252,8 +252,8 @@ def test_written_npz_members_are_stored_uncompressed(tmp_path):
     assert all(i.filename.startswith("params/") for i in infos)
 
 
-def test_force_replaces_an_existing_output(tmp_path):
-    (tmp_path / "ours").mkdir()
+def test_force_replaces_a_previous_conversion(tmp_path):
+    convert_case("pg1_tiny", tmp_path / "ours")
     (tmp_path / "ours" / "stale.txt").write_text("old")
     convert_case("pg1_tiny", tmp_path / "ours", "--force")
     assert not (tmp_path / "ours" / "stale.txt").exists()

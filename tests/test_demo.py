@@ -102,7 +102,8 @@ needs_model = pytest.mark.skipif(not (DEMO_MODEL / NPZ).is_file(),
 
 @needs_model
 def test_demo_command_end_to_end(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--seed", "5"]) == 0
+    tmp_path = tmp_path / "demo"
     printed = capsys.readouterr().out
     assert "[5/5]" in printed and "PASS" in printed
     report = json.loads((tmp_path / "report.json").read_text())

@@ -23,6 +23,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from .. import outputs
 from ..annotate import draw_objects, wrap_text
 from ..api import PaliGemma
 from ..eval.metrics import box_iou
@@ -39,25 +40,32 @@ STEPS = 5
 
 
 def run_demo(out: Path, seed: int | None = None, parity: bool = True,
-             model_dir: Path = DEMO_MODEL, parity_case: Path = PARITY_CASE) -> dict[str, Any]:
-    """Runs the demo, writing into `out` (created; earlier demo files replaced); returns the
-    report it also writes to `out/report.json`."""
-    start = time.time()
-    seed = random.randrange(10**6) if seed is None else seed
-    out.mkdir(parents=True, exist_ok=True)
+             model_dir: Path = DEMO_MODEL, parity_case: Path = PARITY_CASE,
+             force: bool = False) -> dict[str, Any]:
+    """Runs the demo, writing the folder `out` (atomically; `force` replaces a previous demo
+    output, nothing else); returns the report it also writes to `out/report.json`."""
     for name in (NPZ, TOKENIZER, CONFIG):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name}: the demo model file is missing")
+    with outputs.atomic(out, "demo", force) as work:
+        return _run(work, out, seed, parity, model_dir, parity_case)
+
+
+def _run(work: Path, out: Path, seed: int | None, parity: bool, model_dir: Path,
+         parity_case: Path) -> dict[str, Any]:
+    """The demo, written into `work`, which becomes `out` when it is done."""
+    start = time.time()
+    seed = random.randrange(10**6) if seed is None else seed
 
     _step(1, f"converting the official-format checkpoint {_shown(model_dir / NPZ)}")
     converted = out / "model"
-    write_ours(open_checkpoint(model_dir / NPZ, config_file=model_dir / CONFIG), converted,
-               force=True, quiet=True)
-    shutil.copyfile(model_dir / TOKENIZER, converted / TOKENIZER)
+    write_ours(open_checkpoint(model_dir / NPZ, config_file=model_dir / CONFIG), work / "model",
+               quiet=True)
+    shutil.copyfile(model_dir / TOKENIZER, work / "model" / TOKENIZER)
     print(f"      -> {converted}/ (config.json, model.safetensors, {TOKENIZER})")
 
     _step(2, "loading it with PaliGemma.from_pretrained")
-    pg = PaliGemma.from_pretrained(converted)
+    pg = PaliGemma.from_pretrained(work / "model")
     config = pg.model.config
     print(f"      {config.name}: {sum(p.numel() for p in pg.model.parameters()) / 1e6:.1f}M "
           f"parameters, {config.vision.image_size} px images, vocabulary "
@@ -65,7 +73,7 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
 
     _step(3, f"drawing a fresh scene (seed {seed}; rerun with --seed {seed})")
     scene = scenes.draw_scene(random.Random(seed), DISPLAY_SIZE)
-    scene.image.save(out / "scene.png")
+    scene.image.save(work / "scene.png")
     print(f"      truth: {scene.caption()}")
 
     _step(4, "asking the model")
@@ -100,7 +108,7 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
         })
         print(f"      {'detect ' + k!r:<40} -> {result.text!r}  (IoU with truth {overlap:.2f})")
     annotated = out / "annotated.png"
-    _annotate(scene.image, detections, results).save(annotated)
+    _annotate(scene.image, detections, results).save(work / "annotated.png")
     print(f"      -> {annotated}")
 
     report: dict[str, Any] = {"seed": seed, "model": str(model_dir / NPZ), "results": results}
@@ -122,7 +130,7 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
     report["seconds"] = round(time.time() - start, 1)
     report["files"] = {"scene": str(out / "scene.png"), "annotated": str(annotated),
                        "model": str(converted)}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"done in {report['seconds']} s; wrote {out}/ (scene.png, annotated.png, report.json, "
           "model/)")
     return report
@@ -183,7 +191,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: paligemma demo --out out/demo --seed 7",
     )
     p.add_argument("--out", type=Path, default=Path("out/demo"),
-                   help="output folder (default: out/demo)")
+                   help="output folder (default: out/demo); must not exist unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is a previous demo output (nothing else)")
     p.add_argument("--seed", type=int, help="scene seed (default: a fresh random scene)")
     p.add_argument("--no-parity", dest="parity", action="store_false",
                    help="skip the gold parity check")
@@ -194,5 +204,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    run_demo(args.out, args.seed, args.parity, parity_case=args.parity_case)
+    run_demo(args.out, args.seed, args.parity, parity_case=args.parity_case, force=args.force)
     return 0

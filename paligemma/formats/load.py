@@ -81,7 +81,7 @@ def load_official(
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if isinstance(config, PaliGemmaConfig):
-        source = OfficialSource(paths, check_finite=False, config=config)
+        source = OfficialSource(paths, config=config)
     elif isinstance(config, str) and config in VARIANTS:
         source = OfficialSource(paths, variant=config)
     else:

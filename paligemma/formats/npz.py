@@ -270,10 +270,11 @@ class NpzWriter:
     chunks)` where the chunks, in C order, concatenate to the array.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, comment: bytes = b""):
         self.path = Path(path)
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
         self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._zip.comment = comment
 
     def add(
         self,
@@ -321,6 +322,7 @@ class NpzWriter:
             self.close()
         else:  # the output is being discarded: do not let finishing the zip mask the error
             self._file.close()
+            self._zip.fp = None  # or ZipFile.__del__ would try to finish it, printing a traceback
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from ..config import VARIANTS, PaliGemmaConfig
@@ -41,7 +40,6 @@ from .npz import OfficialNpz
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Chunks = Iterator[torch.Tensor]  # pieces of one tensor along axis 0
 _CHUNK_BYTES = ours.CHUNK_BYTES
-_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask of the NaN/Inf check
 TOKENIZER_FILES = ("tokenizer.model", "paligemma_tokenizer.model")
 
 
@@ -64,7 +62,7 @@ class Source:
     vae_config: dict[str, Any] | None
     # Official key -> {"shape", "dtype"} of the original arrays (for the manifest and --to npz).
     official: dict[str, dict[str, Any]] = field(default_factory=dict)
-    check_finite: bool = False
+    check_finite: bool = True
     tokenizer: Path | None = None  # the SentencePiece file next to the weights, if any
 
     @property
@@ -83,7 +81,7 @@ class OfficialSource(Source):
         paths: list[str | Path],
         variant: str | None = None,
         config_file: str | Path | None = None,
-        check_finite: bool = False,
+        check_finite: bool = True,
         config: PaliGemmaConfig | None = None,
     ):
         self.ckpt = OfficialNpz(paths)
@@ -140,7 +138,7 @@ class OfficialSource(Source):
         start = 0
         for chunk in self.ckpt.iter_rows(key, max(1, max_bytes // row_bytes)):
             if self.check_finite:
-                _check_finite(chunk, f"{info.path}: {key!r}", start)
+                ours.check_finite(chunk, f"{info.path}: {key!r}", start)
             progress.update(chunk.nbytes)
             start += chunk.shape[0]
             yield chunk if info.shape else chunk.reshape(())
@@ -149,7 +147,7 @@ class OfficialSource(Source):
 class ConvertedSource(Source):
     """One of our checkpoint directories (see formats.ours)."""
 
-    def __init__(self, directory: str | Path, check_finite: bool = False):
+    def __init__(self, directory: str | Path, check_finite: bool = True):
         self.directory = Path(directory)
         raw = ours.read_config(self.directory)
         self.weight_map = ours.weight_map(self.directory)
@@ -191,7 +189,7 @@ class ConvertedSource(Source):
         """One tensor (our name), memory-mapped; checked for NaN/Inf if asked."""
         tensor = ours.read_tensor(self.weight_map[name], name)
         if self.check_finite:
-            _check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
+            ours.check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
         return tensor
 
     def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
@@ -204,7 +202,7 @@ class ConvertedSource(Source):
 class HFSource(ConvertedSource):
     """A Hugging Face transformers PaliGemma directory (see formats.hf_import)."""
 
-    def __init__(self, directory: str | Path, check_finite: bool = False):
+    def __init__(self, directory: str | Path, check_finite: bool = True):
         self.directory = Path(directory)
         raw = ours.read_config(self.directory)
         stored = ours.tensor_specs(self.directory)
@@ -235,7 +233,7 @@ class HFSource(ConvertedSource):
         path, stored = self.weight_map[name], self._stored_name[name]
         tensor = hf_import.from_hf_tensor(name, ours.read_tensor(path, stored), self.config)
         if self.check_finite:
-            _check_finite(tensor, f"{path}: {stored!r}")
+            ours.check_finite(tensor, f"{path}: {stored!r}")
         return tensor
 
 
@@ -243,7 +241,7 @@ def open_checkpoint(
     srcs: str | Path | list[str | Path],
     variant: str | None = None,
     config_file: str | Path | None = None,
-    check_finite: bool = False,
+    check_finite: bool = True,
 ) -> Source:
     """Opens and checks a checkpoint: one directory (ours, or a Hugging Face transformers one),
     or official `.npz` file(s) / parts. variant / config_file apply to `.npz` only (detected
@@ -326,17 +324,3 @@ def _check_parts_agree(ckpt: OfficialNpz) -> None:
         raise CheckpointError(
             f"{', '.join(map(str, ckpt.paths))}: mixes segmentation VAE keys with PaliGemma keys"
         )
-
-
-def _check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
-    """Raises CheckpointError at the first NaN/Inf, with its index in the whole array."""
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
-        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
-        if bad.any():
-            i = start + int(bad.nonzero()[0, 0])
-            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
-            if index:
-                index[0] += row_offset
-            value = float(flat[i])
-            raise CheckpointError(f"{where} has {value} at index {index} (--check-finite)")

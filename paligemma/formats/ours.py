@@ -17,16 +17,14 @@ shard: memory stays bounded by one chunk, not by a shard.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -42,6 +40,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_TYPE = "paligemma"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; the Hugging Face default ("5GB")
 CHUNK_BYTES = 64 << 20  # tensors are converted and written in pieces of about this size
+_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask that locates a NaN/Inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,19 +120,39 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
+def check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
+    """Raises CheckpointError naming the first NaN/Inf of `t` and its index (rows counted from
+    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask."""
+    if t.numel() == 0 or torch.isfinite(t.sum(dtype=torch.float32)):
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
+        if bad.any():
+            i = start + int(bad.nonzero()[0, 0])
+            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
+            if index:
+                index[0] += row_offset
+            raise CheckpointError(
+                f"{where} has {float(flat[i])} at index {index}: the checkpoint holds NaN/Inf "
+                "weights (a broken download or training run); it cannot give sensible outputs"
+            )
+
+
 def load_state_dict(
     directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, memory-mapped (dtype None keeps the stored one).
 
     With a dtype change, only one shard's file pages are mapped at a time next to the
-    converted tensors.
+    converted tensors. Every tensor is checked for NaN/Inf (`check_finite`).
     """
     state = {}
     for path, names in shards(directory).items():
         with _open_safetensors(path, device) as f:
             for name in names:
                 tensor = f.get_tensor(name)
+                check_finite(tensor, f"{path}: {name!r}")
                 state[name] = tensor if dtype is None else tensor.to(dtype)
     return state
 
@@ -279,7 +298,9 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
-    """Writes `model` as a checkpoint directory (created if needed) that `load_pretrained` reads."""
+    """Writes `model` into `directory` (created if needed) as a checkpoint that
+    `load_pretrained` reads. Files there are overwritten: commands write through
+    `paligemma.outputs.atomic` (see `finetune.save_model`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -292,38 +313,3 @@ def save_pretrained(
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, force: bool = False, is_dir: bool = True) -> Iterator[Path]:
-    """Yields a temporary sibling of `path` (a directory, or a file when not `is_dir`) to write
-    into; it is renamed to `path` on success.
-
-    On any error the temporary is removed and `path` is untouched: a failed or interrupted
-    write leaves nothing behind. An existing `path` is refused unless `force`, and is only
-    replaced once the new output is complete.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would end up on the output; mkdir follows the umask.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
-        out = tmp if is_dir else tmp / path.name
-        yield out
-        if path.exists():  # --force: move the old output aside, then drop it
-            old = tmp.parent / (tmp.name + ".old")
-            os.replace(path, old)
-            _remove(old)
-        os.replace(out, path)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()

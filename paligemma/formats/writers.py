@@ -1,7 +1,8 @@
 """Where tensors go: our directory format, a Hugging Face directory, or an official `.npz`.
 
-Every writer takes an opened `Source` (`formats.open`) and goes through `ours.atomic_output`:
-output is written to a temporary sibling and renamed into place only when complete.
+Every writer takes an opened `Source` (`formats.open`) and goes through
+`paligemma.outputs.atomic`: output is written to a temporary sibling and renamed into place
+only when complete; `--force` replaces only a previous output of the same kind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import __version__
+from .. import __version__, outputs
 from ..tokenizer import Tokenizer
 from . import hf, hf_serve, ours, vae
 from .dtypes import DTYPES, TORCH_DTYPE_NAMES
@@ -43,7 +44,7 @@ def write_ours(
     """
     specs = {k: (shape, dtype or d) for k, (shape, d) in source.specs.items()}
     config = source.vae_config or {"model_type": ours.MODEL_TYPE, **source.config.to_dict()}
-    with ours.atomic_output(out_dir, force) as tmp:
+    with outputs.atomic(out_dir, "checkpoint", force) as tmp:
         manifest = _manifest(source, "paligemma", specs, hash_sources, quiet)
         _stream(source, tmp, specs, {k: k for k in specs}, max_shard_size, quiet)
         ours.write_json(tmp / ours.CONFIG_FILE, config)
@@ -81,7 +82,7 @@ def write_hf(
         for k, (shape, _) in source.specs.items()
     }
     config = hf.hf_config(source.config, out_dtype, hf_serve.special_ids(tok) if tok else None)
-    with ours.atomic_output(out_dir, force) as tmp:
+    with outputs.atomic(out_dir, "hf-checkpoint", force) as tmp:
         manifest = _manifest(source, "transformers-paligemma", specs, hash_sources, quiet)
         chunks = functools.partial(hf.hf_chunks, source.config)
         _stream(source, tmp, specs, names, max_shard_size, quiet, chunks)
@@ -118,7 +119,8 @@ def write_npz(
         return dtype or (DTYPES[original] if original in DTYPES else stored)
 
     bar = _progress(source.nbytes, quiet, f"writing {Path(out_file).name}")
-    with ours.atomic_output(out_file, force, is_dir=False) as tmp, NpzWriter(tmp) as npz:
+    with (outputs.atomic(out_file, "npz", force) as tmp,
+          NpzWriter(tmp, comment=outputs.npz_comment()) as npz):
         if source.config is None:  # the VAE: same keys, no prefix
             for name, (shape, stored) in source.specs.items():
                 tensor = source.read(name)
