@@ -77,12 +77,13 @@ def test_to_npz_force_replaces_its_own_export(converted, tmp_path):
     assert outputs.kind_of(out) == "npz"
 
 
-def test_transformers_folder_as_source(refused, tmp_path):
+def test_transformers_folder_without_weights_as_source(refused, tmp_path):
+    """A transformers folder is read as one (issue 17); without weights it names what is missing."""
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"architectures": ["X"], "text_config": {}}))
     convert(refused, hf, "--to", "npz", "-o", tmp_path / "x.npz",
-            says="a Hugging Face transformers checkpoint, not ours")
+            says=f"{hf}: no model.safetensors or model.safetensors.index.json")
 
 
 def test_config_value_of_the_wrong_type(refused, src, tmp_path):
@@ -103,7 +104,7 @@ def test_bad_shard_size(refused, src, tmp_path):
 def test_npz_error_prints_no_stray_zipfile_traceback(converted, tmp_path, monkeypatch, capfd):
     def broken(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(paligemma.checkpoint, "split_rows", broken)
+    monkeypatch.setattr(paligemma.formats.ours, "split_rows", broken)
     assert main([str(converted), "-o", str(tmp_path / "back.npz"), "-q"]) == 2
     gc.collect()  # ZipFile.__del__ used to print "Exception ignored ..." here
     err = capfd.readouterr().err
