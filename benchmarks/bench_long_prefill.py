@@ -63,6 +63,7 @@ def child(npz: Path, variant: str, chunk_scores: int) -> dict[str, float]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     load_peak = _peak_rss()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the prefill's own peak next
+    rss_before = _status_bytes("VmRSS:")
     g = torch.Generator().manual_seed(0)
     size = config.vision.image_size
     images = torch.rand(1, 3, size, size, generator=g) * 2 - 1
@@ -75,7 +76,8 @@ def child(npz: Path, variant: str, chunk_scores: int) -> dict[str, float]:
     seconds = time.perf_counter() - start
     return {
         "prefill_s": seconds,
-        "prefill_peak_rss_gb": _high_water_mark() / 1e9,
+        "prefill_peak_rss_gb": _status_bytes("VmHWM:") / 1e9,
+        "rss_before_prefill_gb": rss_before / 1e9,
         "process_peak_rss_gb": _peak_rss() / 1e9,
         "load_peak_rss_gb": load_peak / 1e9,
         "weight_gb": weight_bytes / 1e9,
@@ -88,12 +90,13 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _high_water_mark() -> int:
-    """VmHWM of this process in bytes: peak RSS since start or the last clear_refs reset."""
+def _status_bytes(field: str) -> int:
+    """A /proc/self/status size in bytes: VmRSS (now) or VmHWM (peak RSS since start or the
+    last clear_refs reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.variant}: {first['positions']} positions, weights {first['weight_gb']:.2f} GB "
           f"(bf16), {report['machine']['cpu']}, {report['machine']['isa']}, "
           f"load average {report['machine']['load_avg'][0]:.1f}")
-    print(f"{'attention':<10} {'prefill peak GB':>16} {'over weights GB':>16} "
-          f"{'process peak GB':>16} {'prefill s':>10}")
+    print(f"{'attention':<10} {'RSS before GB':>14} {'prefill peak GB':>16} "
+          f"{'over weights GB':>16} {'process peak GB':>16} {'prefill s':>10}")
     for name, r in results.items():
-        print(f"{name:<10} {r['prefill_peak_rss_gb']:>16.2f} "
+        print(f"{name:<10} {r['rss_before_prefill_gb']:>14.2f} {r['prefill_peak_rss_gb']:>16.2f} "
               f"{r['prefill_peak_rss_gb'] - r['weight_gb']:>16.2f} "
               f"{r['process_peak_rss_gb']:>16.2f} {r['prefill_s']:>10.1f}")
     if len(results) == len(SETTINGS):

@@ -322,7 +322,7 @@ def test_unsupported_hf_settings_are_named(tmp_path):
     (directory / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="text_config.hidden_activation 'relu'"):
         load_pretrained(directory)
-    assert main([str(directory), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert main([str(directory), "-o", str(tmp_path / "out"), "-q"]) == 2  # bad input
 
 
 # ---------------------------------------------------------------------------------------------

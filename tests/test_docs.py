@@ -1,7 +1,8 @@
 """The shell blocks of README.md and docs/*.md run as written, after the README's set-up.
 
 Each document's ```bash blocks run in order, with bash (`set -e`), in one fresh folder that links
-the repository's examples/ and docs/ (relative paths work; outputs stay out of the checkout),
+the repository's examples/, docs/ and paligemma/ (relative paths work; outputs stay out of
+the checkout),
 with this environment's bin/ first on PATH (the README tells users to activate .venv). A
 ```text block right after a bash block (with at most one line of prose between them) is what
 it prints: each of its lines must appear in the output. Blocks after a
@@ -40,7 +41,7 @@ RUNNABLE = [doc for doc in DOCS if any(not skipped for _, _, skipped in blocks(d
 
 @pytest.mark.parametrize("doc", RUNNABLE, ids=[d.name for d in RUNNABLE])
 def test_doc_shell_blocks_run(doc, tmp_path):
-    for name in ("examples", "docs"):
+    for name in ("examples", "docs", "paligemma"):
         (tmp_path / name).symlink_to(ROOT / name)
     runnable = [(code, prints) for code, prints, skipped in blocks(doc) if not skipped]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
