@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, generation=False)
     p.set_defaults(func=_explain)
 
-    from . import finetune
+    from . import batch, finetune
     from .demo import command as demo
 
+    batch.add_parser(sub)
     finetune.add_parser(sub)
     demo.add_parser(sub)
     return parser
