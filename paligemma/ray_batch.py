@@ -71,8 +71,13 @@ def process_on_ray(
             _Worker,
             fn_constructor_kwargs={"model": model, "job": job, "max_batch": max_batch},
             batch_size=batch_size,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor,
         )
-        for row in rows.iter_rows():
-            yield json.loads(row["row"])
+        try:
+            for row in rows.iter_rows():
+                yield json.loads(row["row"])
+        except ray.exceptions.RayError as e:  # e.g. an actor could not load the model
+            message = str(e).strip().splitlines()
+            raise ValueError(f"Ray job failed: {message[-1] if message else type(e).__name__}"
+                             ) from None
