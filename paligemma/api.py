@@ -87,13 +87,16 @@ class PaliGemma:
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         quantize: str | None = None,
+        tensor_parallel: bool = False,
     ) -> PaliGemma:
         """A converted checkpoint directory, or a Hugging Face Hub repo id holding one.
 
         tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model in
         the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only);
         quantize: "int8" or "int8-linear" (`quantize.MODES`) quantizes each matrix as it is
-        read (`quantize.load_quantized`; dtype is then ignored).
+        read (`quantize.load_quantized`; dtype is then ignored); tensor_parallel: load only this
+        rank's shard of the decoder (`tensor_parallel.load_tensor_parallel`; in a torchrun
+        process group).
         """
         path = Path(name_or_path)
         if not path.exists():
@@ -121,6 +124,10 @@ class PaliGemma:
             from .quantize import load_quantized
 
             model = load_quantized(path, quantize, device=device)
+        elif tensor_parallel:
+            from .tensor_parallel import load_tensor_parallel
+
+            model = load_tensor_parallel(path, dtype=dtype, device=device)
         else:
             model = load_pretrained(path, dtype=dtype, device=device)
         return cls(model, tok, load_mask_decoder(vae, device) if vae is not None else None)

@@ -48,6 +48,7 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from . import tensor_parallel
     from .api import PaliGemma
 
     return PaliGemma.from_pretrained(
@@ -57,17 +58,23 @@ def _load(args: argparse.Namespace) -> Any:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         device=args.device,
         quantize=args.quantize,
+        tensor_parallel=tensor_parallel.active(),
     )
 
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    from . import tensor_parallel
+
+    seed = args.seed
+    if seed is None and args.temperature > 0 and tensor_parallel.active():
+        seed = tensor_parallel.shared_seed()  # every rank must draw the same tokens
     return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         num_beams=args.beams,
-        seed=args.seed,
+        seed=seed,
     )
 
 
