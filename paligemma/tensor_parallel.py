@@ -165,6 +165,23 @@ class VocabParallelEmbedding(Embedding):
         return torch.cat(parts, -1)[..., : self.vocab_size]
 
 
+def shard_model(config: PaliGemmaConfig, plan: Plan) -> PaliGemmaModel:
+    """The rank's model on the meta device: local heads / MLP columns / vocabulary rows, with
+    the row-parallel and vocabulary-parallel layers in place. `model.config` is the full one."""
+    local = plan.local_config()
+    with torch.device("meta"):
+        model = PaliGemmaModel(dataclasses.replace(config, text=local))
+        decoder = model.decoder
+        decoder.embedder = VocabParallelEmbedding(local.vocab_size, local.width, plan.vocab[0],
+                                                  config.text.vocab_size)
+        for layer in decoder.layers:
+            layer.attn.o_proj = RowParallelLinear(local.num_heads * local.head_dim, local.width,
+                                                  bias=False)
+            layer.mlp.down_proj = RowParallelLinear(local.mlp_dim, local.width, bias=False)
+    model.config = config
+    return model
+
+
 def load_tensor_parallel(
     directory: str | Path,
     dtype: torch.dtype | None = None,
@@ -175,20 +192,9 @@ def load_tensor_parallel(
     `model.config` stays the full model's (tokenizer checks, image size); the decoder's modules
     carry the rank's `ShardTextConfig`. dtype None keeps the stored dtype.
     """
-    rank, world = dist.get_rank(), dist.get_world_size()
     config = PaliGemmaConfig.from_dict(read_config(directory))
-    plan = Plan(config.text, rank, world)
-    local = plan.local_config()
-    with torch.device("meta"):
-        model = PaliGemmaModel(dataclasses.replace(config, text=local))
-        decoder = model.decoder
-        start = plan.vocab[0]
-        decoder.embedder = VocabParallelEmbedding(local.vocab_size, local.width, start,
-                                                  config.text.vocab_size)
-        for layer in decoder.layers:
-            layer.attn.o_proj = RowParallelLinear(local.num_heads * local.head_dim, local.width,
-                                                  bias=False)
-            layer.mlp.down_proj = RowParallelLinear(local.mlp_dim, local.width, bias=False)
+    plan = Plan(config.text, dist.get_rank(), dist.get_world_size())
+    model = shard_model(config, plan)
     expected = model.state_dict()
     files = weight_map(directory)
     missing = sorted(set(expected) - set(files))
@@ -212,7 +218,6 @@ def load_tensor_parallel(
                              f"rank expects {tuple(meta.shape)} (checkpoint / config mismatch)")
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
-    model.config = config
     return model.eval()
 
 
