@@ -1,0 +1,150 @@
+"""Batch throughput: one-by-one `caption` against static batches and continuous batching, one run.
+
+On the shipped demo model (converted to a temporary folder), over synthetic scenes, greedy:
+
+1. captions, images/s: one image per call (what `paligemma caption a.png b.png ...
+   --batch-size 1` and a loop over `PaliGemma.caption` do), static batches of 8 and 32 (the
+   task commands' `--batch-size`: a batch runs until its longest caption ends), and the
+   continuous-batching scheduler (`paligemma batch`'s engine) with 1, 8 and 32 rows.
+2. mixed-length outputs: the same images with prompts whose answers are 1 token ("how many
+   shapes"), ~6 ("detect"), ~11 ("caption") and a long free-running tail (max_new_tokens
+   mixed), static batches against continuous batching at the same batch size.
+
+Every configuration runs the same items in the same process, in turn, twice (the best of the
+two counts: the machine is shared); ratios are printed against one-by-one / static. The CPU
+model, flags and thread count are recorded.
+
+    python benchmarks/bench_batch.py [--images 48] [--json out.json]
+
+Full-size random weights are not run here: one PaliGemma 3B-224 caption takes ~20 s on 2 cores
+(benchmarks/RESULTS.md), so 7 x 48 captions at three batch sizes would take hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from paligemma import PaliGemma
+from paligemma.demo import scenes
+from paligemma.image import preprocess, to_rgb_array
+from paligemma.scheduler import Request, Scheduler
+
+DEMO = Path(__file__).parents[1] / "examples" / "demo_model"
+MIXED = [("answer en how many shapes are there", 8), ("detect circle", 12), ("caption en", 24),
+         ("caption en", 64)]  # (prompt, max_new_tokens): 1, ~6, ~11 and up to 64 tokens
+
+
+def cpu_info() -> dict:
+    info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(), "load": os.getloadavg()}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "flags") and key.strip() not in info:
+            value = value.strip()
+            if key.strip() == "flags":
+                value = " ".join(f for f in value.split() if f.startswith(("avx", "fma", "f16c",
+                                                                           "amx")))
+            info[key.strip()] = value
+    return info
+
+
+def load_demo(folder: Path) -> PaliGemma:
+    from convert import open_source, write_ours
+
+    write_ours(open_source([DEMO / "paligemma-demo.npz"], config_file=DEMO / "config.json"),
+               folder, quiet=True)
+    shutil.copyfile(DEMO / "tokenizer.model", folder / "tokenizer.model")
+    return PaliGemma.from_pretrained(folder)
+
+
+def timed(fn) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(2):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def static(pg: PaliGemma, requests: list[Request], size: int) -> list[list[int]]:
+    """Batches of `size` in input order, each run to its longest row (pg.generate)."""
+    tokens = []
+    for start in range(0, len(requests), size):
+        chunk = requests[start:start + size]
+        budget = max(r.max_new_tokens for r in chunk)
+        tokens += [r.tokens for r in pg.generate(torch.stack([r.image for r in chunk]),
+                                                 [r.prompt for r in chunk],
+                                                 max_new_tokens=budget)]
+    return tokens
+
+
+def continuous(pg: PaliGemma, requests: list[Request], size: int) -> dict:
+    return {h.id: h.tokens for h in Scheduler(pg, size).run(requests)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp())
+    try:
+        pg = load_demo(folder / "model")
+    finally:
+        shutil.rmtree(folder)
+    rng = random.Random(0)
+    images = [scenes.draw_scene(rng, 112).image for _ in range(args.images)]
+    pixels = list(preprocess([to_rgb_array(im) for im in images], pg.image_size))
+    n = len(images)
+    report: dict = {"cpu": cpu_info(), "images": n, "model": "demo (2.1M parameters)"}
+    print(f"CPU: {report['cpu'].get('model name')}; {report['cpu']['capability']}; flags "
+          f"{report['cpu'].get('flags')}; {report['cpu']['threads']} threads; load "
+          f"{report['cpu']['load'][0]:.1f}\n")
+
+    captions = [Request(p, "caption en", max_new_tokens=24, id=i) for i, p in enumerate(pixels)]
+    one, ref = timed(lambda: [pg.caption(p[None], max_new_tokens=24)[0].tokens for p in pixels])
+    rows = [("one-by-one caption", one, None)]
+    for size in (8, 32):
+        seconds, out = timed(lambda size=size: static(pg, captions, size))
+        assert out == ref, "static batching changed a caption"
+        rows.append((f"static batches of {size}", seconds, None))
+    for size in (1, 8, 32):
+        seconds, out = timed(lambda size=size: continuous(pg, captions, size))
+        assert [out[i] for i in range(n)] == ref, "continuous batching changed a caption"
+        rows.append((f"continuous, {size} rows", seconds, None))
+    print(f"1. captions of {n} scenes (max 24 tokens, greedy)")
+    print(f"{'':<28}{'s':>8}{'images/s':>10}{'x one-by-one':>14}")
+    report["captions"] = {}
+    for name, seconds, _ in rows:
+        print(f"{name:<28}{seconds:>8.2f}{n / seconds:>10.1f}{one / seconds:>14.2f}")
+        report["captions"][name] = {"seconds": seconds, "images_per_s": n / seconds}
+
+    mixed = [Request(p, *MIXED[i % len(MIXED)], id=i) for i, p in enumerate(pixels)]
+    lengths = [len(t) for t in continuous(pg, mixed, 8).values()]
+    print(f"\n2. mixed-length outputs: {n} items, prompts {[m[0] for m in MIXED]}, budgets "
+          f"{[m[1] for m in MIXED]}; generated tokens min {min(lengths)}, mean "
+          f"{sum(lengths) / n:.1f}, max {max(lengths)}")
+    print(f"{'batch':<8}{'static s':>10}{'continuous s':>14}{'speed-up':>10}")
+    report["mixed"] = {"tokens_mean": sum(lengths) / n, "tokens_max": max(lengths)}
+    for size in (8, 32):
+        s_static, _ = timed(lambda size=size: static(pg, mixed, size))
+        s_cont, _ = timed(lambda size=size: continuous(pg, mixed, size))
+        print(f"{size:<8}{s_static:>10.2f}{s_cont:>14.2f}{s_static / s_cont:>10.2f}")
+        report["mixed"][str(size)] = {"static_s": s_static, "continuous_s": s_cont}
+    report["platform"] = platform.platform()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
