@@ -224,7 +224,7 @@ def process(
     """
     from .scheduler import Request, Scheduler
 
-    sched = Scheduler(pg, max_batch)
+    sched = Scheduler(pg, max_batch, min_prefill=max(1, max_batch // 4))
     size = pg.image_size
     pending: deque[tuple[Item, Future]] = deque()
     meta: dict[str, tuple[Item, tuple[int, int]]] = {}
