@@ -28,4 +28,5 @@ for case in map(Path, sys.argv[2:]):
     if dist.get_rank() == 0:
         save_file({"tokens": tokens, "logits": logits}, out / f"{case.name}.safetensors")
         (out / f"{case.name}.json").write_text(json.dumps({"rank_weight_bytes": sizes}))
+dist.barrier()  # every rank done before the group goes
 dist.destroy_process_group()
