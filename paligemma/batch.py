@@ -156,11 +156,13 @@ class Results:
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"--output {self.path}: folder {self.path.parent} does not "
                                     "exist")
+        if not os.access(self.path if self.path.exists() else self.path.parent, os.W_OK):
+            raise ValueError(f"--output {self.path}: not writable")
         self.done: set[str] = set()
         self.errors = 0
         if self.path.exists():
             self._read_back()
-        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file: IO[str] | None = None  # opened by the first row: a failed start leaves no file
 
     def _read_back(self) -> None:
         good = 0  # bytes of complete lines
@@ -182,13 +184,16 @@ class Results:
             os.truncate(self.path, good)
 
     def write(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
         self.done.add(row["id"])
         self.errors += "error" in row
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> Results:
         return self

@@ -134,3 +134,10 @@ def test_an_output_that_is_not_a_results_file_is_refused(tmp_path):
 def test_ask_without_a_question_is_an_error_row():
     with pytest.raises(ValueError, match="no 'question' and no --question"):
         Job("ask").prompt(Item("x", "x.png"))
+
+
+def test_a_failed_start_leaves_no_output(folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", "--input", folder, "--output", out, "--model", tmp_path / "none") == 2
+    assert cli("caption", "--input", tmp_path / "none", "--output", out, "--model", folder) == 2
+    assert not out.exists()
