@@ -2,10 +2,10 @@
 greedy tokens identical, logits within float32 noise; each rank holds less than the whole model.
 
 The logit tolerance: adding a row-parallel layer's two partial sums is a different float32
-summation order than one GEMM. On these cases (|logits| up to 26) one process differs from
+summation order than one GEMM. On the short cases (|logits| up to 26) one process differs from
 itself by up to 3.4e-5 between its two matmul paths (C++ decode kernel vs PyTorch,
-PALIGEMMA_NO_KERNELS=1), and 2 ranks differ from one process by up to 7e-5; 1e-4 (4e-6 of the
-logit range) bounds both.
+PALIGEMMA_NO_KERNELS=1); 2 ranks differ from one process by 8e-6 to 9.3e-5 (pg1_long_1k_tiny).
+2e-4 (under 1e-5 of the logit range) bounds both with room.
 """
 
 import json
@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
 def test_two_ranks_equal_one_process(runs, case):
     tokens, logits, _, split, _ = runs[case]
     assert torch.equal(split["tokens"], tokens)
-    torch.testing.assert_close(split["logits"], logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(split["logits"], logits, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
