@@ -17,8 +17,11 @@ ray = pytest.importorskip("ray", reason='Ray is not installed (pip install -e ".
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray instance for the module (its start-up takes seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """One local Ray instance for the module (its start-up takes seconds). Its actors do not
+    load the C++ kernel: one killed while torch builds it would leave the build's lock file
+    behind, and every later loader would wait for it forever."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PALIGEMMA_NO_KERNELS": "1"}})
     yield
     ray.shutdown()
 
