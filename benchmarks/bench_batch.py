@@ -65,9 +65,9 @@ def cpu_info() -> dict:
 
 
 def load_demo(folder: Path) -> PaliGemma:
-    from convert import open_source, write_ours
+    from paligemma.formats import open_checkpoint, write_ours
 
-    write_ours(open_source([DEMO / "paligemma-demo.npz"], config_file=DEMO / "config.json"),
+    write_ours(open_checkpoint([DEMO / "paligemma-demo.npz"], config_file=DEMO / "config.json"),
                folder, quiet=True)
     shutil.copyfile(DEMO / "tokenizer.model", folder / "tokenizer.model")
     return PaliGemma.from_pretrained(folder)

@@ -42,8 +42,9 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from .checkpoint import read_config, weight_map
 from .config import PaliGemmaConfig, TextConfig
+from .formats.open import ConvertedSource, HFSource, Source, open_checkpoint
+from .formats.ours import read_config, weight_map
 from .layers import Embedding, Linear
 from .model import PaliGemmaModel
 
@@ -183,7 +184,7 @@ def shard_model(config: PaliGemmaConfig, plan: Plan) -> PaliGemmaModel:
 
 
 def load_tensor_parallel(
-    directory: str | Path,
+    checkpoint: str | Path | Source,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> PaliGemmaModel:
@@ -192,6 +193,12 @@ def load_tensor_parallel(
     `model.config` stays the full model's (tokenizer checks, image size); the decoder's modules
     carry the rank's `ShardTextConfig`. dtype None keeps the stored dtype.
     """
+    source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
+    if not isinstance(source, ConvertedSource) or isinstance(source, HFSource):
+        raise ValueError(f"{checkpoint}: tensor parallelism reads our converted directories "
+                         "(slices of their safetensors); convert it first with "
+                         "paligemma-convert")
+    directory = source.directory
     config = PaliGemmaConfig.from_dict(read_config(directory))
     plan = Plan(config.text, dist.get_rank(), dist.get_world_size())
     model = shard_model(config, plan)

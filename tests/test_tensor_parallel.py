@@ -18,11 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paligemma.checkpoint import load_pretrained, save_pretrained
+from paligemma.formats import load_official, load_pretrained, save_pretrained
 from paligemma.generate import generate
 from paligemma.parity import case_config
 from paligemma.tensor_parallel import Plan, weight_bytes
-from paligemma.weights import load_official
 
 DATA = Path(__file__).parents[1] / "parity_tests" / "data"
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "vectors.npz").is_file()
