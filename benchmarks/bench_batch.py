@@ -41,11 +41,12 @@ import torch
 
 from paligemma import PaliGemma
 from paligemma.demo import scenes
+from paligemma.demo.command import DEMO_MODEL
 from paligemma.image import preprocess, to_rgb_array
 from paligemma.model import PaliGemmaModel
 from paligemma.scheduler import Request, Scheduler
 
-DEMO = Path(__file__).parents[1] / "examples" / "demo_model"
+DEMO = DEMO_MODEL
 MIXED = [("answer en how many shapes are there", 8), ("detect circle", 12), ("caption en", 24),
          ("caption en", 64)]  # (prompt, max_new_tokens): 1, ~6, ~11 and up to 64 tokens
 

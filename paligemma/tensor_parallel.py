@@ -51,14 +51,13 @@ from .model import PaliGemmaModel
 
 @dataclasses.dataclass(frozen=True)
 class ShardTextConfig(TextConfig):
-    """The part of a TextConfig one rank computes (its heads, MLP columns and vocabulary rows);
-    `full` is the whole model's, whose query scale it keeps."""
-
-    full: TextConfig | None = None
+    """The part of a TextConfig one rank computes (its heads, MLP columns and vocabulary rows).
+    It keeps the whole model's query scale (27B's depends on num_heads), set by
+    `Plan.local_config` (not a field: configs hold only their own settings)."""
 
     @property
     def query_scale(self) -> float:
-        return self.full.query_scale
+        return self._query_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +106,13 @@ class Plan:
         def size(span: tuple[int, int]) -> int:
             return span[1] - span[0]
 
-        return ShardTextConfig(**{
+        local = ShardTextConfig(**{
             **{f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(TextConfig)},
             "num_heads": size(self.heads), "num_kv_heads": size(self.kv_heads),
-            "mlp_dim": size(self.mlp), "vocab_size": size(self.vocab), "full": self.cfg,
+            "mlp_dim": size(self.mlp), "vocab_size": size(self.vocab),
         })
+        object.__setattr__(local, "_query_scale", self.cfg.query_scale)
+        return local
 
     def slice_of(self, name: str) -> tuple[int, int, int] | None:
         """(dim, start, stop) of a decoder tensor in the full checkpoint; None: replicated."""

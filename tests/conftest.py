@@ -23,8 +23,9 @@ from test_api import cat_image, tiny_checkpoint
 import paligemma.cli
 from paligemma import PaliGemma
 from paligemma.demo import scenes
+from paligemma.demo.command import DEMO_MODEL
 
-DEMO = Path(__file__).parents[1] / "examples" / "demo_model"
+DEMO = DEMO_MODEL
 
 
 def tree(*roots: Path) -> dict[str, tuple[int, int]]:
