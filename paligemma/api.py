@@ -110,6 +110,7 @@ class PaliGemma:
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         quantize: str | None = None,
+        tensor_parallel: bool = False,
     ) -> PaliGemma:
         """A checkpoint: our directory, a Hugging Face transformers PaliGemma directory, an
         official `.npz`, or a Hugging Face Hub repo id holding one of the directories (e.g.
@@ -119,6 +120,8 @@ class PaliGemma:
         next to the weights); vae: `vae-oid.npz` or its converted directory (segment only);
         quantize: "int8" or "int8-linear" (`quantize.MODES`) quantizes each matrix as it is
         read (dtype is then ignored). Opened, checked and loaded by `formats.load_pretrained`.
+        tensor_parallel: load only this rank's shard of the decoder (a converted directory, in
+        a torchrun process group: `tensor_parallel.load_tensor_parallel`).
         """
         check_device(device)
         path = Path(name_or_path)
@@ -145,7 +148,12 @@ class PaliGemma:
                 )
             tokenizer = source.tokenizer
         tok = Tokenizer(tokenizer)
-        model = load_model(source, dtype=dtype, device=device, quantize=quantize)
+        if tensor_parallel:
+            from .tensor_parallel import load_tensor_parallel
+
+            model = load_tensor_parallel(source, dtype=dtype, device=device)
+        else:
+            model = load_model(source, dtype=dtype, device=device, quantize=quantize)
         return cls(model, tok, load_mask_decoder(vae, device) if vae is not None else None)
 
     # -- generation ---------------------------------------------------------------------------

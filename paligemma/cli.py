@@ -49,6 +49,7 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from . import tensor_parallel
     from .api import PaliGemma
 
     return PaliGemma.from_pretrained(
@@ -58,17 +59,23 @@ def _load(args: argparse.Namespace) -> Any:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         quantize=args.quantize,
+        tensor_parallel=tensor_parallel.active(),
     )
 
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    from . import tensor_parallel
+
+    seed = args.seed
+    if seed is None and args.temperature > 0 and tensor_parallel.active():
+        seed = tensor_parallel.shared_seed()  # every rank must draw the same tokens
     return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         num_beams=args.beams,
-        seed=args.seed,
+        seed=seed,
     )
 
 
@@ -309,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, generation=False)
     p.set_defaults(func=_explain)
 
-    from . import finetune
+    from . import batch, finetune
     from .demo import command as demo
     from .eval import command as evaluation
 
+    batch.add_parser(sub)
     finetune.add_parser(sub)
     demo.add_parser(sub)
     evaluation.add_parser(sub)

@@ -1,4 +1,5 @@
-"""Fixtures shared by the bad-input battery (`tests/test_bad_*.py`, one file per component).
+"""Fixtures shared by several test files: the bad-input battery (`tests/test_bad_*.py`, one
+file per component), and the demo model and scenes (scheduler, batch, Ray tests).
 
 Every battery case runs a command (in-process: the console scripts are these `main`s, and
 `test_bad_processes.py` checks the real processes once) and asserts three things: the exit
@@ -8,6 +9,8 @@ the watched folders was lost, changed or left behind.
 
 from __future__ import annotations
 
+import random
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -18,6 +21,11 @@ import pytest
 from test_api import cat_image, tiny_checkpoint
 
 import paligemma.cli
+from paligemma import PaliGemma
+from paligemma.demo import scenes
+from paligemma.demo.command import DEMO_MODEL
+
+DEMO = DEMO_MODEL
 
 
 def tree(*roots: Path) -> dict[str, tuple[int, int]]:
@@ -97,3 +105,33 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 def snapshot() -> Callable[..., dict[str, tuple[int, int]]]:
     """`tree`, for tests that compare folders themselves."""
     return tree
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """The shipped demo model (2.1M parameters) converted, with its tokenizer, as the CLI reads
+    it."""
+    from paligemma.formats import open_checkpoint, write_ours
+
+    out = tmp_path_factory.mktemp("demo") / "model"
+    write_ours(open_checkpoint([DEMO / "paligemma-demo.npz"], config_file=DEMO / "config.json"),
+               out, quiet=True)
+    shutil.copyfile(DEMO / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_pg(demo_model_dir) -> PaliGemma:
+    return PaliGemma.from_pretrained(demo_model_dir)
+
+
+def draw_scenes(count: int, seed: int = 0) -> list:
+    """`count` synthetic scenes (PIL images) of 1-3 shapes, as the demo model was trained on."""
+    rng = random.Random(seed)
+    return [scenes.draw_scene(rng, 112).image for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def demo_scenes():
+    """draw_scenes(count, seed=0) -> list of PIL images."""
+    return draw_scenes
