@@ -9,6 +9,7 @@ examples:
   paligemma generate cat.jpg --prompt "caption es" --model ckpt/pg2-3b-224 --temperature 0.7
   paligemma explain cat.jpg --prompt "caption en" --model ckpt/pg2-3b-224 -o heat.png
   paligemma parity parity_tests/data/pg2_tiny
+  paligemma serve --model ckpt/pg2-3b-448 --vae vae-oid.npz   (HTTP API + web page)
 """
 
 from __future__ import annotations
@@ -286,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, generation=False)
     p.set_defaults(func=_explain)
 
-    from . import finetune
+    from . import finetune, serve
     from .demo import command as demo
 
     finetune.add_parser(sub)
     demo.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
