@@ -39,6 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ..annotate import draw_attention, to_pil
 from ..api import PaliGemma
@@ -148,6 +149,8 @@ class ClientGone(Exception):
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', '?')})", None
     where = ".".join(str(p) for p in first["loc"] if p != "body")
     return (f"{where or 'body'}: {first['msg']}" + (f" ({len(exc.errors()) - 1} more "
             "problems)" if len(exc.errors()) > 1 else "")), where or None
@@ -170,9 +173,21 @@ def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
     # base64 inflates 3 bytes to 4; the rest of the body is small
     max_body = 4 * config.max_image_bytes // 3 + 65536
     app = FastAPI(title="paligemma-torch", version="0.1.0", lifespan=lifespan,
-                  max_body_size=max_body, description=__doc__.split("\n\n")[1])
+                  description=__doc__.split("\n\n")[1])
     app.state.engine = engine
     app.state.config = config
+    # Inside the check below: stops a body without Content-Length that grows too large (its
+    # HTTPException(413) reaches our JSON handler).
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body)
+
+    @app.middleware("http")
+    async def declared_size(request: Request, call_next: Any) -> Response:
+        # A body declared too large is refused before it is read.
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body:
+            return error_response(413, f"request body of {length} bytes is over the server's "
+                                  f"limit of {max_body} bytes")
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
