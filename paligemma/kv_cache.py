@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass
+class RowSlots:
+    """Per-row write slots of a one-token step whose rows are at different lengths
+    (continuous batching, `paligemma.scheduler`): row b writes slot `slots[b]`; keys/values
+    `[0, end)` are returned, `end` > every slot (masking hides each row's unused slots)."""
+
+    slots: torch.Tensor  # [B] long
+    end: int
 
 
 class KVCache(nn.Module):
@@ -34,9 +46,19 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(
-        self, index: int, k: torch.Tensor, v: torch.Tensor
+        self, index: int | RowSlots, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: [B, K, T, H] written at `index`; returns all keys/values up to index + T."""
+        """k, v: [B, K, T, H] written at `index`; returns all keys/values up to index + T.
+
+        With `RowSlots` (T == 1), row b is written at its own slot and the first B rows of the
+        cache, slots [0, end), are returned: [B, K, end, H].
+        """
+        if isinstance(index, RowSlots):
+            b = k.shape[0]
+            rows = torch.arange(b, device=k.device)
+            self.k[rows, :, index.slots] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, index.slots] = v[:, :, 0].to(self.v.dtype)
+            return self.k[:b, :, : index.end].to(k.dtype), self.v[:b, :, : index.end].to(v.dtype)
         end = index + k.shape[2]
         if end > self.max_len:
             raise ValueError(
