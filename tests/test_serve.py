@@ -1,16 +1,17 @@
 """`paligemma serve`'s HTTP API on the demo model (FastAPI TestClient): every answer is what the
 Python API gives for the same input; errors, limits, API key, queue and timeout.
 
-Shared helpers (`demo_pg`, `data_url`, `scene_image`, `chat_body`, `forced_output`) are imported
+Shared helpers (`data_url`, `scene_image`, `chat_body`, `forced_output`) are imported
 by test_serve_load.py and test_serve_page.py.
 """
 
 import base64
-import functools
 import io
 import json
 import random
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,16 +31,10 @@ from paligemma.api import PaliGemma  # noqa: E402
 from paligemma.demo import scenes  # noqa: E402
 from paligemma.image import to_rgb_array  # noqa: E402
 from paligemma.segmentation import load_mask_decoder  # noqa: E402
-from paligemma.serve import load_demo  # noqa: E402
 from paligemma.serve.app import ServeConfig, create_app  # noqa: E402
 from paligemma.tasks import parse_detections, parse_segments  # noqa: E402
 
 VAE = Path(__file__).parents[1] / "parity_tests" / "data" / "seg_vae" / "params.npz"
-
-
-@functools.cache
-def demo_pg() -> PaliGemma:
-    return load_demo()
 
 
 def scene_image(seed: int, size: tuple[int, int] = (448, 448)) -> PIL.Image.Image:
@@ -81,8 +76,8 @@ def forced_output(pg: PaliGemma, text: str):
 
 
 @pytest.fixture(scope="module")
-def client():
-    with TestClient(create_app(demo_pg(), ServeConfig(model_id="demo"))) as c:
+def client(demo_pg):
+    with TestClient(create_app(demo_pg, ServeConfig(model_id="demo"))) as c:
         yield c
 
 
@@ -102,9 +97,9 @@ def test_models_lists_the_model_and_its_tasks(client):
 
 
 @pytest.mark.parametrize("prompt", ["caption en", "answer en how many shapes are there"])
-def test_chat_completion_is_the_greedy_generation(client, prompt):
+def test_chat_completion_is_the_greedy_generation(demo_pg, client, prompt):
     image = scene_image(3)
-    expected = demo_pg().generate(image, prompt, max_new_tokens=20)
+    expected = demo_pg.generate(image, prompt, max_new_tokens=20)
     response = client.post("/v1/chat/completions",
                            json=chat_body(data_url(image), prompt, max_tokens=20))
     assert response.status_code == 200, response.text
@@ -113,19 +108,19 @@ def test_chat_completion_is_the_greedy_generation(client, prompt):
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == len(expected.tokens)
-    n_text = len(demo_pg().tokenizer.prompt(prompt)[0])
+    n_text = len(demo_pg.tokenizer.prompt(prompt)[0])
     assert body["usage"]["prompt_tokens"] == 49 + n_text  # (112 / 16)^2 image tokens
 
 
-def test_sampling_settings_are_used_and_seeded(client):
+def test_sampling_settings_are_used_and_seeded(demo_pg, client):
     image, prompt = scene_image(4), "caption en"
     options = dict(temperature=2.0, top_p=0.9, seed=0)
-    expected = demo_pg().generate(image, prompt, max_new_tokens=12, **options)
+    expected = demo_pg.generate(image, prompt, max_new_tokens=12, **options)
     answers = {client.post("/v1/chat/completions", json=chat_body(
         data_url(image), prompt, max_tokens=12, **options)).json()["choices"][0]["message"][
         "content"] for _ in range(2)}
     assert answers == {expected.text}
-    greedy = demo_pg().generate(image, prompt, max_new_tokens=12).text
+    greedy = demo_pg.generate(image, prompt, max_new_tokens=12).text
     assert expected.text != greedy  # the settings did something
 
 
@@ -136,9 +131,9 @@ def test_max_tokens_cuts_with_finish_reason_length(client):
     assert body["usage"]["completion_tokens"] == 2
 
 
-def test_stream_sends_the_same_text_as_server_sent_events(client):
+def test_stream_sends_the_same_text_as_server_sent_events(demo_pg, client):
     image, prompt = scene_image(5), "caption en"
-    expected = demo_pg().generate(image, prompt, max_new_tokens=20)
+    expected = demo_pg.generate(image, prompt, max_new_tokens=20)
     with client.stream("POST", "/v1/chat/completions", json=chat_body(
             data_url(image), prompt, max_tokens=20, stream=True)) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -153,9 +148,9 @@ def test_stream_sends_the_same_text_as_server_sent_events(client):
     assert chunks[-1]["usage"]["completion_tokens"] == len(expected.tokens)
 
 
-def test_detect_gives_boxes_in_pixels_of_the_image_sent(client):
+def test_detect_gives_boxes_in_pixels_of_the_image_sent(demo_pg, client):
     image = scene_image(1, size=(600, 300))  # not square: x and y scale differently
-    text = demo_pg().generate(image, "detect circle ; star", max_new_tokens=64).text
+    text = demo_pg.generate(image, "detect circle ; star", max_new_tokens=64).text
     expected = [o.to_json() for o in parse_detections(text, 600, 300)]
     response = client.post("/v1/detect", json={"image": data_url(image),
                                                 "objects": ["circle", "star"]})
@@ -166,8 +161,8 @@ def test_detect_gives_boxes_in_pixels_of_the_image_sent(client):
     assert body["prompt"] == "detect circle ; star"
 
 
-def test_segment_masks_as_png_and_rle():
-    pg = PaliGemma(demo_pg().model, demo_pg().tokenizer, vae=load_mask_decoder(VAE))
+def test_segment_masks_as_png_and_rle(demo_pg):
+    pg = PaliGemma(demo_pg.model, demo_pg.tokenizer, vae=load_mask_decoder(VAE))
     output = "<loc0100><loc0200><loc0700><loc0900>" + "".join(
         f"<seg{c:03d}>" for c in [0, 68, 84, 96, 33, 73, 18, 28, 47, 32, 6, 41, 9, 119, 42, 127]
     ) + " circle"
@@ -192,9 +187,9 @@ def test_segment_masks_as_png_and_rle():
     assert 0.05 < expected.mask.mean() < 0.95  # a real mask
 
 
-def test_explain_gives_the_maps_of_the_python_api(client):
+def test_explain_gives_the_maps_of_the_python_api(demo_pg, client):
     image = scene_image(6)
-    expected = demo_pg().explain(to_rgb_array(image), "caption en", max_new_tokens=20)
+    expected = demo_pg.explain(to_rgb_array(image), "caption en", max_new_tokens=20)
     body = client.post("/v1/explain", json={"image": data_url(image), "prompt": "caption en",
                                             "max_tokens": 20}).json()
     assert body["text"] == expected.text and body["pieces"] == expected.pieces
@@ -213,6 +208,41 @@ def test_page_and_openapi_are_served(client):
     assert {"/v1/chat/completions", "/v1/detect", "/v1/segment", "/v1/explain",
             "/v1/models"} <= set(paths)
     assert client.get("/docs").status_code == 200
+
+
+def test_concurrent_requests_share_the_batch_and_get_what_they_get_alone(demo_pg):
+    """Eight requests with their own settings and lengths queue while the model is busy, then
+    decode four at a time: later ones join as earlier ones leave."""
+    settings = [(0.0, None, None, 20), (2.0, 0.9, 0, 12), (0.0, None, None, 3),
+                (1.5, None, 7, 16), (0.0, None, None, 9), (2.0, 0.95, 4, 20),
+                (1.0, 0.8, 2, 5), (0.0, None, None, 20)]
+    prompts = ["caption en", "caption en", "answer en how many shapes are there",
+               "detect circle", "answer en what color is the star", "caption en",
+               "detect star ; square", "detect triangle"]
+    images = [scene_image(10 + i) for i in range(8)]
+    expected = [demo_pg.generate(im, p, max_new_tokens=n, temperature=t, top_p=tp, seed=sd).text
+                for im, p, (t, tp, sd, n) in zip(images, prompts, settings, strict=True)]
+    with TestClient(create_app(demo_pg, ServeConfig(max_batch=4))) as client:
+        engine = client.app.state.engine
+        batches = []
+        step = engine.scheduler.step
+        engine.scheduler.step = lambda: [batches.append(
+            {id(r) for r in engine.scheduler._rows}), step()][1]
+        bodies = [chat_body(data_url(im), p, temperature=t, top_p=tp, seed=sd, max_tokens=n)
+                  for im, p, (t, tp, sd, n) in zip(images, prompts, settings, strict=True)]
+        with ThreadPoolExecutor(8) as pool:
+            with blocked_engine(client):
+                futures = [pool.submit(client.post, "/v1/chat/completions", json=b)
+                           for b in bodies]
+                while engine.load < 9:  # all eight queued behind the blocker
+                    time.sleep(0.01)
+            answers = [f.result().json()["choices"][0]["message"]["content"] for f in futures]
+    assert answers == expected
+    sizes = [len(b) for b in batches]
+    assert max(sizes) == 4  # batched, never more than max_batch
+    joined_midway = [b for before, b in zip(batches, batches[1:]) if before and b - before
+                     and before & b]
+    assert joined_midway  # a row joined a batch whose other rows kept decoding
 
 
 # -- errors and limits ------------------------------------------------------------------------
@@ -263,9 +293,9 @@ def test_not_json_and_unknown_routes_are_json_errors(client):
     error_of(client.get("/v1/detect"), 405)
 
 
-def test_size_limits_give_413():
+def test_size_limits_give_413(demo_pg):
     small = ServeConfig(max_image_bytes=4000, max_image_pixels=100 * 100)
-    with TestClient(create_app(demo_pg(), small)) as client:
+    with TestClient(create_app(demo_pg, small)) as client:
         big_pixels = data_url(PIL.Image.new("RGB", (200, 100)))  # a few hundred bytes
         assert "over the server's limit of 10000 pixels" in error_of(
             client.post("/v1/detect", json={"image": big_pixels, "objects": "x"}), 413)
@@ -281,8 +311,8 @@ def test_size_limits_give_413():
                              headers={"content-type": "application/json"}), 413)
 
 
-def test_api_key_is_required_on_v1_when_set():
-    with TestClient(create_app(demo_pg(), ServeConfig(api_key="s3cret"))) as client:
+def test_api_key_is_required_on_v1_when_set(demo_pg):
+    with TestClient(create_app(demo_pg, ServeConfig(api_key="s3cret"))) as client:
         assert "API key" in error_of(client.get("/v1/models"), 401)
         error_of(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
@@ -302,8 +332,8 @@ def blocked_engine(client: TestClient):
         release.set()
 
 
-def test_full_queue_gives_429_and_frees_up():
-    with TestClient(create_app(demo_pg(), ServeConfig(max_queue=1))) as client:
+def test_full_queue_gives_429_and_frees_up(demo_pg):
+    with TestClient(create_app(demo_pg, ServeConfig(max_queue=1))) as client:
         body = {"image": data_url(scene_image(1)), "objects": "circle"}
         with blocked_engine(client):
             response = client.post("/v1/detect", json=body)
@@ -312,8 +342,8 @@ def test_full_queue_gives_429_and_frees_up():
         assert client.post("/v1/detect", json=body).status_code == 200
 
 
-def test_timeout_gives_504_and_drops_the_work():
-    with TestClient(create_app(demo_pg(), ServeConfig(timeout=0.5))) as client:
+def test_timeout_gives_504_and_drops_the_work(demo_pg):
+    with TestClient(create_app(demo_pg, ServeConfig(timeout=0.5))) as client:
         url = data_url(scene_image(1))
         with blocked_engine(client) as engine:
             assert "timed out" in error_of(client.post(

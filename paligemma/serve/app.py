@@ -160,7 +160,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
-    engine = Engine(pg, max_queue=config.max_queue)
+    engine = Engine(pg, max_batch=config.max_batch, max_queue=config.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,10 +1,15 @@
-"""The model's one worker thread, and the bounded, cancellable queue in front of it.
+"""The model's one worker thread: the continuous-batching scheduler, fed by HTTP handlers.
 
-HTTP handlers run on the event loop; the model runs on one thread of its own. A handler
-submits a job and gets a `Ticket`: an asyncio queue that the worker fills with events
-(`Token`, then `Done` or `Failed`). Cancelling a ticket (client gone, timeout) makes the worker
-drop the job at its next step. At most `max_queue` jobs are admitted at once (queued or
-running); beyond that `submit` raises `Busy`, which the app answers with 429.
+Handlers run on the event loop; the model runs on one thread of its own, stepping
+`paligemma.scheduler.Scheduler` (the same scheduler as the batch job): a request joins the
+decode batch at the next step boundary and leaves when it is done, with its own sampling
+settings and limits. Work that cannot share the batch (`call`, e.g. `explain`, which records
+attention) runs alone between two steps.
+
+A handler gets a `Ticket`: an asyncio queue that the worker fills with events (`Token`, then
+`Done` or `Failed`). `Ticket.cancel()` (client gone, timeout) drops the row at the next step.
+At most `max_queue` jobs are admitted at once (queued or running); beyond that the engine
+raises `Busy`, which the app answers with 429.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from typing import Any
 import torch
 
 from ..api import PaliGemma
-from ..generate import make_sampler, stream
+from ..scheduler import Event, Handle, Request, Scheduler
 
 logger = logging.getLogger("paligemma.serve")
+
+FINISH_REASONS = {"eos": "stop", "length": "length"}  # scheduler's -> OpenAI's
 
 
 class Busy(RuntimeError):
@@ -52,7 +59,7 @@ class Token:
 class Done:
     tokens: list[int]  # generated ids, eos excluded
     finish_reason: str  # "stop" (eos) or "length" (max_tokens reached)
-    value: Any = None  # a call job's return value
+    value: Any = None  # a call's return value
 
 
 @dataclass
@@ -65,15 +72,19 @@ class Ticket:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.events: asyncio.Queue[Token | Done | Failed] = asyncio.Queue()
+        self.handle: Handle | None = None  # the scheduler's row, for generation
         self._loop = loop
-        self._cancelled = threading.Event()
+        self._cancelled = False
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        """Drops the work at the next step boundary (no-op once it is done)."""
+        self._cancelled = True
+        if self.handle is not None:
+            self.handle.cancel()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def _emit(self, event: Token | Done | Failed) -> None:
         try:
@@ -92,47 +103,57 @@ class Ticket:
 
 
 @dataclass
-class _Generate:
-    ticket: Ticket
-    pixels: torch.Tensor  # [3, R, R], preprocessed
-    prefix: str
-    sampling: Sampling
-
-
-@dataclass
 class _Call:
     ticket: Ticket
     fn: Callable[[], Any]
 
 
 class Engine:
-    """Runs generation and other model work (`call`) on one thread, in arrival order."""
+    """Owns the model: generation through the scheduler, other work (`call`) between steps."""
 
-    def __init__(self, pg: PaliGemma, max_queue: int = 64):
+    def __init__(self, pg: PaliGemma, max_batch: int = 8, max_queue: int = 64):
         self.pg = pg
+        self.max_batch = max_batch
         self.max_queue = max_queue
-        self._jobs: collections.deque[_Generate | _Call] = collections.deque()
-        self._admitted = 0  # queued + running
+        self.scheduler = Scheduler(pg, max_batch)
+        self._calls: collections.deque[_Call] = collections.deque()
+        self._live: set[Ticket] = set()  # generation tickets admitted and not finished
+        self._admitted = 0  # generation + calls, queued or running
         self._lock = threading.Condition()
         self._stopping = False
+        self._abort = False  # the shutdown grace period is over: drop what is left
         self._thread: threading.Thread | None = None
 
-    # -- the handlers' side -------------------------------------------------------------------
+    # -- the handlers' side (event loop thread) -----------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="paligemma-engine", daemon=True)
         self._thread.start()
 
     def generate(self, pixels: torch.Tensor, prefix: str, sampling: Sampling) -> Ticket:
-        """Queues generation for one image [3, R, R]; the ticket streams Token events."""
+        """Queues generation for one preprocessed image [3, R, R]; the ticket streams Token
+        events, then Done."""
         ticket = Ticket(asyncio.get_running_loop())
-        self._admit(_Generate(ticket, pixels, prefix, sampling))
+        request = Request(pixels, prefix, max_new_tokens=sampling.max_tokens,
+                          temperature=sampling.temperature, top_p=sampling.top_p,
+                          seed=sampling.seed, id=ticket)
+        with self._lock:
+            self._check_room()
+            ticket.handle = self.scheduler.submit(request)  # tokenizes: cheap
+            self._admitted += 1
+            self._live.add(ticket)
+            self._lock.notify()
         return ticket
 
     def call(self, fn: Callable[[], Any]) -> Ticket:
-        """Queues fn() to run on the model's thread (alone); Done.value is its result."""
+        """Queues fn() to run on the model's thread, alone between two decode steps;
+        Done.value is its result."""
         ticket = Ticket(asyncio.get_running_loop())
-        self._admit(_Call(ticket, fn))
+        with self._lock:
+            self._check_room()
+            self._admitted += 1
+            self._calls.append(_Call(ticket, fn))
+            self._lock.notify()
         return ticket
 
     @property
@@ -140,81 +161,87 @@ class Engine:
         """Jobs admitted and not finished."""
         return self._admitted
 
-    def _admit(self, job: _Generate | _Call) -> None:
-        with self._lock:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
-            if self._admitted >= self.max_queue:
-                raise Busy(f"server busy: {self._admitted} requests in progress (limit "
-                           f"{self.max_queue}); retry later")
-            self._admitted += 1
-            self._jobs.append(job)
-            self._lock.notify()
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        if self._admitted >= self.max_queue:
+            raise Busy(f"server busy: {self._admitted} requests in progress (limit "
+                       f"{self.max_queue}); retry later")
 
     def shutdown(self, timeout: float) -> None:
-        """Stops admitting; lets admitted jobs finish for up to `timeout` seconds, then fails
-        the rest (ShuttingDown) and joins the worker."""
+        """Stops admitting; lets admitted work finish for up to `timeout` seconds, then fails
+        the rest with ShuttingDown and joins the worker."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
         with self._lock:
-            left, self._jobs = list(self._jobs), collections.deque()
-        for job in left:
-            job.ticket._emit(Failed(ShuttingDown("the server shut down before this request ran")))
-        self._abort = True
-        if self._thread is not None:
-            self._thread.join()
+            self._abort = True
+            self._lock.notify()
+        self._thread.join()
 
-    # -- the worker ---------------------------------------------------------------------------
-
-    _abort = False  # set by shutdown once its grace period is over: drop the running job
+    # -- the worker thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._jobs and not self._stopping:
-                    self._lock.wait()
-                if not self._jobs:
-                    return  # stopping, nothing left
-                job = self._jobs.popleft()
-            try:
-                if job.ticket.cancelled:
-                    continue
-                if isinstance(job, _Call):
-                    job.ticket._emit(Done([], "stop", job.fn()))
-                else:
-                    self._generate(job)
-            except Exception as e:  # noqa: BLE001 - reported to the request, not the server
-                logger.exception("request failed")
-                job.ticket._emit(Failed(e))
-            finally:
-                with self._lock:
-                    self._admitted -= 1
-
-    def _generate(self, job: _Generate) -> None:
-        pg, s = self.pg, job.sampling
-        tokens, mask_ar, input_mask = pg.tokenizer.batch([job.prefix])
-        generator = None
-        if s.seed is not None:
-            generator = torch.Generator(device=pg.model.device).manual_seed(s.seed)
-        sampler = make_sampler(s.temperature, None, s.top_p, generator)
-        device = pg.model.device
-        ids: list[int] = []
-        eos = pg.tokenizer.eos_id
-        steps = stream(pg.model, job.pixels[None].to(device, pg.model.dtype), tokens.to(device),
-                       mask_ar.to(device), input_mask.to(device), s.max_tokens, sampler, eos)
-        for token, _ in steps:
-            if job.ticket.cancelled or self._abort:
-                steps.close()
+                self._lock.wait_for(lambda: self._calls or self.scheduler.has_work()
+                                    or self._stopping)
                 if self._abort:
-                    job.ticket._emit(Failed(ShuttingDown("the server shut down")))
-                return
-            token_id = int(token[0])
-            if token_id == eos:
-                job.ticket._emit(Done(ids, "stop"))
-                return
-            ids.append(token_id)
-            job.ticket._emit(Token(token_id))
-        job.ticket._emit(Done(ids, "length"))
+                    self._fail_all(ShuttingDown("the server shut down before this request "
+                                                "finished"))
+                    return
+                if self._stopping and not self._calls and not self.scheduler.has_work():
+                    return
+                call = self._calls.popleft() if self._calls else None
+            if call is not None:
+                self._run_call(call)
+            elif self.scheduler.has_work():
+                try:
+                    events = self.scheduler.step()
+                except Exception as e:  # noqa: BLE001 - fails the batch, not the server
+                    logger.exception("decode step failed")
+                    with self._lock:
+                        self._fail_all(e)
+                    continue
+                for event in events:
+                    self._deliver(event)
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            if not call.ticket.cancelled:
+                call.ticket._emit(Done([], "stop", call.fn()))
+        except Exception as e:  # noqa: BLE001 - reported to the request, not the server
+            logger.exception("request failed")
+            call.ticket._emit(Failed(e))
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+    def _deliver(self, event: Event) -> None:
+        ticket: Ticket = event.handle.id
+        if event.token is not None:
+            ticket._emit(Token(event.token))
+        if not event.finished:
+            return
+        reason = event.handle.finish_reason
+        if reason in FINISH_REASONS:
+            ticket._emit(Done(list(event.handle.tokens), FINISH_REASONS[reason]))
+        else:  # cancelled: the client is gone, or the server is shutting down
+            ticket._emit(Failed(ShuttingDown("request cancelled")))
+        with self._lock:
+            self._live.discard(ticket)
+            self._admitted -= 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        """(lock held) Fails every admitted job and starts over with an empty scheduler."""
+        for ticket in self._live:
+            ticket._emit(Failed(error))
+        for call in self._calls:
+            call.ticket._emit(Failed(error))
+        self._admitted -= len(self._live) + len(self._calls)
+        self._live.clear()
+        self._calls.clear()
+        self.scheduler = Scheduler(self.pg, self.max_batch)
