@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,7 @@ def test_concurrent_requests_share_the_batch_and_get_what_they_get_alone(demo_pg
     assert answers == expected
     sizes = [len(b) for b in batches]
     assert max(sizes) == 4  # batched, never more than max_batch
-    joined_midway = [b for before, b in zip(batches, batches[1:]) if before and b - before
+    joined_midway = [b for before, b in pairwise(batches) if before and b - before
                      and before & b]
     assert joined_midway  # a row joined a batch whose other rows kept decoding
 

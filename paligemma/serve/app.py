@@ -4,7 +4,7 @@
 
 Routes (OpenAPI page at /docs):
   GET  /                      the web page (static/index.html)
-  GET  /health                {"status", "queue"}
+  GET  /health                {"status", "in_progress", "running", "done", "cancelled", "failed"}
   GET  /v1/models             the one model served, with the tasks it can do
   POST /v1/chat/completions   one user message: an image (base64 data URL) + the task prefix
                               as text ("caption en", "detect cat"); `stream: true` is SSE
@@ -236,7 +236,8 @@ def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queue": engine.load}
+        return {"status": "ok", "in_progress": engine.load, "running": engine.scheduler.num_active,
+                **{k: engine.stats[k] for k in ("done", "cancelled", "failed")}}
 
     @app.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:

@@ -123,6 +123,7 @@ class Engine:
         self._stopping = False
         self._abort = False  # the shutdown grace period is over: drop what is left
         self._thread: threading.Thread | None = None
+        self.stats: collections.Counter[str] = collections.Counter()  # done/cancelled/failed
 
     # -- the handlers' side (event loop thread) -----------------------------------------------
 
@@ -211,11 +212,15 @@ class Engine:
 
     def _run_call(self, call: _Call) -> None:
         try:
-            if not call.ticket.cancelled:
+            if call.ticket.cancelled:
+                self.stats["cancelled"] += 1
+            else:
                 call.ticket._emit(Done([], "stop", call.fn()))
+                self.stats["done"] += 1
         except Exception as e:  # noqa: BLE001 - reported to the request, not the server
             logger.exception("request failed")
             call.ticket._emit(Failed(e))
+            self.stats["failed"] += 1
         finally:
             with self._lock:
                 self._admitted -= 1
@@ -229,8 +234,10 @@ class Engine:
         reason = event.handle.finish_reason
         if reason in FINISH_REASONS:
             ticket._emit(Done(list(event.handle.tokens), FINISH_REASONS[reason]))
+            self.stats["done"] += 1
         else:  # cancelled: the client is gone, or the server is shutting down
             ticket._emit(Failed(ShuttingDown("request cancelled")))
+            self.stats["cancelled"] += 1
         with self._lock:
             self._live.discard(ticket)
             self._admitted -= 1
@@ -242,6 +249,7 @@ class Engine:
         for call in self._calls:
             call.ticket._emit(Failed(error))
         self._admitted -= len(self._live) + len(self._calls)
+        self.stats["failed"] += len(self._live) + len(self._calls)
         self._live.clear()
         self._calls.clear()
         self.scheduler = Scheduler(self.pg, self.max_batch)
