@@ -187,3 +187,26 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_the_openai_client_talks_to_the_server(demo_pg):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed")
+    image = scene_image(1)
+    expected = demo_pg.generate(image, "caption en").text
+    sampled = demo_pg.generate(image, "caption en", max_new_tokens=20, temperature=2.0,
+                               top_p=0.9, seed=0).text
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "text", "text": "caption en"}]}]
+    with running_server(create_app(demo_pg, ServeConfig(model_id="paligemma-demo"))) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == ["paligemma-demo"]
+        reply = client.chat.completions.create(model="paligemma-demo", messages=messages)
+        assert reply.choices[0].message.content == expected
+        chunks = client.chat.completions.create(
+            model="paligemma-demo", messages=messages, stream=True, max_tokens=20,
+            temperature=2.0, top_p=0.9, seed=0)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == sampled
+        with pytest.raises(openai.BadRequestError, match="exactly one image_url"):
+            client.chat.completions.create(model="paligemma-demo", messages=[
+                {"role": "user", "content": "caption en"}])

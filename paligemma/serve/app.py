@@ -27,6 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -161,6 +162,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     engine = Engine(pg, max_batch=config.max_batch, max_queue=config.max_queue)
+    # One thread decodes images: more would fight the model's thread for the GIL, which its
+    # many small torch calls take back after every op.
+    images = ThreadPoolExecutor(1, thread_name_prefix="paligemma-images")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +173,7 @@ def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
         # uvicorn has already waited for in-flight responses (its graceful-shutdown timeout);
         # whatever is still admitted gets shutdown_timeout more, then fails with 503.
         await run_in_threadpool(engine.shutdown, config.shutdown_timeout)
+        images.shutdown()
 
     # base64 inflates 3 bytes to 4; the rest of the body is small
     max_body = 4 * config.max_image_bytes // 3 + 65536
@@ -254,7 +259,7 @@ def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
         def work() -> tuple[Any, torch.Tensor]:
             array = decode_image(url, config.max_image_bytes, config.max_image_pixels, param)
             return array, preprocess([array], pg.image_size)[0]
-        return await run_in_threadpool(work)
+        return await asyncio.get_running_loop().run_in_executor(images, work)
 
     def check_prompt(prefix: str, max_tokens: int | None, param: str = "prompt") -> int:
         """Checks the limits; returns max_tokens (the default when None)."""
