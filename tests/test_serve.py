@@ -5,6 +5,7 @@ Shared helpers (`data_url`, `scene_image`, `chat_body`, `forced_output`) are imp
 by test_serve_load.py and test_serve_page.py.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -30,9 +31,10 @@ from pycocotools import mask as coco_mask  # noqa: E402
 from paligemma import cli  # noqa: E402
 from paligemma.api import PaliGemma  # noqa: E402
 from paligemma.demo import scenes  # noqa: E402
-from paligemma.image import to_rgb_array  # noqa: E402
+from paligemma.image import preprocess, to_rgb_array  # noqa: E402
 from paligemma.segmentation import load_mask_decoder  # noqa: E402
 from paligemma.serve.app import ServeConfig, create_app  # noqa: E402
+from paligemma.serve.engine import Engine, Sampling, ShuttingDown  # noqa: E402
 from paligemma.tasks import parse_detections, parse_segments  # noqa: E402
 
 VAE = Path(__file__).parents[1] / "parity_tests" / "data" / "seg_vae" / "params.npz"
@@ -254,6 +256,7 @@ def test_concurrent_requests_share_the_batch_and_get_what_they_get_alone(demo_pg
     ("/etc/passwd", "not a base64 data URL"),
     ("data:image/png;base64,%%%%", "invalid base64"),
     (data_url(b"not an image at all"), "not an image"),
+    (data_url(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"), "not an image"),
     (data_url(b""), "empty image"),
 ])
 def test_images_are_only_inline_data(client, image, problem):
@@ -352,6 +355,29 @@ def test_timeout_gives_504_and_drops_the_work(demo_pg):
             assert engine.load == 2  # the blocker and the abandoned request
         ok = client.post("/v1/chat/completions", json=chat_body(url, "caption en"))
         assert ok.status_code == 200 and engine.load == 0
+
+
+def test_shutdown_fails_cleanly_what_cannot_finish_in_time(demo_pg):
+    pixels = preprocess([to_rgb_array(scene_image(1))], 112)[0]
+
+    async def scenario():
+        engine = Engine(demo_pg)
+        engine.start()
+        release = threading.Event()
+        blocker = engine.call(lambda: release.wait(30) and "released")
+        waiting = engine.generate(pixels, "caption en", Sampling(8))
+        stopping = asyncio.get_running_loop().run_in_executor(None, engine.shutdown, 0.2)
+        await asyncio.sleep(0.5)  # the grace period is over while the blocker runs
+        with pytest.raises(ShuttingDown):
+            engine.generate(pixels, "caption en", Sampling(8))  # no new work
+        release.set()
+        await stopping
+        assert (await blocker.result()).value == "released"  # running work finished
+        with pytest.raises(ShuttingDown, match="shut down before this request finished"):
+            await waiting.result()
+        assert engine.load == 0
+
+    asyncio.run(scenario())
 
 
 # -- the command line -------------------------------------------------------------------------

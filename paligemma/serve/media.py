@@ -19,6 +19,7 @@ import PIL.Image
 
 from ..image import to_rgb_array
 
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what Pillow may decode for a client
 _DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.ASCII)
 
 
@@ -60,7 +61,8 @@ def decode_image(url: str, max_bytes: int, max_pixels: int, param: str = "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(io.BytesIO(data))  # reads the header only
+            # reads the header only; common formats only (EPS, for one, would run Ghostscript)
+            image = PIL.Image.open(io.BytesIO(data), formats=FORMATS)
             if image.width * image.height > max_pixels:
                 raise BadInput(
                     f"{param}: {image.width}x{image.height} image is over the server's limit "
@@ -70,7 +72,8 @@ def decode_image(url: str, max_bytes: int, max_pixels: int, param: str = "image"
         raise
     except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombWarning,
             PIL.Image.DecompressionBombError):
-        raise BadInput(f"{param}: not an image Pillow can read", param=param) from None
+        raise BadInput(f"{param}: not an image in a format the server reads "
+                       f"({', '.join(FORMATS)})", param=param) from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise BadInput(f"{param}: cannot decode the image ({e})", param=param) from None
     try:
