@@ -45,21 +45,38 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
+def rope_radians(positions: torch.Tensor, head_dim: int, max_wavelength: float) -> torch.Tensor:
+    """positions [...] int -> RoPE angles [..., head_dim // 2] float32, as big_vision under jit.
+
+    big_vision writes `positions / max_wavelength ** fraction` with the f32 exponents
+    `fraction = f32(2 / head_dim) * i`, but runs it under `jax.jit`, and XLA rewrites the
+    division by a constant power into a multiplication by the constant-folded negative power
+    (visible in the compiled HLO). The angles are therefore `positions * f32(w ** -fraction)`,
+    which differs from the division by up to one ulp of the angle (2.4e-4 rad near position
+    4000). The power is evaluated in float64 and rounded once, which reproduces XLA's folded
+    constants exactly (float32 `pow` misses by one ulp for some exponents). Checked bit for bit
+    against angles recorded from the official code (parity_tests/data/rope_angles.npz).
+    """
+    fraction = torch.arange(head_dim // 2, dtype=torch.float32) * (2.0 / head_dim)
+    inverse_timescale = (max_wavelength ** -fraction.double()).float().to(positions.device)
+    return positions.float()[..., None] * inverse_timescale
+
+
 def rope_angles(
     positions: torch.Tensor, head_dim: int, max_wavelength: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, T] -> (sin, cos), each [B, 1, T, head_dim // 2]; shared by all layers."""
-    half = head_dim // 2
-    fraction = 2 * torch.arange(half, device=positions.device, dtype=torch.float32) / head_dim
-    timescale = max_wavelength**fraction
-    angles = positions.float()[:, None, :, None] / timescale
-    return torch.sin(angles), torch.cos(angles)
+    radians = rope_radians(positions, head_dim, max_wavelength)[:, None]
+    return torch.sin(radians), torch.cos(radians)
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x: [B, heads, T, H], sin/cos from `rope_angles` -> [B, heads, T, H]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+ATTENTION_CHUNK_SCORES = 1 << 25  # f32 scores per query chunk (128 MB): bounds prefill memory
 
 
 def attention_bias(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -90,10 +107,10 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        bias: torch.Tensor,
+        mask: torch.Tensor,
         cache_index: int = 0,
     ) -> torch.Tensor:
-        """x: [B, T, D]; rope: `rope_angles(positions)`; bias: `attention_bias` [B, 1, G*T, S].
+        """x: [B, T, D]; rope: `rope_angles(positions)`; mask: [B, T, S] bool (True = may attend).
 
         Without a cache S == T. With one, this call's keys land in slots
         [cache_index, cache_index + T) and S == cache_index + T.
@@ -108,17 +125,35 @@ class Attention(nn.Module):
         k = apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_index, k, v)
-        # Query head n reads kv head n // groups: view q as [B, K, G*T, H], no kv copies.
-        q = q.reshape(b, kv_heads, groups * t, cfg.head_dim)
+        # Query head n reads kv head n // groups: view q as [B, K, G, T, H], no kv copies.
+        q = q.view(b, kv_heads, groups, t, cfg.head_dim)
+        # Scores take [B, N, T, S] floats: at 896 px (T = S > 4096) gigabytes per layer. Query
+        # rows are independent, so they run in chunks; one chunk while probs are observed.
+        observed = bool(self.probs._forward_hooks)
+        rows = t if observed else max(1, ATTENTION_CHUNK_SCORES // (b * cfg.num_heads * k.shape[2]))
+        chunks = [
+            self._attend(q[:, :, :, start : start + rows], k, v, mask[:, start : start + rows])
+            for start in range(0, t, rows)
+        ]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=3)
+        out = out.reshape(b, cfg.num_heads, t, cfg.head_dim).transpose(1, 2)
+        return self.o_proj(out.reshape(b, t, -1))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, K, G, C, H] (roped, scaled), k/v [B, K, S, H], mask [B, C, S] -> [B, K, G, C, H]"""
+        b, kv_heads, groups, c, h = q.shape
+        bias = attention_bias(mask, groups)
+        q = q.reshape(b, kv_heads, groups * c, h)
         # The probs hook point is skipped by SDPA: take the explicit path while it is observed.
-        if cfg.attn_logits_softcap is None and not self.probs._forward_hooks:
+        if self.cfg.attn_logits_softcap is None and not self.probs._forward_hooks:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         else:
-            scores = softcap((q @ k.transpose(-1, -2)).float(), cfg.attn_logits_softcap)
-            probs = self.probs((scores + bias).softmax(-1).view(b, kv_heads, groups, t, -1))
-            out = probs.view(b, kv_heads, groups * t, -1).to(v.dtype) @ v
-        out = out.view(b, cfg.num_heads, t, cfg.head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            scores = softcap((q @ k.transpose(-1, -2)).float(), self.cfg.attn_logits_softcap)
+            probs = self.probs((scores + bias).softmax(-1).view(b, kv_heads, groups, c, -1))
+            out = probs.view(b, kv_heads, groups * c, -1).to(v.dtype) @ v
+        return out.view(b, kv_heads, groups, c, h)
 
 
 class GeGLU(nn.Module):
@@ -148,10 +183,10 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        bias: torch.Tensor,
+        mask: torch.Tensor,
         cache_index: int = 0,
     ) -> torch.Tensor:
-        h = self.attn(self.pre_attention_norm(x), rope, bias, cache_index)
+        h = self.attn(self.pre_attention_norm(x), rope, mask, cache_index)
         if self.post_norms:
             h = self.post_attention_norm(h)
         x = x + h
@@ -184,9 +219,8 @@ class GemmaDecoder(nn.Module):
         -> final-normed hidden states [B, T, D]. See `Attention.forward` for S and the cache."""
         cfg = self.cfg
         rope = rope_angles(positions, cfg.head_dim, cfg.rope_max_wavelength)
-        bias = attention_bias(mask, cfg.num_heads // cfg.num_kv_heads)
         for layer in self.layers:
-            x = layer(x, rope, bias, cache_index)
+            x = layer(x, rope, mask, cache_index)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from paligemma import gemma
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma.gemma import attention_bias, rope_angles
+from paligemma.gemma import rope_angles
 from paligemma.generate import generate
 from paligemma.model import PaliGemmaModel
 
@@ -99,7 +100,7 @@ def test_grouped_attention_reads_kv_head_n_over_groups():
     rope = rope_angles(torch.arange(3)[None], head_dim=16, max_wavelength=10_000.0)
     mask = torch.ones(1, 3, 3, dtype=torch.bool)
     with torch.no_grad():
-        out = attn(x, rope, attention_bias(mask, groups=2))
+        out = attn(x, rope, mask)
         # Same weights as full multi-head attention with each kv head repeated per group.
         mha = tiny_model(num_heads=4, num_kv_heads=4).decoder.layers[0].attn
         def per_query_head(w):  # [K * H, D] -> [N * H, D], kv head k serves heads kG..kG+G-1
@@ -110,4 +111,17 @@ def test_grouped_attention_reads_kv_head_n_over_groups():
             "k_proj.weight": per_query_head(attn.k_proj.weight),
             "v_proj.weight": per_query_head(attn.v_proj.weight),
         })
-        torch.testing.assert_close(mha(x, rope, attention_bias(mask, 1)), out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mha(x, rope, mask), out, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [50.0, None], ids=["explicit", "sdpa"])
+def test_attention_in_query_chunks_equals_one_chunk(monkeypatch, softcap):
+    """Prefill attention runs in bounded query chunks (896 px: T > 4096) with the same result."""
+    model = tiny_model(attn_logits_softcap=softcap)
+    images, tokens, mask_ar, input_mask = prompt([5, 3], 7)
+    with torch.no_grad():
+        whole = model(images, tokens, mask_ar, input_mask)
+        # 4 query heads x S keys per row: 3 rows per chunk, a short last chunk included.
+        monkeypatch.setattr(gemma, "ATTENTION_CHUNK_SCORES", 2 * 4 * 3 * (4 + 7))
+        chunked = model(images, tokens, mask_ar, input_mask)
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)  # rows are independent

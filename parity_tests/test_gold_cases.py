@@ -34,8 +34,8 @@ def _copy_case(case_dir, tmp_path, **rewrite):
     return tmp_path
 
 
-def test_keys_without_params_prefix_load_the_same(case_dir, tmp_path):
-    case = _copy_case(case_dir, tmp_path, rename=lambda k: k.removeprefix("params/"))
+def test_keys_without_params_prefix_load_the_same(short_case_dir, tmp_path):
+    case = _copy_case(short_case_dir, tmp_path, rename=lambda k: k.removeprefix("params/"))
     with zipfile.ZipFile(case / "params.npz") as z:
         assert not any(n.startswith("params/") for n in z.namelist())
     assert run_case(case).ok
@@ -46,11 +46,11 @@ def _run_cli(*args):
                           capture_output=True, text=True)
 
 
-def test_cli_writes_json_and_exits_0(case_dir, tmp_path):
-    out = _run_cli(case_dir, "--json", tmp_path / "r.json")
+def test_cli_writes_json_and_exits_0(short_case_dir, tmp_path):
+    out = _run_cli(short_case_dir, "--json", tmp_path / "r.json")
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["ok"] is True and report["case"] == case_dir.name
+    assert report["ok"] is True and report["case"] == short_case_dir.name
     assert REQUIRED_STAGES <= {s["name"] for s in report["stages"]}
     assert all(set(s) >= {"name", "max_abs_err", "tol", "ok"} for s in report["stages"])
     assert "text_logits" in out.stdout and "PASS" in out.stdout

@@ -1,0 +1,137 @@
+"""Peak memory and time of a full-size 896 px prefill, attention in one piece vs in query chunks.
+
+PaliGemma 2 takes the explicit attention path (logit softcap), whose scores and probabilities are
+[B, heads, T, S] float32: at 896 px (4096 image tokens + prompt) about 0.55 GB each per layer for
+3B. `paligemma.gemma` runs the query rows in chunks of at most ATTENTION_CHUNK_SCORES scores.
+This script writes one random checkpoint in the official layout (bf16 `.npz`, PaliGemma 2 3B-896
+by default; reused when present), then prefills 4096 image tokens + a 64-token prompt through the
+real path (`load_official` -> `generate.prefill`, f32 KV cache) in two subprocesses, one per
+setting, and prints peak RSS (ru_maxrss of the subprocess) and prefill time side by side:
+
+    "one chunk"   ATTENTION_CHUNK_SCORES large enough for the whole [B, N, T, S] at once: the
+                  memory behaviour before chunking
+    "chunked"     the default
+
+    python benchmarks/bench_long_prefill.py --workdir /tmp/pg896 [--variant pg2-3b-896] [--json F]
+
+About 7 GB of disk for the checkpoint and 8-10 GB of RAM per subprocess; a few minutes per
+prefill on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_inference import machine  # noqa: E402
+from benchmarks.convert_benchmark import write_synthetic  # noqa: E402
+from paligemma import gemma  # noqa: E402
+from paligemma.config import VARIANTS  # noqa: E402
+from paligemma.generate import prefill  # noqa: E402
+from paligemma.weights import load_official  # noqa: E402
+
+PROMPT_TOKENS = 64
+SETTINGS = {"one chunk": 1 << 62, "chunked": gemma.ATTENTION_CHUNK_SCORES}
+
+
+def cpu_flags() -> list[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            wanted = ("avx", "amx", "vnni", "fma", "f16c")
+            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(wanted))
+    return []
+
+
+def child(npz: Path, variant: str, chunk_scores: int) -> dict[str, float]:
+    """Loads the checkpoint (bf16 storage) and runs one prefill; returns time and peak RSS."""
+    gemma.ATTENTION_CHUNK_SCORES = chunk_scores
+    config = VARIANTS[variant]
+    model = load_official(npz, config, dtype=torch.bfloat16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rss_loaded = _peak_rss()
+    g = torch.Generator().manual_seed(0)
+    size = config.vision.image_size
+    images = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+    tokens = torch.randint(3, 1000, (1, PROMPT_TOKENS), generator=g)
+    mask_ar = torch.zeros_like(tokens)
+    input_mask = torch.ones_like(tokens, dtype=torch.bool)
+    start = time.perf_counter()
+    with torch.no_grad():
+        state = prefill(model, images, tokens, mask_ar, input_mask, max_new_tokens=1)
+    seconds = time.perf_counter() - start
+    return {
+        "prefill_s": seconds,
+        "peak_rss_gb": _peak_rss() / 1e9,
+        "rss_after_load_gb": rss_loaded / 1e9,
+        "weight_gb": weight_bytes / 1e9,
+        "positions": config.num_image_tokens + PROMPT_TOKENS,
+        "logits_finite": bool(torch.isfinite(state.logits).all()),
+    }
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True,
+                        help="folder for the random checkpoint (reused when present)")
+    parser.add_argument("--variant", default="pg2-3b-896", choices=sorted(VARIANTS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("NPZ", "CHUNK_SCORES"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(Path(args.child[0]), args.variant, int(args.child[1]))))
+        return 0
+
+    npz = args.workdir / f"{args.variant}-random.b16.npz"
+    if not npz.is_file():
+        print(f"writing {npz} ...", file=sys.stderr)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = npz.with_name(f".{npz.name}.{os.getpid()}.tmp")
+        write_synthetic(tmp, VARIANTS[args.variant], torch.bfloat16)
+        tmp.rename(npz)
+    results = {}
+    for name, chunk_scores in SETTINGS.items():
+        print(f"prefill, attention {name} ...", file=sys.stderr)
+        out = subprocess.run(
+            [sys.executable, __file__, "--workdir", str(args.workdir), "--variant", args.variant,
+             "--child", str(npz), str(chunk_scores)],
+            capture_output=True, text=True, check=True,
+        )
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    report = {"machine": {**machine(), "flags": cpu_flags(),
+                          "load_avg": os.getloadavg()},
+              "variant": args.variant, "chunk_scores": gemma.ATTENTION_CHUNK_SCORES,
+              "results": results}
+    before, after = results["one chunk"], results["chunked"]
+    budget = after["weight_gb"] + 1.5
+    print(f"{args.variant}: {after['positions']} positions, weights {after['weight_gb']:.2f} GB "
+          f"(bf16), {report['machine']['cpu']}, {report['machine']['isa']}")
+    print(f"{'attention':<10} {'peak RSS GB':>12} {'over weights GB':>16} {'prefill s':>10}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['peak_rss_gb']:>12.2f} {r['peak_rss_gb'] - r['weight_gb']:>16.2f} "
+              f"{r['prefill_s']:>10.1f}")
+    print(f"chunked / one chunk: peak RSS {after['peak_rss_gb'] / before['peak_rss_gb']:.2f}, "
+          f"time {after['prefill_s'] / before['prefill_s']:.2f}; target peak <= weights + 1.5 GB "
+          f"= {budget:.2f} GB: {'met' if after['peak_rss_gb'] <= budget else 'MISSED'}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
