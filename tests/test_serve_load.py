@@ -127,8 +127,10 @@ def test_many_clients_good_bad_and_abandoned_requests(demo_pg):
     assert problems == []  # no lost, failed or mixed-up answers
     assert sum(outcomes.values()) == CLIENTS * REQUESTS
     assert health["in_progress"] == 0 and health["failed"] == 0
-    assert health["done"] + health["cancelled"] == (
-        outcomes["chat"] + outcomes["stream"] + outcomes["hangup"])
+    good = outcomes["chat"] + outcomes["stream"]
+    # A hang-up may finish, be cancelled, or end before its request reached the model.
+    assert good <= health["done"] <= good + outcomes["hangup"]
+    assert health["done"] + health["cancelled"] <= good + outcomes["hangup"]
     assert after.json()["choices"][0]["message"]["content"] == cases[0][2]  # still serving
 
 
@@ -154,10 +156,10 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "server.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "paligemma", "serve", "--port", str(port), "--log-level",
-         "warning"], stderr=subprocess.PIPE, text=True, env=env,
-        cwd=Path(__file__).parents[1])
+         "info"], stderr=log.open("w"), env=env, cwd=Path(__file__).parents[1])
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -166,21 +168,26 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
                 httpx.get(f"{base}/health", timeout=1)
                 break
             except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline, (
-                    server.stderr.read() if server.poll() is not None else "no server")
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
         body = chat_body(data_url(scene_image(100)), "caption en", temperature=2.0, seed=0,
                          max_tokens=200, stream=True)
+        assert httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False},
+                          timeout=120).status_code == 200  # warm: the next one runs at speed
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(lines)  # the role chunk: the request is admitted (24 tokens to go alone)
             server.send_signal(signal.SIGTERM)
-            rest = [x for x in lines if x]
+            rest = []
+            try:
+                rest += [x for x in lines if x]
+            except httpx.TransportError as e:
+                pytest.fail(f"stream cut ({e}) after {rest}; server log:\n{log.read_text()}")
         assert rest[-1] == "data: [DONE]"  # finished, not cut off
         assert len(rest) > 10  # tokens kept coming after the signal
         # uvicorn re-raises the signal once it has shut down gracefully
         assert server.wait(60) in (0, -signal.SIGTERM)
-        assert "Traceback" not in server.stderr.read()
+        assert "Traceback" not in log.read_text()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/health", timeout=2)
     finally:

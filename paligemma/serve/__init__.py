@@ -45,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: paligemma serve needs the [serve] extra ({e.name} is not installed): "
               "pip install -e '.[serve]'", file=sys.stderr)
         return 2
+    import numpy as np
     import torch
 
     from ..api import PaliGemma
@@ -71,6 +72,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, default_max_tokens=min(64, args.max_tokens),
         max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout,
         shutdown_timeout=args.shutdown_timeout)
+    # One generation before the first client's: loads (or builds) the C++ decode kernel.
+    print("warming up the model...", file=sys.stderr, flush=True)
+    pg.generate(np.zeros((pg.image_size, pg.image_size, 3), np.uint8), "caption en",
+                max_new_tokens=2)
     app = create_app(pg, config)
     print(f"serving {model_id} on http://{_url_host(args.host)}:{args.port}/ "
           f"(API docs at /docs; Ctrl-C stops)", file=sys.stderr, flush=True)
