@@ -49,13 +49,13 @@ from paligemma.tokenizer import LOC_PIECES, SEG_PIECES, Tokenizer
 
 OUT = Path(__file__).parent / "demo_model"
 SEED = 0
-HELD_OUT_SEED = 10**9  # scene seeds of the held-out set start here, far from training seeds
+HELD_OUT_SEED = scenes.HELD_OUT_SEED
 # Task mixture: detection is the hardest (four coordinates per box), so it gets the most;
 # captions (up to three kinds and colors in order) come next.
 TASK_WEIGHTS = {"caption": 0.4, "color": 0.1, "count": 0.05, "detect": 0.45}
 # Scenes of 1, 2, 3 shapes in training: three-shape scenes are the hardest to caption.
 SHAPE_COUNT_WEIGHTS = (1, 2, 3)
-RENDER_SIZE = 224  # scenes are drawn larger and resized (antialiased) to the model's 112 px
+RENDER_SIZE = scenes.RENDER_SIZE  # scenes are drawn larger and resized to the model's 112 px
 
 
 def demo_config(vocab_size: int) -> PaliGemmaConfig:
@@ -194,10 +194,6 @@ def sincos_posemb(model: PaliGemmaModel) -> None:
     model.vision.pos_embedding.copy_(features[None])
 
 
-def held_out(count: int) -> list[scenes.Scene]:
-    return [scenes.draw_scene(random.Random(HELD_OUT_SEED + i), RENDER_SIZE) for i in range(count)]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,7 +249,7 @@ def main() -> int:
     pg = PaliGemma.from_pretrained(converted, tokenizer=args.out / "tokenizer.model",
                                  device=args.device)
     logging.getLogger("paligemma").setLevel(logging.ERROR)  # early models emit bad boxes
-    scores = scenes.score(pg, held_out(args.eval_scenes))
+    scores = scenes.score(pg, scenes.held_out(args.eval_scenes))  # paligemma eval's metrics
     report = {
         "scores": scores,
         "held_out_scenes": args.eval_scenes,

@@ -9,6 +9,7 @@ examples:
   paligemma generate cat.jpg --prompt "caption es" --model ckpt/pg2-3b-224 --temperature 0.7
   paligemma explain cat.jpg --prompt "caption en" --model ckpt/pg2-3b-224 -o heat.png
   paligemma parity parity_tests/data/pg2_tiny
+  paligemma eval vqav2 --model ckpt/pg2-3b-224 --data questions.json --annotations answers.json
   paligemma serve --model ckpt/pg2-3b-448 --vae vae-oid.npz   (HTTP API + web page)
 """
 
@@ -289,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import finetune, serve
     from .demo import command as demo
+    from .eval import command as evaluation
 
     finetune.add_parser(sub)
     demo.add_parser(sub)
+    evaluation.add_parser(sub)
     serve.add_parser(sub)
     return parser
 

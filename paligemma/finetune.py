@@ -527,7 +527,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", metavar="FILE",
                    help="SentencePiece model (default: tokenizer.model in --model)")
     p.add_argument("--train", required=True, metavar="JSONL", help="training records")
-    p.add_argument("--eval", metavar="JSONL", help="evaluation records")
+    p.add_argument("--eval", metavar="JSONL", help="evaluation records: their loss, and task "
+                   "metrics of greedy generations by prompt (caption: CIDEr, BLEU-4, exact "
+                   "match; detect: accuracy at IoU 0.5, mean IoU; others: exact match, ANLS)")
+    p.add_argument("--no-eval-metrics", dest="eval_metrics", action="store_false",
+                   help="report the evaluation loss only (no generation)")
     p.add_argument("--image-dir", metavar="DIR",
                    help="folder image paths are relative to (default: the JSONL's folder)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
@@ -556,7 +560,15 @@ def _main(args: argparse.Namespace) -> int:
                                    device=args.device)
     train = JsonlDataset(args.train, args.image_dir)
     evaluation = JsonlDataset(args.eval, args.image_dir) if args.eval else None
-    finetune(pg.model, pg.tokenizer, train, config, args.output, evaluation, resume=args.resume)
+    task_metrics = None
+    if evaluation is not None and args.eval_metrics:  # generation scores beside the loss
+        from .eval.runner import finetune_evaluator
+
+        limit = config.eval_batches * config.batch_size if config.eval_batches else None
+        task_metrics = finetune_evaluator(pg.tokenizer, evaluation.examples[:limit],
+                                          config.batch_size)
+    finetune(pg.model, pg.tokenizer, train, config, args.output, evaluation, task_metrics,
+             resume=args.resume)
     print(f"wrote {Path(args.output) / MODEL_DIR}")
     if args.export_npz:
         export_npz(Path(args.output) / MODEL_DIR, args.export_npz)

@@ -302,6 +302,8 @@ def test_cli_finetune_jsonl_and_export(tok, tmp_path):
     assert rc == 0
     metrics = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and "eval_loss" in metrics[-1]
+    # --eval also scores generations: the records are "caption en" ones.
+    assert {"eval_caption_cider", "eval_caption_exact_match"} <= set(metrics[-1])
     assert (tmp_path / "run/model/tokenizer.model").is_file()
     assert load_official(tmp_path / "ft.npz", model.config) is not None
 

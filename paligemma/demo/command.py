@@ -23,6 +23,7 @@ import PIL.ImageFont
 
 from ..annotate import draw_objects, wrap_text
 from ..api import PaliGemma
+from ..eval.metrics import box_iou
 from ..parity import run_case
 from ..tasks import Detection, parse_detections
 from . import scenes
@@ -92,7 +93,7 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
         objects = parse_detections(result.text, *scene.image.size)[:1]
         detections += objects
         box, truth_box = (objects[0].box if objects else None), _truth_box(scene, k)
-        overlap = scenes.iou(box, truth_box) if box and truth_box else 0.0
+        overlap = box_iou(box, truth_box) if box and truth_box else 0.0
         results["detections"].append({
             "prompt": f"detect {k}", "answer": result.text, "box": _rounded(box),
             "truth": _rounded(truth_box), "iou": round(overlap, 3),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,9 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..api import PaliGemma
-from ..tasks import LOC_GRID, parse_detections
+from ..eval.datasets import EvalExample, box_from_suffix
+from ..eval.runner import evaluate
+from ..tasks import LOC_GRID
 
 COLORS = {
     "red": (220, 30, 30),
@@ -196,31 +197,41 @@ def _background(rng: random.Random, size: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.clip(pixels + sigma * noise, 0, 255).astype(np.uint8), "RGB")
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) or two (y0, x0, y1, x1) boxes."""
-    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0])) *
-             max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+HELD_OUT_SEED = 10**9  # scene seeds of the held-out set start here, far from training seeds
+RENDER_SIZE = 224  # scenes are drawn at this size; the demo model sees them resized to 112 px
+# The demo model's held-out tasks, each scored by `paligemma eval TASK`: caption (exact match of
+# `caption en`), vqa (every color and count question), detect (`detect <kind>` per shape).
+EVAL_TASKS = ("caption", "vqa", "detect")
+
+
+def held_out(count: int) -> list[Scene]:
+    """The held-out scenes the demo model's card is measured on (seeds HELD_OUT_SEED + i)."""
+    return [draw_scene(random.Random(HELD_OUT_SEED + i), RENDER_SIZE) for i in range(count)]
+
+
+def eval_records(scenes: Sequence[Scene]) -> dict[str, list[tuple[int, str, str]]]:
+    """Per task of EVAL_TASKS, the (scene index, prefix, suffix) of every example: the pairs of
+    `examples(scene)`, caption first, then the count question, then per shape its color
+    question and its detection."""
+    out: dict[str, list[tuple[int, str, str]]] = {task: [] for task in EVAL_TASKS}
+    for i, scene in enumerate(scenes):
+        for prefix, suffix in examples(scene):
+            task = prefix.split()[0].replace("answer", "vqa")
+            out[task].append((i, prefix, suffix))
+    return out
 
 
 def score(pg: PaliGemma, scenes: Sequence[Scene], batch_size: int = 32) -> dict[str, float]:
-    """Held-out scores of a model on scenes, greedy decoding.
-
-    caption: exact match of `caption en`; vqa: exact match over every color and count question;
-    detection: mean IoU of the first box `detect <kind>` returns (0 if none) over all shapes.
-    """
-    pairs = [(s.image, prefix, suffix) for s in scenes for prefix, suffix in examples(s)]
-    hits: dict[str, list[float]] = {"caption": [], "vqa": [], "detection": []}
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        results = pg.generate([p[0] for p in chunk], [p[1] for p in chunk], max_new_tokens=24)
-        for (_, prefix, truth), result in zip(chunk, results, strict=True):
-            if prefix.startswith("detect"):
-                found = parse_detections(result.text, 1, 1)
-                y0, x0, y1, x1 = (int(v) / LOC_GRID for v in re.findall(r"\d{4}", truth))
-                hits["detection"].append(iou(found[0].box, (x0, y0, x1, y1)) if found else 0.0)
-            else:
-                hits["caption" if prefix.startswith("caption") else "vqa"].append(
-                    float(result.text == truth))
-    return {task: sum(v) / len(v) for task, v in hits.items()}
+    """Held-out scores of a model on scenes, greedy decoding, by `paligemma eval`'s code:
+    caption: exact match of `caption en`; vqa: accuracy (exact match) over every color and
+    count question; detection: mean IoU of the first box `detect <kind>` returns (0 if none),
+    over all shapes."""
+    scores = {}
+    for task, records in eval_records(scenes).items():
+        examples = [EvalExample(str(n), scenes[i].image, prefix, answers=[suffix],
+                                box=box_from_suffix(suffix) if task == "detect" else None)
+                    for n, (i, prefix, suffix) in enumerate(records)]
+        metrics, _ = evaluate(pg, task, examples, batch_size, max_new_tokens=24)
+        scores[task] = metrics
+    return {"caption": scores["caption"]["exact_match"], "vqa": scores["vqa"]["accuracy"],
+            "detection": scores["detect"]["miou"]}
