@@ -39,8 +39,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..annotate import draw_attention, to_pil
 from ..api import PaliGemma
@@ -178,21 +180,15 @@ def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
     # base64 inflates 3 bytes to 4; the rest of the body is small
     max_body = 4 * config.max_image_bytes // 3 + 65536
     app = FastAPI(title="paligemma-torch", version="0.1.0", lifespan=lifespan,
-                  description=__doc__.split("\n\n")[1])
+                  description="PaliGemma over HTTP: OpenAI-compatible chat completions (image as "
+                  "a base64 data URL, the task prefix as text) and detect / segment / explain.")
     app.state.engine = engine
     app.state.config = config
-    # Inside the check below: stops a body without Content-Length that grows too large (its
-    # HTTPException(413) reaches our JSON handler).
+    # The inner one stops a body without Content-Length that grows too large (its
+    # HTTPException(413) reaches our JSON handler); the outer one refuses a body declared too
+    # large before reading it.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body)
-
-    @app.middleware("http")
-    async def declared_size(request: Request, call_next: Any) -> Response:
-        # A body declared too large is refused before it is read.
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
-            return error_response(413, f"request body of {length} bytes is over the server's "
-                                  f"limit of {max_body} bytes")
-        return await call_next(request)
+    app.add_middleware(_DeclaredSizeLimit, max_body=max_body)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -441,6 +437,23 @@ def create_app(pg: PaliGemma, config: ServeConfig | None = None) -> FastAPI:
                 "mean": mean.round(5).tolist(), "heatmap": heatmap}
 
     return app
+
+
+class _DeclaredSizeLimit:
+    """ASGI middleware: a JSON 413 for a request whose Content-Length is over `max_body`."""
+
+    def __init__(self, app: ASGIApp, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body:
+                response = error_response(413, f"request body of {length} bytes is over the "
+                                          f"server's limit of {self.max_body} bytes")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
