@@ -46,10 +46,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from paligemma import checkpoint  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
+from paligemma.formats import load_pretrained  # noqa: E402
+from paligemma.formats import ours as checkpoint  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
-from paligemma.quantize import MODES, load_quantized, quantized_types  # noqa: E402
+from paligemma.quantize import MODES, quantized_types  # noqa: E402
 
 TEXT_TOKENS = [2, 1018, 1101, 573, 4352, 108]  # bos, 4 word pieces, "\n" (fit every vocab)
 # int8 modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in bf16.
@@ -154,10 +155,10 @@ class Runner:
     def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
         self.framework, self.dtype, self.config = framework, dtype, config
         if framework == "ours" and dtype in MODES:
-            self.model = load_quantized(directory, dtype)
+            self.model = load_pretrained(directory, quantize=dtype)
         elif framework == "ours":
             torch_dtype = None if dtype == "bfloat16" else DTYPES[dtype]
-            self.model = checkpoint.load_pretrained(directory, dtype=torch_dtype)
+            self.model = load_pretrained(directory, dtype=torch_dtype)
         else:
             from transformers import PaliGemmaForConditionalGeneration
 

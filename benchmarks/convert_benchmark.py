@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from paligemma.checkpoint import CHUNK_BYTES  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
-from paligemma.npz import PARAMS_PREFIX, NpzWriter  # noqa: E402
-from paligemma.weights import official_shapes  # noqa: E402
+from paligemma.formats.mapping import official_shapes  # noqa: E402
+from paligemma.formats.npz import PARAMS_PREFIX, NpzWriter  # noqa: E402
+from paligemma.formats.ours import CHUNK_BYTES  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

@@ -6,7 +6,7 @@ float32 math and an f32 KV cache. For each: greedy decode of the gold prompts (t
 bf16's, position by position, and whole sequences), and the logits of one teacher-forced pass
 over the prompt + bf16's greedy tokens (max |difference| to f32, next to the logit range).
 
-Demo model (the trained tiny PaliGemma 2 of `examples/demo_model/`: official-format npz,
+Demo model (the trained tiny PaliGemma 2 of `paligemma/demo/model/`: official-format npz,
 config.json, tokenizer.model): greedy outputs of bf16, int8 and int8-linear (tied embedding left
 in bf16) on freshly drawn scenes (224 px, as the demo draws them) for every task prompt
 (identical texts), and the task scores of each (`paligemma.demo.scenes.score`).
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paligemma.config import PaliGemmaConfig  # noqa: E402
+from paligemma.formats import load_official  # noqa: E402
 from paligemma.generate import generate  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
 from paligemma.parity import case_config  # noqa: E402
 from paligemma.quantize import quantize_  # noqa: E402
-from paligemma.weights import load_official  # noqa: E402
 
 CASES = ROOT / "parity_tests" / "data"
 DEMO_SCENE_SIZE = 224
@@ -105,7 +105,7 @@ def demo_model(directory: Path, n_scenes: int, seed: int = 0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", type=Path, default=ROOT / "examples" / "demo_model")
+    p.add_argument("--demo", type=Path, default=ROOT / "paligemma" / "demo" / "model")
     p.add_argument("--scenes", type=int, default=40)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)

@@ -1,9 +1,13 @@
 """Official PaliGemma checkpoints <-> PyTorch: `python -m convert` (also `paligemma-convert`).
 
-Input: an official big_vision `.npz` (one file or several parts of one checkpoint; keys with or
-without the `params/` prefix; f32, f16 or bf16 stored as `|V2`), or `vae-oid.npz`.
+The command line over `paligemma.formats`, which does all the work (`open_checkpoint`, then
+`write_ours` / `write_hf` / `write_npz`); nothing in `paligemma` imports this package.
 
-Output directory (our format, read by `paligemma.checkpoint.load_pretrained` and
+Input: an official big_vision `.npz` (one file or several parts of one checkpoint; keys with or
+without the `params/` prefix; f32, f16 or bf16 stored as `|V2`), or `vae-oid.npz`; one of our
+directories; a Hugging Face transformers PaliGemma directory (PaliGemma 1 or 2, sharded or not).
+
+Output directory (our format, read by `paligemma.formats.load_pretrained` and
 `paligemma.PaliGemma.from_pretrained`):
 
     config.json     PaliGemma: {"model_type": "paligemma", "vision": {...}, "text": {...},
@@ -20,15 +24,13 @@ Output directory (our format, read by `paligemma.checkpoint.load_pretrained` and
                     "dtype", "sources": [{"file", "bytes", "sha256" (with --hash, else null)}],
                     "official_arrays": {official key: {"shape", "dtype"}}}
 
-`--to hf` writes a transformers PaliGemmaForConditionalGeneration directory instead (see
-`convert.hf`), `--to npz` turns one of our directories back into the official layout.
+`--to hf` writes a transformers PaliGemmaForConditionalGeneration directory instead, with the
+tokenizer and processor files (see `paligemma.formats.hf`, `hf_serve`), `--to npz` turns one of
+our directories (or a Hugging Face one) back into the official layout.
 Conversion streams one layer at a time and writes to a temporary sibling of the output that is
 renamed into place at the end, so a failure leaves nothing behind.
 """
 
 from paligemma import __version__
 
-from .sources import ConversionError, open_source
-from .targets import write_hf, write_npz, write_ours
-
-__all__ = ["ConversionError", "__version__", "open_source", "write_hf", "write_npz", "write_ours"]
+__all__ = ["__version__"]

@@ -7,11 +7,11 @@ import re
 import sys
 from pathlib import Path
 
-from paligemma.checkpoint import DEFAULT_MAX_SHARD_SIZE
-from paligemma.npz import CheckpointError
-
-from .sources import ConversionError, open_source
-from .targets import DTYPES, write_hf, write_npz, write_ours
+from paligemma import guard, outputs
+from paligemma.formats import CheckpointError, open_checkpoint, write_hf, write_npz, write_ours
+from paligemma.formats.dtypes import DTYPES
+from paligemma.formats.open import ConvertedSource, HFSource
+from paligemma.formats.ours import DEFAULT_MAX_SHARD_SIZE
 
 EXAMPLES = """\
 examples:
@@ -19,7 +19,8 @@ examples:
   paligemma-convert paligemma2-28b-pt-896.b16.npz.part* -o pg2-28b --variant pg2-28b-896
   paligemma-convert vae-oid.npz -o vae-oid
   paligemma-convert pg1-3b-pt-224 --to npz -o roundtrip.npz
-  paligemma-convert paligemma-3b-pt-224.npz --to hf -o pg1-3b-pt-224-hf
+  paligemma-convert paligemma-3b-pt-224.npz --to hf --tokenizer paligemma_tokenizer.model -o pg1-hf
+  paligemma-convert ~/hf/paligemma2-3b-pt-224 -o pg2-3b-pt-224    # a transformers directory
 """
 
 _UNITS = {
@@ -45,11 +46,12 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = guard.ArgumentParser(
         prog="paligemma-convert",
-        description="Convert official PaliGemma checkpoints (.npz, one file or several parts) "
-        "to safetensors (our format, or Hugging Face transformers with --to hf), and our "
-        "format back to the official .npz (--to npz).",
+        description="Convert official PaliGemma checkpoints (big_vision .npz, one file or "
+        "several parts; Hugging Face transformers directories) to safetensors (our format, or "
+        "Hugging Face transformers with --to hf), and directories back to the official .npz "
+        "(--to npz).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "src",
         nargs="+",
         metavar="SRC",
-        help="official .npz file(s) of one checkpoint, or one converted directory",
+        help="official .npz file(s) of one checkpoint, or one directory (ours or a Hugging Face "
+        "transformers PaliGemma checkpoint)",
     )
     p.add_argument(
         "-o",
@@ -70,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         choices=("ours", "hf", "npz"),
         default=None,
-        help="output format: ours (default for .npz sources), hf, or npz (the "
-        "official layout; default for a converted directory)",
+        help="output format: ours (default for .npz and Hugging Face sources), hf, or npz (the "
+        "official layout; default for one of our directories)",
     )
     p.add_argument(
         "--variant",
@@ -96,42 +99,59 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="split safetensors above this size (default 5GB)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="--to hf: the model's SentencePiece file, written with the tokenizer and processor "
+        "files (default: tokenizer.model or paligemma_tokenizer.model next to SRC)",
+    )
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous output of this command of the same "
+                   "format (recognised by its manifest.json / .npz mark); anything else is "
+                   "refused")
     p.add_argument("--hash", action="store_true", help="record the sources' sha256 in the manifest")
-    p.add_argument("--check-finite", action="store_true", help="refuse NaN/Inf weights")
+    p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse NaN/Inf weights, naming the array and index (default: on; "
+                   "--no-check-finite skips the check)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    guard.add_debug_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> None:
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     out = Path(args.output)
-    if out.exists() and not args.force:  # fail before reading gigabytes
-        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
-    from_dir = len(args.src) == 1 and Path(args.src[0]).is_dir()
-    to = args.to or ("npz" if from_dir else "ours")
-    if to == "ours" and from_dir:
-        raise ConversionError(f"{args.src[0]}: already in our format; pass --to npz or --to hf")
-    source = open_source(args.src, args.variant, args.config, args.check_finite)
+    if args.tokenizer and args.to != "hf":
+        raise CheckpointError("--tokenizer is for --to hf")
+    source = open_checkpoint(args.src, args.variant, args.config, args.check_finite)
+    ours_dir = isinstance(source, ConvertedSource) and not isinstance(source, HFSource)
+    to = args.to or ("npz" if ours_dir else "ours")
+    if to == "ours" and ours_dir:
+        raise CheckpointError(f"{args.src[0]}: already in our format; pass --to npz or --to hf")
+    # Before reading gigabytes (opening reads headers only); checked again under the lock.
+    outputs.check(out, _KINDS[to], args.force, sources=args.src)
+    if not args.quiet:
+        how = "given" if args.variant or args.config else "detected from the shapes"
+        name = source.config.name if source.config else "vae-oid"
+        print(f"variant: {name or 'custom config'} ({how})", file=sys.stderr)
     common = {"force": args.force, "quiet": args.quiet}
     if to == "npz":
         write_npz(source, out, dtype, **common)
     elif to == "hf":
-        write_hf(source, out, dtype, args.max_shard_size, hash_sources=args.hash, **common)
+        write_hf(source, out, dtype, args.max_shard_size, hash_sources=args.hash,
+                 tokenizer=args.tokenizer, **common)
+        if not (args.tokenizer or source.tokenizer) and not args.quiet:
+            print(f"note: no tokenizer next to {args.src[0]} and no --tokenizer: {out} has no "
+                  "tokenizer files", file=sys.stderr)
     else:
         write_ours(source, out, dtype, args.max_shard_size, hash_sources=args.hash, **common)
     if not args.quiet:
         print(f"wrote {out}", file=sys.stderr)
 
 
+_KINDS = {"ours": "checkpoint", "hf": "hf-checkpoint", "npz": "npz"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, ConversionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 0
+    return guard.run(lambda a: run(a) or 0, args)

@@ -1,4 +1,4 @@
-"""Trains the demo model from scratch; writes it in the official format to examples/demo_model/.
+"""Trains the demo model from scratch; writes it in the official format to paligemma/demo/model/.
 
     .venv/bin/python examples/train_demo_model.py            # the committed recipe
     .venv/bin/python examples/train_demo_model.py --steps 200 --out /tmp/pilot   # a quick try
@@ -47,7 +47,7 @@ from paligemma.finetune import Batch, Example, FinetuneConfig, export_npz, finet
 from paligemma.model import PaliGemmaModel
 from paligemma.tokenizer import LOC_PIECES, SEG_PIECES, Tokenizer
 
-OUT = Path(__file__).parent / "demo_model"
+OUT = Path(__file__).resolve().parents[1] / "paligemma" / "demo" / "model"
 SEED = 0
 HELD_OUT_SEED = scenes.HELD_OUT_SEED
 # Task mixture: detection is the hardest (four coordinates per box), so it gets the most;
@@ -238,14 +238,16 @@ def main() -> int:
     train_seconds = time.time() - start
 
     npz = args.out / "paligemma-demo.npz"
-    export_npz(work / "run" / "model", npz, torch.bfloat16)
+    # force: replaces the .npz a previous run of this script exported (marked as ours; the
+    # shipped file predates the mark, delete it first to regenerate it).
+    export_npz(work / "run" / "model", npz, torch.bfloat16, force=True)
     shutil.copyfile(tokenizer.path, args.out / "tokenizer.model")
     config.save(args.out / "config.json")
     # Score what ships: the bf16 .npz, converted back to our format by the converter.
-    from convert import open_source, write_ours
+    from paligemma.formats import open_checkpoint, write_ours
 
     converted = work / "converted"
-    write_ours(open_source([npz], config_file=args.out / "config.json"), converted, quiet=True)
+    write_ours(open_checkpoint(npz, config_file=args.out / "config.json"), converted, quiet=True)
     pg = PaliGemma.from_pretrained(converted, tokenizer=args.out / "tokenizer.model",
                                  device=args.device)
     logging.getLogger("paligemma").setLevel(logging.ERROR)  # early models emit bad boxes

@@ -3,9 +3,9 @@
 one JSONL per task in the project's format ({"id", "image", "prefix", "suffix"}):
 
     .venv/bin/python examples/write_demo_eval_set.py --out out/demo_eval
-    paligemma-convert examples/demo_model/paligemma-demo.npz \\
-        --config examples/demo_model/config.json -o out/demo_eval/model
-    cp examples/demo_model/tokenizer.model out/demo_eval/model/
+    paligemma-convert paligemma/demo/model/paligemma-demo.npz \\
+        --config paligemma/demo/model/config.json -o out/demo_eval/model
+    cp paligemma/demo/model/tokenizer.model out/demo_eval/model/
     paligemma eval caption --model out/demo_eval/model --data out/demo_eval/caption.jsonl \\
         --max-new-tokens 24 -o out/demo_eval/caption.json      # exact_match 96.33%
     paligemma eval vqa ... --data out/demo_eval/vqa.jsonl ...   # accuracy 100%

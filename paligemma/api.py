@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_pretrained
+from .formats import load_model, open_checkpoint
+from .formats.open import TOKENIZER_FILES
 from .generate import Sampler, beam_search, generate, make_sampler, record_attention, stream
-from .image import ImageLike, preprocess, to_rgb_array
+from .image import ImageLike, load_batch, preprocess
 from .model import PaliGemmaModel
 from .segmentation import MaskDecoder, load_mask_decoder
 from .tasks import Detection, parse_detections, parse_segments, task_prefix
@@ -31,8 +32,8 @@ from .tokenizer import Tokenizer
 
 # Gemma 1 and 2 were trained with an 8192-token context: image tokens + prompt + new tokens.
 MAX_SEQ_LEN = 8192
-TOKENIZER_FILES = ("tokenizer.model", "paligemma_tokenizer.model")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model"]  # not the .bin / .npz copies some repos add
 Images = ImageLike | Sequence[ImageLike]  # one image -> one result; a list -> a list
 
 
@@ -55,6 +56,28 @@ class Explanation(TextResult):
     # patch, averaged over the chosen layers and heads (rows do not sum to 1: the rest of the
     # mass goes to text tokens).
     maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+
+
+def check_device(device: torch.device | str) -> None:
+    """Raises ValueError naming the device if it is malformed or absent on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {device!r}: not a torch device; e.g. cpu, cuda, cuda:1"
+        ) from None
+    backends = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+                "xpu": getattr(torch, "xpu", None)}
+    if dev.type not in backends:
+        return
+    backend = backends[dev.type]
+    if backend is None or not backend.is_available():
+        raise ValueError(
+            f"--device {device}: no {dev.type} device on this machine; use --device cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "cuda device(s), numbered from 0")
 
 
 class PaliGemma:
@@ -88,13 +111,16 @@ class PaliGemma:
         device: torch.device | str = "cpu",
         quantize: str | None = None,
     ) -> PaliGemma:
-        """A converted checkpoint directory, or a Hugging Face Hub repo id holding one.
+        """A checkpoint: our directory, a Hugging Face transformers PaliGemma directory, an
+        official `.npz`, or a Hugging Face Hub repo id holding one of the directories (e.g.
+        "google/paligemma2-3b-pt-224"; `HF_HUB_OFFLINE=1` reads the local hub cache only).
 
-        tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model in
-        the checkpoint directory); vae: `vae-oid.npz` or its converted directory (segment only);
+        tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model
+        next to the weights); vae: `vae-oid.npz` or its converted directory (segment only);
         quantize: "int8" or "int8-linear" (`quantize.MODES`) quantizes each matrix as it is
-        read (`quantize.load_quantized`; dtype is then ignored).
+        read (dtype is then ignored). Opened, checked and loaded by `formats.load_pretrained`.
         """
+        check_device(device)
         path = Path(name_or_path)
         if not path.exists():
             if not _HUB_ID.match(str(name_or_path)):
@@ -102,27 +128,24 @@ class PaliGemma:
             from huggingface_hub import snapshot_download
 
             try:
-                path = Path(snapshot_download(repo_id=str(name_or_path)))
+                path = Path(
+                    snapshot_download(repo_id=str(name_or_path), allow_patterns=_HUB_FILES)
+                )
             except (OSError, ValueError) as e:
                 raise FileNotFoundError(
                     f"{name_or_path}: not a local directory and not downloadable from the "
                     f"Hugging Face Hub ({type(e).__name__}: {e})"
                 ) from None
+        source = open_checkpoint(path)  # a wrong folder is named before anything else is read
         if tokenizer is None:
-            found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
-            if not found:
+            if source.tokenizer is None:
                 raise FileNotFoundError(
                     f"{path}: no {' or '.join(TOKENIZER_FILES)}; pass the tokenizer file "
                     "(--tokenizer), e.g. the official paligemma_tokenizer.model"
                 )
-            tokenizer = found[0]
+            tokenizer = source.tokenizer
         tok = Tokenizer(tokenizer)
-        if quantize:
-            from .quantize import load_quantized
-
-            model = load_quantized(path, quantize, device=device)
-        else:
-            model = load_pretrained(path, dtype=dtype, device=device)
+        model = load_model(source, dtype=dtype, device=device, quantize=quantize)
         return cls(model, tok, load_mask_decoder(vae, device) if vae is not None else None)
 
     # -- generation ---------------------------------------------------------------------------
@@ -135,10 +158,12 @@ class PaliGemma:
         max_new_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> pixels [B, 3, R, R], tokens, mask_ar, input_mask [B, T] on the model's device."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
         if isinstance(images, torch.Tensor):
             pixels = images
         else:
-            pixels = preprocess([to_rgb_array(im) for im in images], self.image_size)
+            pixels = preprocess(images, self.image_size)
         if len(prefixes) == 1 and len(pixels) > 1:
             prefixes = list(prefixes) * len(pixels)
         if len(prefixes) != len(pixels):
@@ -304,12 +329,10 @@ class PaliGemma:
                  options: dict[str, Any]) -> ObjectsResult | list[ObjectsResult]:
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
-        arrays = [to_rgb_array(im) for im in batch]
-        pixels = preprocess(arrays, self.image_size)
+        pixels, sizes = load_batch(batch, self.image_size)
         results = self.generate(pixels, task_prefix(task, objects), **options)
         out = []
-        for array, result in zip(arrays, results, strict=True):
-            height, width = array.shape[:2]
+        for (height, width), result in zip(sizes, results, strict=True):
             if task == "detect":
                 found = parse_detections(result.text, width, height)
             else:

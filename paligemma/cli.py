@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from . import guard, image, outputs
+from .formats.dtypes import DTYPES
+from .guard import positive_int
 from .parity import run_case
 from .quantize import MODES as QUANTIZE_MODES
 
 if TYPE_CHECKING:
     import PIL.Image
 
-logger = logging.getLogger("paligemma")
-
 
 def _parity(args: argparse.Namespace) -> int:
+    if args.json:
+        outputs.check(args.json, "parity-report", args.force)
     ok = True
     reports = []
     for case_dir in args.case_dirs:
@@ -43,9 +42,10 @@ def _parity(args: argparse.Namespace) -> int:
         reports.append(report.to_json())
         ok &= report.ok
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n"
-        )
+        with outputs.atomic(args.json, "parity-report", args.force) as tmp:
+            tmp.write_text(
+                json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n"
+            )
     return 0 if ok else 1
 
 
@@ -56,7 +56,7 @@ def _load(args: argparse.Namespace) -> Any:
         args.model,
         tokenizer=args.tokenizer,
         vae=getattr(args, "vae", None),
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         quantize=args.quantize,
     )
@@ -79,16 +79,27 @@ def _annotate_path(out: str, index: int, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
 
 
-def _save_png(image: PIL.Image.Image, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+def _save_png(picture: PIL.Image.Image, path: str | Path, force: bool) -> None:
+    with outputs.atomic(path, "png", force) as tmp:
+        picture.save(tmp, format="PNG", pnginfo=outputs.png_info())
+
+
+def _check_images(paths: list[str]) -> None:
+    """Every input opens (header only) before the model loads: memory stays one batch."""
+    for path in paths:
+        image.open_image(path, decode=False).close()
 
 
 def _run_task(args: argparse.Namespace) -> int:
     from .annotate import draw_objects, to_pil
-    from .image import to_rgb_array
 
-    arrays = [to_rgb_array(p) for p in args.images]  # fail on a bad image before loading
+    _check_images(args.images)
+    annotated = []
+    if getattr(args, "annotate", None):
+        annotated = [_annotate_path(args.annotate, i, len(args.images))
+                     for i in range(len(args.images))]
+        for out in annotated:
+            outputs.check(out, "png", args.force)
     pg = _load(args)
     options = _generation_options(args)
     run: Callable[[list[Any]], list[Any]] = {
@@ -100,22 +111,21 @@ def _run_task(args: argparse.Namespace) -> int:
         "segment": lambda ims: pg.segment(ims, args.object, **options),
         "generate": lambda ims: pg.generate(ims, args.prompt, **options),
     }[args.command]
-    results = []
-    for start in range(0, len(arrays), args.batch_size):
-        results += run(arrays[start : start + args.batch_size])
     records = []
-    for i, (path, array, result) in enumerate(zip(args.images, arrays, results, strict=True)):
-        record = {"image": str(path), "prompt": result.prompt, "text": result.text}
-        objects = getattr(result, "objects", None)
-        if objects is not None:
-            record["objects"] = [o.to_json() for o in objects]
-        if getattr(args, "annotate", None):
-            out = _annotate_path(args.annotate, i, len(args.images))
-            _save_png(draw_objects(to_pil(array), objects), out)
-            record["annotated"] = str(out)
-        records.append(record)
-        if not args.json:
-            _print_record(record)
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]  # decoded batch by batch
+        for i, (path, result) in enumerate(zip(paths, run(paths), strict=True), start):
+            record = {"image": str(path), "prompt": result.prompt, "text": result.text}
+            objects = getattr(result, "objects", None)
+            if objects is not None:
+                record["objects"] = [o.to_json() for o in objects]
+            if annotated:
+                picture = to_pil(image.to_rgb_array(path))
+                _save_png(draw_objects(picture, objects), annotated[i], args.force)
+                record["annotated"] = str(annotated[i])
+            records.append(record)
+            if not args.json:
+                _print_record(record)
     if args.json:
         print(json.dumps(records, indent=2))
     return 0
@@ -158,9 +168,9 @@ def _indices(text: str | None) -> list[int] | None:
 
 def _explain(args: argparse.Namespace) -> int:
     from .annotate import draw_attention, to_pil
-    from .image import to_rgb_array
 
-    array = to_rgb_array(args.image)
+    array = image.to_rgb_array(args.image)
+    outputs.check(args.output, "png", args.force)
     pg = _load(args)
     result = pg.explain(array, args.prompt, layers=_indices(args.layers),
                         heads=_indices(args.heads), max_new_tokens=args.max_new_tokens)
@@ -168,7 +178,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise ValueError("the model generated no tokens (eos right away): nothing to explain")
     maps = [result.maps.mean(0), *result.maps]
     titles = [f"all: {result.text}"[:40], *(repr(p) for p in result.pieces)]
-    _save_png(draw_attention(to_pil(array), maps, titles), args.output)
+    _save_png(draw_attention(to_pil(array), maps, titles), args.output, args.force)
     print(f"{args.image}: {_one_line(result.text)}")
     print(f"wrote {args.output} ({len(result.tokens)} tokens)")
     return 0
@@ -176,28 +186,34 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
-                   help="converted checkpoint directory (or a Hugging Face Hub repo id)")
+                   help="checkpoint: our directory, a Hugging Face transformers directory, an "
+                   "official .npz, or a Hugging Face Hub repo id")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="SentencePiece model (default: tokenizer.model in --model)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=list(DTYPES),
                    help="cast the weights (default: as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="int8 weights with per-row scales: half of bf16's memory, faster "
                    "decoding on CPU (math stays float32); int8-linear keeps the tied "
                    "embedding as stored")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                    help="generation budget per image (default: 64)")
+    p.add_argument("--max-image-pixels", type=positive_int, metavar="N",
+                   help="decompression-bomb limit: refuse larger images (default: "
+                   f"{image.MAX_IMAGE_PIXELS})")
     if not generation:
         return
     g = p.add_argument_group("generation (default: greedy)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="sample with this temperature (0 = greedy)")
-    g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely ids")
+    g.add_argument("--top-k", type=positive_int, metavar="K",
+                   help="sample among the K most likely ids")
     g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass")
-    g.add_argument("--beams", type=int, default=1, metavar="N", help="beam search width")
+    g.add_argument("--beams", type=positive_int, default=1, metavar="N",
+                   help="beam search width")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="images per forward pass (default: 8)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {image, prompt, text[, objects]} instead")
@@ -223,7 +239,7 @@ TASKS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paligemma", description=__doc__,
+    parser = guard.ArgumentParser(prog="paligemma", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import parity
@@ -244,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='also write {"case", "ok", "stages": [{"name", "max_abs_err", "tol", '
         '"ok", ...}]} (a list of those for several cases)',
     )
+    p.add_argument("--force", action="store_true",
+                   help="replace FILE if it is a previous parity report")
     p.set_defaults(func=_parity)
 
     for name, (summary, example) in TASKS.items():
@@ -266,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("detect", "segment"):
             p.add_argument("--annotate", metavar="OUT.png",
                            help="draw the results on the image (OUT-<i>.png for several)")
+            p.add_argument("--force", action="store_true",
+                           help="replace --annotate PNGs that paligemma wrote before")
         _add_model_args(p)
         p.set_defaults(func=_run_task)
 
@@ -282,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help="image file")
     p.add_argument("--prompt", required=True, help="the prefix, e.g. 'caption en'")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG to write")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT.png if paligemma wrote it before")
     p.add_argument("--layers", default="all",
                    help="decoder layers to average: 'all', '0,3,-1' or 'lo:hi' (default: all)")
     p.add_argument("--heads", default="all", help="query heads to average (same syntax)")
@@ -296,17 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     evaluation.add_parser(sub)
     serve.add_parser(sub)
+    for command in sub.choices.values():
+        guard.add_debug_flag(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logger.handlers:  # model-output warnings (e.g. malformed boxes), without tracebacks
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(handler)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if getattr(args, "max_image_pixels", None):
+        image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    return guard.run(args.func, args)

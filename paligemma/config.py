@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class VisionConfig:
     image_size: int = 224
 
     def __post_init__(self) -> None:
+        check_fields(self, lambda name: f"vision.{name}")
         _require(
             self.width % self.num_heads == 0,
             f"vision width {self.width} is not divisible by num_heads {self.num_heads}",
@@ -72,6 +74,7 @@ class TextConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_fields(self, lambda name: f"text.{name}", above_zero=("rope_max_wavelength",))
         # The official configs spell "no softcap" as 0.0; keep a single spelling.
         for name in ("attn_logits_softcap", "final_logits_softcap"):
             if not getattr(self, name):
@@ -140,6 +143,12 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PaliGemmaConfig:
+        _require(isinstance(d, dict), f"expected a JSON object, got {type(d).__name__}")
+        for part in ("vision", "text"):
+            value = d.get(part, {})
+            _require(isinstance(value, dict), f"{part}: expected an object, got {value!r}")
+        name = d.get("name")
+        _require(name is None or isinstance(name, str), f"name: expected a string, got {name!r}")
         for part, typ in (("vision", VisionConfig), ("text", TextConfig)):
             unknown = set(d.get(part, {})) - _field_names(typ)
             _require(not unknown, f"unknown {part} config fields {sorted(unknown)}")
@@ -157,6 +166,31 @@ class PaliGemmaConfig:
 
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def check_fields(config: Any, label: Callable[[str], str], minimum: dict[str, float] | None = None,
+                 above_zero: tuple[str, ...] = (), int_min: int = 1) -> None:
+    """Checks a dataclass's values against its annotations: int, float (an int is fine), bool or
+    str, `| None` allowing None; numbers finite and >= their minimum (`minimum[name]`, else
+    `int_min` for ints and 0 for floats; > it for names in `above_zero`). Raises ValueError
+    naming `label(field)` and the value."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.type.split(" |")[0]
+        if value is None and "None" in f.type:
+            continue
+        if kind in ("int", "float"):
+            low = (minimum or {}).get(f.name, int_min if kind == "int" else 0)
+            strict = f.name in above_zero
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and (kind == "float" or isinstance(value, int)) and math.isfinite(value)
+                  and (value > low if strict else value >= low))
+            number = "an integer" if kind == "int" else "a number"
+            want = f"{number} {'>' if strict else '>='} {low}"
+        elif kind == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        _require(ok, f"{label(f.name)}: expected {want}, got {value!r}")
 
 
 def _require(ok: bool, message: str) -> None:

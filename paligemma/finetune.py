@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +44,12 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .image import ImageLike, preprocess, to_rgb_array
+from . import outputs
+from .config import check_fields
+from .formats import open_checkpoint, write_npz
+from .formats import ours as ckpt
+from .guard import message as guard_message
+from .image import ImageLike, open_image, preprocess
 from .lora import add_lora, merge_lora
 from .model import PaliGemmaModel
 from .tokenizer import Tokenizer
@@ -52,6 +59,13 @@ CHECKPOINT_DIR = "checkpoint"  # under out_dir: the latest training state, repla
 MODEL_DIR = "model"  # under out_dir: the final (merged) model, our checkpoint format
 METRICS_FILE = "metrics.jsonl"
 AUX_PREFIX = "aux."  # names of the auxiliary objective's parameters in training checkpoints
+
+
+_MINIMUM = {"steps": 1, "batch_size": 1, "grad_accum": 1, "lora_rank": 1, "max_len": 2,
+            "eval_batches": 1}
+# Fields that change what is trained; a resumed run must keep them (the rest only change
+# reporting and speed).
+_RUN_FIELDS_FREE = ("eval_every", "eval_batches", "save_every", "num_workers")
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,7 @@ class FinetuneConfig:
     max_len: int | None = None  # truncate text (prefix + suffix + eos) to this many tokens
     eval_every: int = 0  # steps between evaluations (0: only at the end, if eval data)
     eval_batches: int | None = None  # limit evaluation to this many batches
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    save_every: int = 100  # steps between checkpoints (0: only at the end and on interruption)
     num_workers: int = 0  # DataLoader workers
     seed: int = 0
     loc_sigma: float = 0.0  # > 0: Gaussian soft targets over <loc> bins (see example_losses)
@@ -80,9 +94,10 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, lambda name: f"{name} (--{name.replace('_', '-')})", _MINIMUM,
+                     above_zero=("lr", "lora_alpha", "max_grad_norm"), int_min=0)
+        if self.lora_dropout >= 1:
+            raise ValueError(f"lora_dropout must be below 1, got {self.lora_dropout}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): warmup, then cosine to 0."""
@@ -106,29 +121,72 @@ class Example:
 
 class JsonlDataset(Dataset):
     """Records of the official fine-tuning colab: one JSON object per line with "image" (a path
-    relative to `image_dir`, default the JSONL file's folder), "prefix" and "suffix"."""
+    relative to `image_dir`, default the JSONL file's folder), "prefix" and "suffix" (strings).
+
+    Every record is checked when the file is read, naming `file:line`; `check_images` checks
+    that every image opens."""
 
     def __init__(self, path: str | Path, image_dir: str | Path | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such JSONL file")
-        image_dir = Path(image_dir) if image_dir is not None else self.path.parent
-        self.examples = []
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                self.examples.append(
-                    Example(image_dir / record["image"], record["prefix"], record["suffix"])
-                )
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{self.path}:{n}: expected {{\"image\", \"prefix\", \"suffix\"}}, "
-                    f"got {line[:80]!r} ({type(e).__name__}: {e})"
-                ) from None
+        self.image_dir = Path(image_dir) if image_dir is not None else self.path.parent
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"{self.image_dir}: no such image folder (--image-dir)")
+        self.examples: list[Example] = []
+        self.lines: list[int] = []
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: not UTF-8 text ({e})") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                self.examples.append(self._example(line, n))
+                self.lines.append(n)
         if not self.examples:
             raise ValueError(f"{self.path}: no records")
+
+    def _example(self, line: str, n: int) -> Example:
+        where = f"{self.path}:{n}"
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: not JSON ({e}): {line[:60]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object {{\"image\", \"prefix\", \"suffix\"}}, "
+                             f"got {line[:60]!r}")
+        for key in ("image", "prefix", "suffix"):
+            if key not in record:
+                raise ValueError(f"{where}: no {key!r} (records are {{\"image\", \"prefix\", "
+                                 "\"suffix\"}})")
+            if not isinstance(record[key], str) or key == "image" and not record[key]:
+                what = "a non-empty string (a path)" if key == "image" else "a string"
+                raise ValueError(f"{where}: {key!r} must be {what}, got {record[key]!r}")
+        return Example(self.image_dir / record["image"], record["prefix"], record["suffix"])
+
+    def check_images(self, size: int = 224, progress: bool = True) -> None:
+        """Opens and decodes every image (JPEGs at reduced scale, near `size`): a bad file is
+        reported as `file:line` before training starts, not when a batch reaches it."""
+        for n, example in zip(self.lines, tqdm(self.examples, desc=f"checking {self.path.name}",
+                                                disable=not progress, leave=False), strict=True):
+            try:
+                with open_image(example.image, decode=False) as image:  # errors name the file
+                    try:
+                        image.draft("RGB", (size, size))
+                        image.load()
+                    except (OSError, SyntaxError) as e:
+                        raise ValueError(f"{example.image}: cannot decode image ({e})") from None
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path}:{n}: {guard_message(e)}") from None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the records and of each image's size in bytes (a cheap stat, not a read):
+        what `--resume` compares. Moving the data elsewhere keeps it."""
+        digest = hashlib.sha256(self.path.read_bytes())
+        for example in self.examples:
+            digest.update(str(Path(example.image).stat().st_size).encode())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -169,7 +227,7 @@ def collate(
     with_aux = [e.aux is not None for e in examples]
     if any(with_aux) and not all(with_aux):
         raise ValueError("either every example of a batch has `aux` targets or none has")
-    images = preprocess([to_rgb_array(e.image) for e in examples], image_size)
+    images = preprocess([e.image for e in examples], image_size)
     encoded = [encode_example(tokenizer, e.prefix, e.suffix) for e in examples]
     if max_len is not None:
         encoded = [tuple(seq[:max_len] for seq in enc) for enc in encoded]
@@ -286,9 +344,11 @@ def trainable_parameters(
 def save_training_state(
     directory: Path, model: PaliGemmaModel, optimizer: torch.optim.Optimizer, step: int,
     config: FinetuneConfig, aux: torch.nn.Module | None = None,
+    fingerprints: dict[str, str] | None = None,
 ) -> None:
     """`directory` (replaced atomically): trainable.safetensors, optimizer.safetensors (AdamW
-    moments per parameter index), state.json (step, config, param groups, names)."""
+    moments per parameter index), state.json (step, config, param groups, names, and the
+    `fingerprints` of the data and base model that `check_resume` compares)."""
     trainable = {n: p.detach() for n, p in trainable_parameters(model, aux).items()}
     opt = optimizer.state_dict()
     moments = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
@@ -298,11 +358,42 @@ def save_training_state(
         "param_groups": opt["param_groups"],
         "trainable": list(trainable),
         "rng_state": torch.get_rng_state().tolist(),
+        "fingerprints": fingerprints or {},
     }
-    with ckpt.atomic_output(directory, force=True) as tmp:
+    with outputs.atomic(directory, "training-state", force=True) as tmp:
         save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
         ckpt.write_json(tmp / "state.json", state)
+
+
+def check_resume(directory: Path, config: FinetuneConfig, fingerprints: dict[str, str]) -> None:
+    """Raises ValueError naming every setting, the data or the base model that differs from
+    what the run in `directory` was started with: resuming would silently train another run."""
+    state = ckpt.read_json(directory / "state.json")
+    saved = state.get("config", {})
+    changed = [f"{k} was {saved[k]!r}, now {v!r}" for k, v in dataclasses.asdict(config).items()
+               if k in saved and k not in _RUN_FIELDS_FREE and saved[k] != v]
+    what = {"data": "the training data (--train / --image-dir) changed",
+            "model": "the base model (--model) differs"}
+    for key, value in state.get("fingerprints", {}).items():
+        if fingerprints.get(key) not in (None, value):
+            changed.append(what.get(key, f"{key} changed"))
+    if changed:
+        raise ValueError(
+            f"{directory}: cannot resume: {'; '.join(changed)}. Resume with what the run was "
+            "started with, or start a new run in another folder"
+        )
+
+
+def model_fingerprint(model: PaliGemmaModel) -> str:
+    """sha256 of the config and of a strided sample of every weight: tells base models apart
+    without reading all of them."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu()
+        digest.update(f"{name}{list(p.shape)}{sample.tolist()}".encode())
+    return digest.hexdigest()
 
 
 def load_training_state(
@@ -362,25 +453,63 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     aux: torch.nn.Module | None = None,
+    force: bool = False,
 ) -> PaliGemmaModel:
     """Trains `model` in place on Examples and returns it, LoRA merged.
 
-    out_dir: where checkpoints (`checkpoint/`), `metrics.jsonl` and the final model
-    (`model/`, with `tokenizer.model`) go; None keeps nothing on disk. eval_data: examples whose
-    loss is reported every `eval_every` steps and at the end; evaluate: an extra callback
-    (model -> {metric: value}) run at the same times, e.g. generation scores. resume: continue
-    from `out_dir/checkpoint` (same base model, data and config). aux: an auxiliary objective,
-    a module called as `aux(model, batch)` right after the model's forward pass of a training
-    batch, returning a per-example loss [B] that is added to the suffix loss; it can read
-    activations that its forward hooks captured, and targets from `batch.aux` (the examples'
-    `aux`). Its parameters are trained and checkpointed with the model's, never exported, and
-    evaluation losses leave it out.
+    out_dir: the run folder, where checkpoints (`checkpoint/`, every `save_every` steps, at the
+    end and on interruption), `metrics.jsonl` and the final model (`model/`, with
+    `tokenizer.model`) go; None keeps nothing on disk. It must not exist, unless `resume`
+    (continue from its checkpoint: the same data, base model and settings, else ValueError
+    naming what changed) or `force` (replace a previous run folder; anything else is refused).
+    eval_data: examples whose loss is reported every `eval_every` steps and at the end;
+    evaluate: an extra callback (model -> {metric: value}) run at the same times, e.g.
+    generation scores. Datasets with a `check_images` method (JsonlDataset) have every image
+    checked before the first step. aux: an auxiliary objective, a module called as
+    `aux(model, batch)` right after the model's forward pass of a training batch, returning a
+    per-example loss [B] that is added to the suffix loss; it can read activations that its
+    forward hooks captured, and targets from `batch.aux` (the examples' `aux`). Its parameters
+    are trained and checkpointed with the model's, never exported, and evaluation losses
+    leave it out.
     """
     if tokenizer.vocab_size != model.config.text.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.text.vocab_size}"
         )
-    out = Path(out_dir) if out_dir is not None else None
+    for data in (train_data, eval_data):
+        if hasattr(data, "check_images"):
+            data.check_images(model.config.vision.image_size, progress)
+    fingerprints = {"model": model_fingerprint(model)}
+    if hasattr(train_data, "fingerprint"):
+        fingerprints["data"] = train_data.fingerprint
+    if out_dir is None:
+        return _train(model, tokenizer, train_data, config, None, eval_data, evaluate, 0,
+                      progress, aux, fingerprints)
+    out = Path(out_dir)
+    with outputs.locked(out):  # one writer per run folder
+        if resume:
+            if not (out / CHECKPOINT_DIR / "state.json").is_file():
+                raise FileNotFoundError(f"{out}: no fine-tuning run with a {CHECKPOINT_DIR}/ "
+                                        "to resume from")
+            check_resume(out / CHECKPOINT_DIR, config, fingerprints)
+            for folder, kind in ((out, "finetune-run"), (out / CHECKPOINT_DIR, "training-state")):
+                if outputs.kind_of(folder) is None:  # a run started before folders were marked
+                    outputs.mark(folder, kind)
+        else:
+            outputs.check(out, "finetune-run", force)
+            if out.exists():  # a previous run folder, and force: replaced
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            outputs.mark(out, "finetune-run")
+        return _train(model, tokenizer, train_data, config, out, eval_data, evaluate, resume,
+                      progress, aux, fingerprints)
+
+
+def _train(
+    model: PaliGemmaModel, tokenizer: Tokenizer, train_data: Dataset, config: FinetuneConfig,
+    out: Path | None, eval_data: Dataset | None, evaluate: Callable | None, resume: bool,
+    progress: bool, aux: torch.nn.Module | None, fingerprints: dict[str, str],
+) -> PaliGemmaModel:
     prepare_model(model, config)
     model.train()
     if aux is not None:
@@ -392,10 +521,9 @@ def finetune(
         max_len=config.max_len,
     )
     step = 0
-    if resume:
-        if out is None or not (out / CHECKPOINT_DIR).is_dir():
-            raise FileNotFoundError(f"{out}: no {CHECKPOINT_DIR}/ to resume from")
+    if resume and out is not None:
         step = load_training_state(out / CHECKPOINT_DIR, model, optimizer, aux)
+        _truncate_metrics(out / METRICS_FILE, step)  # steps after the checkpoint are redone
     per_step = config.batch_size * config.grad_accum
     order = itertools.islice(sample_order(len(train_data), config.seed), step * per_step, None)
     batches = _chunks(order, config.batch_size)
@@ -408,66 +536,96 @@ def finetune(
     data = iter(loader)
     bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not progress,
                dynamic_ncols=True)
-    while step < config.steps:
-        lr = config.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            batch = next(data).to(model.device)
-            with _autocast(model, config.bf16):
-                losses = example_losses(model, batch, tokenizer.loc_ids, config.loc_sigma)
-                if aux is not None:
-                    losses = losses + aux(model, batch)
-                loss = losses.mean()
-            (loss / config.grad_accum).backward()
-            loss_sum += float(loss.detach())
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / config.grad_accum:.4f}", lr=f"{lr:.2e}")
-        metrics: dict[str, Any] = {"step": step, "loss": loss_sum / config.grad_accum, "lr": lr}
-        last = step == config.steps
-        if config.eval_every and step % config.eval_every == 0 or last:
-            if eval_loader is not None:
-                metrics["eval_loss"] = evaluate_loss(model, eval_loader, config.eval_batches,
-                                                     config.bf16)
-            if evaluate is not None:
-                metrics.update(_run_callback(model, evaluate))
-            if len(metrics) > 3:
-                bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    saved = step
+
+    def save() -> None:
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if config.save_every and step % config.save_every == 0 or last:
-                save_training_state(out / CHECKPOINT_DIR, model, optimizer, step, config, aux)
-    bar.close()
+            save_training_state(out / CHECKPOINT_DIR, model, optimizer, step, config, aux,
+                                fingerprints)
+
+    try:
+        while step < config.steps:
+            lr = config.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(config.grad_accum):
+                batch = next(data).to(model.device)
+                with _autocast(model, config.bf16):
+                    losses = example_losses(model, batch, tokenizer.loc_ids, config.loc_sigma)
+                    if aux is not None:
+                        losses = losses + aux(model, batch)
+                    loss = losses.mean()
+                (loss / config.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / config.grad_accum:.4f}", lr=f"{lr:.2e}")
+            metrics: dict[str, Any] = {"step": step, "loss": loss_sum / config.grad_accum,
+                                       "lr": lr}
+            last = step == config.steps
+            if config.eval_every and step % config.eval_every == 0 or last:
+                if eval_loader is not None:
+                    metrics["eval_loss"] = evaluate_loss(model, eval_loader,
+                                                         config.eval_batches, config.bf16)
+                if evaluate is not None:
+                    metrics.update(_run_callback(model, evaluate))
+                if len(metrics) > 3:
+                    bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            if out is not None:
+                with open(out / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if config.save_every and step % config.save_every == 0 or last:
+                    save()
+                    saved = step
+    except KeyboardInterrupt:
+        if out is not None and step > saved:
+            optimizer.zero_grad(set_to_none=True)  # a partly accumulated step is dropped
+            save()
+            bar.write(f"interrupted: saved the state after step {step} to "
+                      f"{out / CHECKPOINT_DIR}; continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
     merge_lora(model)
     model.eval()
     if out is not None:
-        save_model(model, tokenizer, out / MODEL_DIR)
+        save_model(model, tokenizer, out / MODEL_DIR, force=True)
     return model
 
 
-def save_model(model: PaliGemmaModel, tokenizer: Tokenizer, directory: str | Path) -> None:
-    """Our checkpoint directory plus `tokenizer.model`: `PaliGemma.from_pretrained` loads it."""
-    ckpt.save_pretrained(model, directory)
-    shutil.copyfile(tokenizer.path, Path(directory) / "tokenizer.model")
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines of steps after `step` (run after the last checkpoint, then lost)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)  # all or nothing: an interruption here keeps the old file
+
+
+def save_model(model: PaliGemmaModel, tokenizer: Tokenizer, directory: str | Path,
+               force: bool = False) -> None:
+    """Our checkpoint directory plus `tokenizer.model`: `PaliGemma.from_pretrained` loads it.
+    Written atomically; `force` replaces a previous checkpoint folder (nothing else)."""
+    with outputs.atomic(directory, "checkpoint", force) as tmp:
+        ckpt.save_pretrained(model, tmp)
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
 
 
 def export_npz(
-    model_dir: str | Path, npz_path: str | Path, dtype: torch.dtype | None = torch.bfloat16
+    model_dir: str | Path, npz_path: str | Path, dtype: torch.dtype | None = torch.bfloat16,
+    force: bool = False,
 ) -> None:
     """Our checkpoint directory -> the official big_vision `.npz` (bf16 stored as `|V2` by
-    default), through the reverse converter (`python -m convert DIR --to npz`)."""
-    from convert import write_npz
-    from convert.sources import ConvertedSource
-
-    write_npz(ConvertedSource(model_dir), npz_path, dtype, force=True, quiet=True)
+    default), as `paligemma-convert DIR --to npz` writes it. `force` replaces an `.npz` this
+    project exported before, nothing else."""
+    write_npz(open_checkpoint(model_dir), npz_path, dtype, force=force, quiet=True)
 
 
 def _run_callback(model: PaliGemmaModel, evaluate: Callable) -> dict[str, float]:
@@ -506,7 +664,8 @@ _HELP = {
     "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
     "bf16": "bfloat16 autocast", "max_len": "truncate texts to this many tokens",
     "eval_every": "evaluate every N steps (0: at the end only)",
-    "eval_batches": "evaluate on at most N batches", "save_every": "checkpoint every N steps",
+    "eval_batches": "evaluate on at most N batches",
+    "save_every": "checkpoint every N steps (0: at the end and on interruption only)",
     "num_workers": "DataLoader worker processes", "seed": "data order seed",
     "loc_sigma": "train <loc> targets as a Gaussian over bins with this std (0: one-hot)",
 }
@@ -536,7 +695,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder image paths are relative to (default: the JSONL's folder)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="run folder: checkpoint/, metrics.jsonl, model/ (the result)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/checkpoint (refused if the data, base model or a "
+                   "training setting changed)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it is a previous run folder, and --export-npz if it "
+                   "is a previous export (nothing else)")
     p.add_argument("--export-npz", metavar="FILE",
                    help="also write the result as an official big_vision .npz (bf16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -556,10 +720,15 @@ def _main(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    pg = PaliGemma.from_pretrained(args.model, tokenizer=args.tokenizer, dtype=torch.float32,
-                                   device=args.device)
+    # Everything that can be checked without the model, before loading it.
+    if not args.resume:
+        outputs.check(args.output, "finetune-run", args.force)
+    if args.export_npz:
+        outputs.check(args.export_npz, "npz", args.force)
     train = JsonlDataset(args.train, args.image_dir)
     evaluation = JsonlDataset(args.eval, args.image_dir) if args.eval else None
+    pg = PaliGemma.from_pretrained(args.model, tokenizer=args.tokenizer, dtype=torch.float32,
+                                   device=args.device)
     task_metrics = None
     if evaluation is not None and args.eval_metrics:  # generation scores beside the loss
         from .eval.runner import finetune_evaluator
@@ -568,9 +737,9 @@ def _main(args: argparse.Namespace) -> int:
         task_metrics = finetune_evaluator(pg.tokenizer, evaluation.examples[:limit],
                                           config.batch_size)
     finetune(pg.model, pg.tokenizer, train, config, args.output, evaluation, task_metrics,
-             resume=args.resume)
+             resume=args.resume, force=args.force)
     print(f"wrote {Path(args.output) / MODEL_DIR}")
     if args.export_npz:
-        export_npz(Path(args.output) / MODEL_DIR, args.export_npz)
+        export_npz(Path(args.output) / MODEL_DIR, args.export_npz, force=args.force)
         print(f"wrote {args.export_npz}")
     return 0

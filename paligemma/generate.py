@@ -65,6 +65,22 @@ def make_sampler(
     return sample
 
 
+class NonFiniteLogits(ValueError):
+    """NaN/Inf logits: the weights or the inputs are broken; the output would be garbage."""
+
+
+def check_logits(logits: torch.Tensor, step: int) -> None:
+    """Raises NonFiniteLogits if any logit [B, V] is NaN or Inf (a cheap reduction per step)."""
+    finite = torch.isfinite(logits).all(-1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero()[:, 0].tolist()
+        raise NonFiniteLogits(
+            f"generation step {step}: the logits of batch row(s) {rows} are NaN/Inf; the model "
+            "weights or the input are not finite (convert the checkpoint again: the converter "
+            "refuses NaN/Inf weights)"
+        )
+
+
 @dataclass
 class DecodeState:
     key_valid: torch.Tensor  # [B, S] bool: cache slots that hold a real token
@@ -151,6 +167,7 @@ def stream(
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     try:
         for step in range(max_new_tokens):
+            check_logits(state.logits, step)
             token = sampler(state.logits)
             if pad_id is not None:
                 token = token.masked_fill(done, pad_id)
@@ -238,6 +255,7 @@ def beam_search(
     best_lengths = torch.zeros(b, dtype=torch.long, device=device)
     try:
         for step in range(max_new_tokens):
+            check_logits(state.logits, step)
             logp = state.logits.float().log_softmax(-1).view(b, k, -1)
             if eos_id is not None:  # every live beam may end here
                 finished, beam = (scores + logp[..., eos_id]).max(1)

@@ -9,6 +9,7 @@ below 1/127.5). Unlike TF's `decode_image`, EXIF orientation is applied.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,14 @@ import torch.nn.functional as F
 ImageLike = str | Path | PIL.Image.Image | np.ndarray
 
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# Decompression-bomb limit: larger images are refused before decoding (Pillow's own hard limit;
+# a float32 copy of such an image is already 2 GB). CLI: --max-image-pixels.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
-def open_image(path: str | Path) -> PIL.Image.Image:
-    """Opens and decodes an image file; every failure becomes one clear error."""
+def open_image(path: str | Path, decode: bool = True) -> PIL.Image.Image:
+    """Opens (and unless `decode` is False, decodes) an image file; every failure becomes one
+    clear error. Without decoding only the header is read: a cheap check that it opens."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -31,13 +36,25 @@ def open_image(path: str | Path) -> PIL.Image.Image:
         raise ValueError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file, not an image")
+    pillow_limit = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = None  # checked below, with a message that says what to do
     try:
         image = PIL.Image.open(path)
-        image.load()
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"{path}: {image.width}x{image.height} = {image.width * image.height} pixels is "
+                f"above the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels; if you trust "
+                "the file, raise it with --max-image-pixels N (Python: "
+                "paligemma.image.MAX_IMAGE_PIXELS = N)"
+            )
+        if decode:
+            image.load()
     except PIL.UnidentifiedImageError:
         raise ValueError(f"{path}: not an image (Pillow cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data
         raise ValueError(f"{path}: cannot decode image ({e})") from None
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = pillow_limit
     return image
 
 
@@ -81,16 +98,27 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(array)
 
 
-def preprocess(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """float32 [H, W, 3] arrays in [0, 255] -> [B, 3, size, size] float32 in [-1, 1].
+def preprocess(images: Sequence[ImageLike], size: int) -> torch.Tensor:
+    """Images (see `to_rgb_array`) -> [B, 3, size, size] float32 in [-1, 1].
 
     Bilinear with antialias (triangle filter widened by the downscale factor, half-pixel
     centers), which matches `jax.image.resize(..., "bilinear", antialias=True)` and TF's
     `tf.image.resize(..., antialias=True)`.
     """
-    out = []
-    for array in images:
+    return load_batch(images, size)[0]
+
+
+def load_batch(
+    images: Sequence[ImageLike], size: int
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`preprocess`, plus each image's original (height, width). Images are decoded and resized
+    one at a time, so memory holds one full-size image, not the batch's."""
+    out, sizes = [], []
+    for image in images:
+        array = to_rgb_array(image)
+        sizes.append(array.shape[:2])
         x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+        del array
         x = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(x[0])
-    return torch.stack(out) / 127.5 - 1.0
+    return torch.stack(out) / 127.5 - 1.0, sizes

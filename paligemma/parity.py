@@ -18,6 +18,7 @@ official `masks` and per-module outputs `ex0_out_<module>` of the first example)
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +28,11 @@ import numpy as np
 import torch
 
 from .config import GEMMA_DECODERS, PaliGemmaConfig, TextConfig, VisionConfig
+from .formats import load_official
 from .gemma import softcap
 from .generate import generate
 from .model import PaliGemmaModel, make_attn_mask
 from .segmentation import MaskDecoder, load_mask_decoder
-from .weights import load_official
 
 # Max-abs tolerances. f32 math on either side; the independent float64 re-implementation of the
 # reference notes lands within 4e-6 on zimg and 2e-3 on logits.
@@ -218,11 +219,27 @@ def run_case(case_dir: str | Path) -> Report:
     for name in ("params.npz", "vectors.npz", "config.json"):
         if not (case_dir / name).is_file():
             raise FileNotFoundError(f"{case_dir}: not a parity case directory (no {name})")
-    case = json.loads((case_dir / "config.json").read_text())
-    with np.load(case_dir / "vectors.npz", allow_pickle=False) as f:
-        vec = {k: torch.from_numpy(f[k]) for k in f.files}
-    if "codes" in vec:
-        return _run_vae_case(case_dir, case, vec)
+    try:
+        case = json.loads((case_dir / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{case_dir / 'config.json'}: not JSON ({e})") from None
+    try:
+        with np.load(case_dir / "vectors.npz", allow_pickle=False) as f:
+            vec = {k: torch.from_numpy(f[k]) for k in f.files}
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{case_dir / 'vectors.npz'}: unreadable ({e}); the case directory "
+                         "is damaged, copy it again") from None
+    try:
+        if "codes" in vec:
+            return _run_vae_case(case_dir, case, vec)
+        return _run_model_case(case_dir, case, vec)
+    except KeyError as e:
+        raise ValueError(f"{case_dir}: vectors.npz or config.json has no {e.args[0]!r}, which "
+                         "this case needs; the case directory is incomplete") from None
+
+
+def _run_model_case(case_dir: Path, case: dict[str, Any], vec: dict[str, torch.Tensor]
+                    ) -> Report:
     images = vec["image"].permute(0, 3, 1, 2)  # NHWC -> NCHW
     config = case_config(case, image_size=images.shape[-1])
     model = load_official(case_dir / "params.npz", config)

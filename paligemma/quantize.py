@@ -17,15 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import checkpoint
-from .config import PaliGemmaConfig
 from .layers import Embedding, Linear
-from .model import PaliGemmaModel
 
 MODES = ("int8", "int8-linear")
 CHUNK_ELEMENTS = 1 << 20  # rows quantized at a time: bounds the f32 temporaries to 4 MB
@@ -60,8 +56,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_(model: nn.Module, mode: str = "int8") -> nn.Module:
     """Quantizes `model`'s Linear and Embedding weights in place, one matrix at a time; returns
     the model. The other parameters are copied, so that nothing refers to the original storage
-    any more: a memory-mapped checkpoint (`load_pretrained`) is unmapped. `load_quantized`
-    avoids mapping the whole checkpoint in the first place."""
+    any more: a memory-mapped checkpoint (`load_pretrained`) is unmapped. `load_pretrained(...,
+    quantize=mode)` avoids mapping the whole checkpoint in the first place."""
     types = quantized_types(mode)
     for module in model.modules():
         if isinstance(module, types) and module.scale is None:
@@ -74,40 +70,7 @@ def quantize_(model: nn.Module, mode: str = "int8") -> nn.Module:
     return model
 
 
-def load_quantized(
-    directory: str | Path, mode: str = "int8", device: torch.device | str = "cpu"
-) -> PaliGemmaModel:
-    """Loads a checkpoint directory (`checkpoint.load_pretrained`'s format), quantizing each
-    matrix as it is read.
-
-    Tensors are read one at a time (`checkpoint.read_tensor`: a file mapping that lives as long
-    as the tensor), so peak memory is the quantized model plus one stored tensor, not the
-    stored checkpoint: about 0.5x the bf16 checkpoint for a 3B model instead of 1.5x.
-    """
-    types = quantized_types(mode)
-    config = PaliGemmaConfig.from_dict(checkpoint.read_config(directory))
-    with torch.device("meta"):
-        model = PaliGemmaModel(config).requires_grad_(False)
-    found = {name: shape for name, (shape, _) in checkpoint.tensor_specs(directory).items()}
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    checkpoint.check_names_and_shapes(directory, expected, found)
-    quantized = {name for name, m in model.named_modules() if isinstance(m, types)}
-    state = {}
-    for name, path in checkpoint.weight_map(directory).items():
-        tensor = checkpoint.read_tensor(path, name).to(device)
-        module, _, kind = name.rpartition(".")
-        if module in quantized and kind == "weight":
-            state[name], state[f"{module}.scale"] = quantize_int8(tensor)
-            layer = model.get_submodule(module)
-            layer.scale = torch.empty(layer.weight.shape[0], device="meta")  # now a state key
-        else:
-            state[name] = tensor.clone()  # own memory: the file mapping goes with `tensor`
-    model.load_state_dict(state, strict=True, assign=True)
-    _release_free_heap()
-    return model.eval()
-
-
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Returns glibc's freed heap pages to the OS. The small int8 matrices allocated between
     the f32 temporaries pin the heap, leaving ~0.7 GB of free but resident pages behind."""
     if sys.platform.startswith("linux"):

@@ -10,13 +10,15 @@ stride=2, padding=1)`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
+
+from .formats import vae
+from .formats.errors import CheckpointError
+from .formats.open import NoProgress, open_checkpoint
+from .formats.ours import CONFIG_FILE
 
 NUM_CODES = 16  # seg tokens per mask (a 4x4 grid)
 MASK_SIZE = 64
@@ -58,36 +60,25 @@ class MaskDecoder(nn.Module):
 
 
 def load_mask_decoder(path: str | Path, device: torch.device | str = "cpu") -> MaskDecoder:
-    """From the official `vae-oid.npz` or a converted directory (config.json + safetensors).
+    """From the official `vae-oid.npz` (or a folder holding it) or a converted directory.
 
-    The official file also holds the mask encoder (`encoder.*`); it is not needed to decode.
+    Opened and checked by `formats.open_checkpoint`. The official file also holds the mask
+    encoder (`encoder.*`); it is not needed to decode.
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            npz = sorted(path.glob("*.npz"))
-            if not npz:
-                raise FileNotFoundError(f"{path}: no VAE weights (*.safetensors or vae-oid.npz)")
-            return load_mask_decoder(npz[0], device)
-        config = path / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") != "vae-oid":
-            raise ValueError(f"{path}: config.json is not a vae-oid checkpoint")
-        state = {k: v for f in files for k, v in load_file(f).items()}
-    elif path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                state = {k: torch.from_numpy(f[k]) for k in f.files}
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a vae-oid .npz file ({e})") from None
-    else:
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such VAE file or directory")
-    if "_vq_vae._embedding" not in state:
-        raise ValueError(f"{path}: no '_vq_vae._embedding' key, not the segmentation VAE")
-    decoder = MaskDecoder(*state["_vq_vae._embedding"].shape)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        npz = sorted(path.glob("*.npz"))
+        if not npz:
+            raise FileNotFoundError(f"{path}: no VAE weights (config.json or vae-oid.npz)")
+        path = npz[0]
+    source = open_checkpoint(path, variant=vae.VARIANT if path.is_file() else None)
+    if source.vae_config is None:
+        raise CheckpointError(f"{path}: a PaliGemma checkpoint, not the segmentation VAE")
+    decoder = MaskDecoder(*source.specs["_vq_vae._embedding"][0])
     wanted = decoder.state_dict().keys()
-    missing = sorted(set(wanted) - set(state))
-    if missing:
-        raise ValueError(f"{path}: missing VAE decoder weights {missing}")
-    decoder.load_state_dict({k: state[k].float() for k in wanted})
+    state = {name: torch.cat(list(chunks)).float() for name, chunks in
+             source.tensors(NoProgress()) if name in wanted}
+    decoder.load_state_dict(state)
     return decoder.to(device).eval()

@@ -20,11 +20,11 @@ from test_tokenizer import gold_tokenizer, loc_seg_tokenizer
 from paligemma import PaliGemma
 from paligemma.api import ObjectsResult, TextResult
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.formats import load_official
 from paligemma.image import preprocess, to_rgb_array
 from paligemma.model import PaliGemmaModel
 from paligemma.parity import case_config
 from paligemma.tokenizer import Tokenizer
-from paligemma.weights import load_official
 
 DATA = Path(__file__).parents[1] / "parity_tests" / "data"
 SEG_CODES = [0, 68, 84, 96, 33, 73, 18, 28, 47, 32, 6, 41, 9, 119, 42, 127]  # seg_vae codes[0]

@@ -1,6 +1,7 @@
 """The converter on the gold checkpoints: output format, loading, round trips, streaming."""
 
 import argparse
+import ast
 import hashlib
 import json
 import subprocess
@@ -13,13 +14,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import paligemma.weights
-from convert import sources, vae
+import paligemma.formats.mapping
+import paligemma.formats.open
 from convert.cli import main, parse_size
-from paligemma.checkpoint import load_pretrained, load_state_dict, save_pretrained
 from paligemma.config import PaliGemmaConfig
-from paligemma.npz import OfficialNpz
-from paligemma.weights import load_official
+from paligemma.formats import load_official, load_pretrained, save_pretrained, vae
+from paligemma.formats.npz import OfficialNpz
+from paligemma.formats.ours import load_state_dict
 
 ROOT = Path(__file__).parents[1]
 GOLD = ROOT / "parity_tests" / "data"
@@ -215,8 +216,8 @@ def test_stacked_arrays_are_read_one_layer_at_a_time(tmp_path, monkeypatch):
 def test_variant_is_detected_from_the_shapes(tmp_path, monkeypatch):
     # Registry of tiny variants, so that detection runs on the gold files.
     tiny = {c: PaliGemmaConfig.load(CONFIGS / f"{c}.json") for c in ("pg1_tiny", "pg2_tiny")}
-    monkeypatch.setattr(paligemma.weights, "VARIANTS", tiny)
-    monkeypatch.setattr(sources, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.mapping, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.open, "VARIANTS", tiny)
     assert run(GOLD / "pg2_tiny" / "params.npz", "-o", tmp_path / "a") == 0
     assert json.loads((tmp_path / "a" / "config.json").read_text())["name"] == "pg2_tiny"
     assert run(GOLD / "pg1_tiny" / "params.npz", "--variant", "pg1_tiny", "-o", tmp_path / "b") == 0
@@ -251,8 +252,8 @@ def test_written_npz_members_are_stored_uncompressed(tmp_path):
     assert all(i.filename.startswith("params/") for i in infos)
 
 
-def test_force_replaces_an_existing_output(tmp_path):
-    (tmp_path / "ours").mkdir()
+def test_force_replaces_a_previous_conversion(tmp_path):
+    convert_case("pg1_tiny", tmp_path / "ours")
     (tmp_path / "ours" / "stale.txt").write_text("old")
     convert_case("pg1_tiny", tmp_path / "ours", "--force")
     assert not (tmp_path / "ours" / "stale.txt").exists()
@@ -276,3 +277,12 @@ def test_shard_sizes_parse_like_hugging_face_sizes():
     assert parse_size("1024") == 1024
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size("5 parsecs")
+
+
+def test_the_library_never_imports_the_converter_command():
+    # Imports run one way: convert/ is a command over paligemma.formats, never the reverse.
+    for path in (ROOT / "paligemma").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n == "convert" or n.startswith("convert.") for n in names), path

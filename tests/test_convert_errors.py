@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import paligemma.checkpoint
-import paligemma.weights
-from convert import sources
+import paligemma.formats.mapping
+import paligemma.formats.open
+import paligemma.formats.ours
 from convert.cli import main
 from paligemma.config import PaliGemmaConfig
 
@@ -134,12 +134,12 @@ def test_byte_split_parts_out_of_order(fails, tmp_path):
     assert "not the byte-split parts of one .npz either (parts must be given in order" in err
 
 
-def test_nan_with_check_finite_names_key_and_index(fails, tmp_path):
+def test_nan_is_refused_by_default_naming_key_and_index(fails, tmp_path):
     arrays = gold_arrays()
     arrays["params/llm/layers/mlp/linear"][2, 5, 7] = np.nan  # layer 2 of the stack
     np.savez(tmp_path / "params.npz", **arrays)
-    err = fails(tmp_path / "params.npz", *PG1_CONFIG, "--check-finite")
-    assert "'llm/layers/mlp/linear' has nan at index [2, 5, 7] (--check-finite)" in err
+    err = fails(tmp_path / "params.npz", *PG1_CONFIG)
+    assert "'llm/layers/mlp/linear' has nan at index [2, 5, 7]: the checkpoint holds NaN" in err
 
 
 def test_inf_in_a_chunked_array_with_check_finite(fails, tmp_path):
@@ -153,12 +153,12 @@ def test_inf_in_a_chunked_array_with_check_finite(fails, tmp_path):
     assert "'llm/embedder/input_embedding' has inf at index [300, 4]" in err
 
 
-def test_nan_is_converted_without_check_finite(tmp_path):
+def test_nan_is_converted_with_no_check_finite(tmp_path):
     arrays = gold_arrays()
     arrays["params/llm/layers/mlp/linear"][2, 5, 7] = np.nan
     np.savez(tmp_path / "params.npz", **arrays)
     argv = [str(tmp_path / "params.npz"), "--config", str(CONFIGS / "pg1_tiny.json")]
-    assert main([*argv, "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert main([*argv, "-o", str(tmp_path / "out"), "-q", "--no-check-finite"]) == 0
 
 
 def test_unknown_variant_name(fails):
@@ -168,8 +168,8 @@ def test_unknown_variant_name(fails):
 
 def test_undetectable_variant_names_the_closest_and_why(fails, monkeypatch):
     tiny = {"pg1_tiny": PaliGemmaConfig.load(CONFIGS / "pg1_tiny.json")}
-    monkeypatch.setattr(paligemma.weights, "VARIANTS", tiny)
-    monkeypatch.setattr(sources, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.mapping, "VARIANTS", tiny)
+    monkeypatch.setattr(paligemma.formats.open, "VARIANTS", tiny)
     err = fails(PG2)  # no --variant / --config
     assert "cannot detect the variant from the shapes (candidates: none)" in err
     assert "closest official variant pg1_tiny:" in err
@@ -185,13 +185,13 @@ def test_disk_full_leaves_nothing(fails, monkeypatch):
     def no_space(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(paligemma.checkpoint.os, "pwrite", no_space)
+    monkeypatch.setattr(paligemma.formats.ours.os, "pwrite", no_space)
     err = fails(PG1, *PG1_CONFIG)
     assert "model.safetensors: cannot write the header: No space left on device" in err
 
 
 def test_disk_full_mid_way_keeps_the_previous_output(fails, tmp_path, monkeypatch):
-    pwrite, calls = paligemma.checkpoint.os.pwrite, []
+    pwrite, calls = paligemma.formats.ours.os.pwrite, []
 
     def fills_up(fd, data, offset):
         calls.append(offset)
@@ -199,12 +199,13 @@ def test_disk_full_mid_way_keeps_the_previous_output(fails, tmp_path, monkeypatc
             raise OSError(errno.ENOSPC, "No space left on device")
         return pwrite(fd, data, offset)
 
-    (tmp_path / "out").mkdir()
+    assert main([str(PG1), *map(str, PG1_CONFIG), "-o", str(tmp_path / "out"), "-q"]) == 0
     (tmp_path / "out" / "previous.txt").write_text("kept")
-    monkeypatch.setattr(paligemma.checkpoint.os, "pwrite", fills_up)
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    monkeypatch.setattr(paligemma.formats.ours.os, "pwrite", fills_up)
     err = fails(PG1, *PG1_CONFIG, "--force")
     assert "cannot write 'vision.blocks." in err and "No space left on device" in err
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
 
 
 def test_existing_output_is_refused_without_force(fails, tmp_path):

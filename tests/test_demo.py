@@ -102,7 +102,8 @@ needs_model = pytest.mark.skipif(not (DEMO_MODEL / NPZ).is_file(),
 
 @needs_model
 def test_demo_command_end_to_end(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--seed", "5"]) == 0
+    tmp_path = tmp_path / "demo"
     printed = capsys.readouterr().out
     assert "[5/5]" in printed and "PASS" in printed
     report = json.loads((tmp_path / "report.json").read_text())
@@ -110,7 +111,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     results = report["results"]
     assert results["caption"]["answer"] and len(results["questions"]) == 2
     assert all(q["answer"] for q in results["questions"])
-    # The shipped model's answers are not all right (see examples/demo_model/README.md): this
+    # The shipped model's answers are not all right (see paligemma/demo/model/README.md): this
     # checks the path, not the model's quality.
     assert (tmp_path / "model" / "model.safetensors").is_file()
     with PIL.Image.open(tmp_path / "annotated.png") as image:

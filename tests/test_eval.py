@@ -307,11 +307,11 @@ def test_segmentation_as_big_vision(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory) -> Path:
-    from convert import open_source, write_ours
+    from paligemma.formats import open_checkpoint, write_ours
 
-    demo = REPO / "examples" / "demo_model"
+    demo = REPO / "paligemma" / "demo" / "model"
     out = tmp_path_factory.mktemp("demo") / "model"
-    write_ours(open_source([demo / "paligemma-demo.npz"], config_file=demo / "config.json"),
+    write_ours(open_checkpoint(demo / "paligemma-demo.npz", config_file=demo / "config.json"),
                out, quiet=True)
     (out / "tokenizer.model").write_bytes((demo / "tokenizer.model").read_bytes())
     return out

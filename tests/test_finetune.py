@@ -25,10 +25,10 @@ from paligemma.finetune import (
     prepare_model,
     save_model,
 )
+from paligemma.formats import load_official
 from paligemma.lora import add_lora, merge_lora
 from paligemma.model import PaliGemmaModel
 from paligemma.tokenizer import Tokenizer
-from paligemma.weights import load_official
 
 SUFFIXES = ["a cat sitting on a sofa", "two dogs in the park", "a red car", "a person"]
 

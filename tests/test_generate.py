@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from paligemma.formats import load_official
 from paligemma.generate import (
     beam_search,
     generate,
@@ -16,7 +17,6 @@ from paligemma.generate import (
     stream,
 )
 from paligemma.parity import case_config
-from paligemma.weights import load_official
 
 CASE = Path(__file__).parents[1] / "parity_tests" / "data" / "pg1_tiny"
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 from test_api import cat_image, tiny_checkpoint
 
-from paligemma.checkpoint import load_pretrained
 from paligemma.cli import main
+from paligemma.formats import load_pretrained
 from paligemma.layers import Linear
-from paligemma.quantize import load_quantized, quantize_
+from paligemma.quantize import quantize_
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-linear"])
 def test_load_quantized_equals_quantizing_the_loaded_model(mode):
     directory = tiny_checkpoint()
-    streamed = load_quantized(directory, mode).state_dict()
+    streamed = load_pretrained(directory, quantize=mode).state_dict()
     in_place = quantize_(load_pretrained(directory), mode).state_dict()
     assert streamed.keys() == in_place.keys()
     assert any(name.endswith(".scale") and name.startswith("decoder.layers") for name in streamed)
@@ -28,7 +28,7 @@ def test_load_quantized_equals_quantizing_the_loaded_model(mode):
 def test_int8_linear_keeps_the_tied_embedding_as_stored():
     directory = tiny_checkpoint()
     stored = load_pretrained(directory).decoder.embedder.weight
-    model = load_quantized(directory, "int8-linear")
+    model = load_pretrained(directory, quantize="int8-linear")
     assert model.decoder.embedder.scale is None
     assert torch.equal(model.decoder.embedder.weight, stored)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
@@ -37,7 +37,7 @@ def test_int8_linear_keeps_the_tied_embedding_as_stored():
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="int8-linear"):
-        load_quantized(tiny_checkpoint(), "int4")
+        load_pretrained(tiny_checkpoint(), quantize="int4")
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")

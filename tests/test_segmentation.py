@@ -58,6 +58,6 @@ def test_wrong_files_are_rejected(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_mask_decoder(tmp_path / "missing.npz")
     other = tmp_path / "other.npz"
-    np.savez(other, w=np.zeros(3))
+    np.savez(other, w=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="not the segmentation VAE"):
         load_mask_decoder(other)

@@ -2,8 +2,10 @@
 
 official `.npz` -> converter -> PaliGemma -> caption, questions, detection on a freshly drawn
 scene -> annotated PNG + JSON report; then the gold parity check against the official JAX
-outputs. The demo model (`examples/demo_model/`) is a tiny PaliGemma 2 trained from scratch on
-synthetic shape scenes by `examples/train_demo_model.py`; see its README.
+outputs. The demo model (`paligemma/demo/model/`, installed with the package) is a tiny
+PaliGemma 2 trained from scratch on synthetic shape scenes by `examples/train_demo_model.py`;
+see its README. The gold cases ship with the source repository, not the package: the parity
+check runs when `parity_tests/data/pg2_tiny` is under the current folder (or --parity-case).
 """
 
 from __future__ import annotations
@@ -21,43 +23,49 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from .. import outputs
 from ..annotate import draw_objects, wrap_text
 from ..api import PaliGemma
 from ..eval.metrics import box_iou
+from ..formats import open_checkpoint, write_ours
 from ..parity import run_case
 from ..tasks import Detection, parse_detections
 from . import scenes
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_MODEL = REPO / "examples" / "demo_model"
+DEMO_MODEL = Path(__file__).resolve().parent / "model"
 NPZ, TOKENIZER, CONFIG = "paligemma-demo.npz", "tokenizer.model", "config.json"
-PARITY_CASE = REPO / "parity_tests" / "data" / "pg2_tiny"
+PARITY_CASE = Path("parity_tests") / "data" / "pg2_tiny"  # relative to the current folder
 DISPLAY_SIZE = 448  # the scene is drawn at this size; the model sees it resized to 112 px
 STEPS = 5
 
 
 def run_demo(out: Path, seed: int | None = None, parity: bool = True,
-             model_dir: Path = DEMO_MODEL) -> dict[str, Any]:
-    """Runs the demo, writing into `out` (created; earlier demo files replaced); returns the
-    report it also writes to `out/report.json`."""
-    start = time.time()
-    seed = random.randrange(10**6) if seed is None else seed
-    out.mkdir(parents=True, exist_ok=True)
+             model_dir: Path = DEMO_MODEL, parity_case: Path = PARITY_CASE,
+             force: bool = False) -> dict[str, Any]:
+    """Runs the demo, writing the folder `out` (atomically; `force` replaces a previous demo
+    output, nothing else); returns the report it also writes to `out/report.json`."""
     for name in (NPZ, TOKENIZER, CONFIG):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name}: the demo model file is missing")
+    with outputs.atomic(out, "demo", force) as work:
+        return _run(work, out, seed, parity, model_dir, parity_case)
 
-    _step(1, f"converting the official-format checkpoint {model_dir / NPZ}")
-    from convert import open_source, write_ours
 
+def _run(work: Path, out: Path, seed: int | None, parity: bool, model_dir: Path,
+         parity_case: Path) -> dict[str, Any]:
+    """The demo, written into `work`, which becomes `out` when it is done."""
+    start = time.time()
+    seed = random.randrange(10**6) if seed is None else seed
+
+    _step(1, f"converting the official-format checkpoint {_shown(model_dir / NPZ)}")
     converted = out / "model"
-    write_ours(open_source([model_dir / NPZ], config_file=model_dir / CONFIG), converted,
-               force=True, quiet=True)
-    shutil.copyfile(model_dir / TOKENIZER, converted / TOKENIZER)
+    write_ours(open_checkpoint(model_dir / NPZ, config_file=model_dir / CONFIG), work / "model",
+               quiet=True)
+    shutil.copyfile(model_dir / TOKENIZER, work / "model" / TOKENIZER)
     print(f"      -> {converted}/ (config.json, model.safetensors, {TOKENIZER})")
 
     _step(2, "loading it with PaliGemma.from_pretrained")
-    pg = PaliGemma.from_pretrained(converted)
+    pg = PaliGemma.from_pretrained(work / "model")
     config = pg.model.config
     print(f"      {config.name}: {sum(p.numel() for p in pg.model.parameters()) / 1e6:.1f}M "
           f"parameters, {config.vision.image_size} px images, vocabulary "
@@ -65,7 +73,7 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
 
     _step(3, f"drawing a fresh scene (seed {seed}; rerun with --seed {seed})")
     scene = scenes.draw_scene(random.Random(seed), DISPLAY_SIZE)
-    scene.image.save(out / "scene.png")
+    scene.image.save(work / "scene.png")
     print(f"      truth: {scene.caption()}")
 
     _step(4, "asking the model")
@@ -100,31 +108,40 @@ def run_demo(out: Path, seed: int | None = None, parity: bool = True,
         })
         print(f"      {'detect ' + k!r:<40} -> {result.text!r}  (IoU with truth {overlap:.2f})")
     annotated = out / "annotated.png"
-    _annotate(scene.image, detections, results).save(annotated)
+    _annotate(scene.image, detections, results).save(work / "annotated.png")
     print(f"      -> {annotated}")
 
     report: dict[str, Any] = {"seed": seed, "model": str(model_dir / NPZ), "results": results}
-    if parity and PARITY_CASE.is_dir():
-        _step(5, f"gold parity check against the official JAX outputs ({PARITY_CASE.name})")
-        parity_report = run_case(PARITY_CASE)
+    if parity and parity_case.is_dir():
+        _step(5, f"gold parity check against the official JAX outputs ({parity_case.name})")
+        parity_report = run_case(parity_case)
         worst = max(parity_report.stages, key=lambda s: s.max_abs_err / max(s.tol, 1e-30))
         print(f"      {'PASS' if parity_report.ok else 'FAIL'}: "
               f"{sum(s.ok for s in parity_report.stages)}/{len(parity_report.stages)} stages "
               f"within tolerance (closest to its limit: {worst.name} {worst.max_abs_err:.2g} "
               f"<= {worst.tol:g})")
-        report["parity"] = {"case": str(PARITY_CASE), "ok": parity_report.ok,
+        report["parity"] = {"case": str(parity_case), "ok": parity_report.ok,
                             "stages": len(parity_report.stages)}
     else:
-        reason = "--no-parity" if not parity else f"{PARITY_CASE} not found (not a repo checkout)"
+        reason = "--no-parity" if not parity else (
+            f"{parity_case} not found (run from a source checkout, or pass --parity-case)")
         _step(5, f"parity check skipped: {reason}")
         report["parity"] = None
     report["seconds"] = round(time.time() - start, 1)
     report["files"] = {"scene": str(out / "scene.png"), "annotated": str(annotated),
                        "model": str(converted)}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"done in {report['seconds']} s; wrote {out}/ (scene.png, annotated.png, report.json, "
           "model/)")
     return report
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the current folder when it is under it (the README's output)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def _rounded(box: tuple[float, ...] | None) -> list[float] | None:
@@ -174,13 +191,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: paligemma demo --out out/demo --seed 7",
     )
     p.add_argument("--out", type=Path, default=Path("out/demo"),
-                   help="output folder (default: out/demo)")
+                   help="output folder (default: out/demo); must not exist unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is a previous demo output (nothing else)")
     p.add_argument("--seed", type=int, help="scene seed (default: a fresh random scene)")
     p.add_argument("--no-parity", dest="parity", action="store_false",
                    help="skip the gold parity check")
+    p.add_argument("--parity-case", type=Path, default=PARITY_CASE, metavar="DIR",
+                   help=f"gold case of the parity check (default: {PARITY_CASE}, found from a "
+                   "source checkout's root)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    run_demo(args.out, args.seed, args.parity)
+    run_demo(args.out, args.seed, args.parity, parity_case=args.parity_case, force=args.force)
     return 0

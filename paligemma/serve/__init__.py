@@ -20,13 +20,13 @@ from ..quantize import MODES as QUANTIZE_MODES
 
 
 def load_demo() -> Any:
-    """The shipped demo model (examples/demo_model, official .npz) as a PaliGemma, no download
+    """The shipped demo model (paligemma/demo/model, official .npz) as a PaliGemma, no download
     and no conversion step (read straight from the official format)."""
     from ..api import PaliGemma
     from ..config import PaliGemmaConfig
     from ..demo.command import CONFIG, DEMO_MODEL, NPZ, TOKENIZER
+    from ..formats import load_official
     from ..tokenizer import Tokenizer
-    from ..weights import load_official
 
     for name in (NPZ, TOKENIZER, CONFIG):
         if not (DEMO_MODEL / name).is_file():

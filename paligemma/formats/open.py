@@ -1,4 +1,10 @@
-"""Where tensors come from: an official `.npz` checkpoint or one of our converted directories.
+"""open -> check -> load: the one way every checkpoint is read.
+
+`open_checkpoint(paths)` recognises the format (official big_vision `.npz` or its parts, our
+directory, a Hugging Face transformers directory, the mask VAE in either form), resolves the
+config and checks every name and shape against it, and returns a `Source`; `formats.load`
+builds the model from it (`from_pretrained`, `--quantize`, the parity harness),
+`formats.writers` streams it to another format (the converter, fine-tuning export, the demo).
 
 A source knows every tensor's name (ours), shape and stored dtype before reading any data
 (`specs`), and then streams the tensors one at a time (`tensors()`): a scan-stacked official
@@ -14,36 +20,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from paligemma import checkpoint
-from paligemma.config import VARIANTS, PaliGemmaConfig
-from paligemma.model import PaliGemmaModel
-from paligemma.npz import TORCH_DTYPE_NAMES, CheckpointError, OfficialNpz
-from paligemma.weights import (
+from ..config import VARIANTS, PaliGemmaConfig
+from ..model import PaliGemmaModel
+from . import hf_import, ours, vae
+from .dtypes import TORCH_DTYPE_NAMES
+from .errors import CheckpointError, check_layout
+from .mapping import (
     IDENTITY,
-    check_layout,
+    check_official_layout,
     official_shapes,
     resolve_config,
     to_ours,
     weight_rules,
 )
-
-from . import vae
+from .npz import OfficialNpz
 
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Chunks = Iterator[torch.Tensor]  # pieces of one tensor along axis 0
-_CHUNK_BYTES = checkpoint.CHUNK_BYTES
-_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask of the NaN/Inf check
-
-
-class ConversionError(ValueError):
-    """A request the converter cannot carry out (bad flag, unknown variant, wrong source)."""
+_CHUNK_BYTES = ours.CHUNK_BYTES
+TOKENIZER_FILES = ("tokenizer.model", "paligemma_tokenizer.model")
 
 
 class Progress(Protocol):
     def update(self, n: int) -> object: ...
+
+
+class NoProgress:
+    def update(self, n: int) -> None:
+        pass
 
 
 @dataclass
@@ -56,7 +62,8 @@ class Source:
     vae_config: dict[str, Any] | None
     # Official key -> {"shape", "dtype"} of the original arrays (for the manifest and --to npz).
     official: dict[str, dict[str, Any]] = field(default_factory=dict)
-    check_finite: bool = False
+    check_finite: bool = True
+    tokenizer: Path | None = None  # the SentencePiece file next to the weights, if any
 
     @property
     def nbytes(self) -> int:
@@ -74,20 +81,24 @@ class OfficialSource(Source):
         paths: list[str | Path],
         variant: str | None = None,
         config_file: str | Path | None = None,
-        check_finite: bool = False,
+        check_finite: bool = True,
+        config: PaliGemmaConfig | None = None,
     ):
         self.ckpt = OfficialNpz(paths)
         _check_parts_agree(self.ckpt)
         is_vae = variant == vae.VARIANT or (
-            variant is None and config_file is None and vae.is_vae(self.ckpt.keys())
+            variant is None
+            and config_file is None
+            and config is None
+            and vae.is_vae(self.ckpt.keys())
         )
         if is_vae:
             vae.check_layout(self.ckpt)
             config, vae_config = None, dict(vae.CONFIG)
             specs = {k: (i.shape, i.dtype) for k, i in self.ckpt.arrays.items()}
         else:
-            config, vae_config = _resolve_config(self.ckpt, variant, config_file), None
-            check_layout(self.ckpt, config)
+            config, vae_config = _resolve_config(self.ckpt, variant, config_file, config), None
+            check_official_layout(self.ckpt, config)
             specs = {}
             for rule in weight_rules(config):
                 info = self.ckpt.arrays[rule.official]
@@ -97,7 +108,10 @@ class OfficialSource(Source):
             k: {"shape": list(i.shape), "dtype": TORCH_DTYPE_NAMES[i.dtype]}
             for k, i in sorted(self.ckpt.arrays.items())
         }
-        super().__init__(self.ckpt.paths, specs, config, vae_config, official, check_finite)
+        tokenizer = _find_tokenizer(self.ckpt.paths[0].parent)
+        super().__init__(
+            self.ckpt.paths, specs, config, vae_config, official, check_finite, tokenizer
+        )
 
     def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
         if self.config is None:  # the VAE: names kept, arrays as stored
@@ -124,50 +138,58 @@ class OfficialSource(Source):
         start = 0
         for chunk in self.ckpt.iter_rows(key, max(1, max_bytes // row_bytes)):
             if self.check_finite:
-                _check_finite(chunk, f"{info.path}: {key!r}", start)
+                ours.check_finite(chunk, f"{info.path}: {key!r}", start)
             progress.update(chunk.nbytes)
             start += chunk.shape[0]
             yield chunk if info.shape else chunk.reshape(())
 
 
 class ConvertedSource(Source):
-    """One of our checkpoint directories (see paligemma.checkpoint)."""
+    """One of our checkpoint directories (see formats.ours)."""
 
-    def __init__(self, directory: str | Path, check_finite: bool = False):
+    def __init__(self, directory: str | Path, check_finite: bool = True):
         self.directory = Path(directory)
-        raw = checkpoint.read_config(self.directory)
-        self.weight_map = checkpoint.weight_map(self.directory)
-        specs = checkpoint.tensor_specs(self.directory)
-        manifest_path = self.directory / checkpoint.MANIFEST_FILE
+        raw = ours.read_config(self.directory)
+        self.weight_map = ours.weight_map(self.directory)
+        specs = ours.tensor_specs(self.directory)
+        manifest_path = self.directory / ours.MANIFEST_FILE
         official = {}
         if manifest_path.is_file():
-            official = checkpoint.read_json(manifest_path).get("official_arrays", {})
-        if raw.get("model_type", checkpoint.MODEL_TYPE) == vae.VARIANT:
+            official = ours.read_json(manifest_path).get("official_arrays", {})
+        if raw.get("model_type", ours.MODEL_TYPE) == vae.VARIANT:
             config, vae_config = None, raw
             expected = dict(vae.SHAPES)
             expected.update(
                 {k: s for k, (s, _) in specs.items() if k.startswith(vae.ENCODER_PREFIX)}
             )
+        elif raw.get("model_type", ours.MODEL_TYPE) != ours.MODEL_TYPE:
+            raise CheckpointError(
+                f"{self.directory / ours.CONFIG_FILE}: model_type {raw['model_type']!r} is "
+                f"neither {ours.MODEL_TYPE!r} nor {vae.VARIANT!r}"
+            )
         else:
             try:
                 config, vae_config = PaliGemmaConfig.from_dict(raw), None
             except (TypeError, ValueError) as e:
-                raise CheckpointError(f"{self.directory / checkpoint.CONFIG_FILE}: {e}") from e
+                raise CheckpointError(
+                    f"{self.directory / ours.CONFIG_FILE}: invalid config: {e}"
+                ) from e
             with torch.device("meta"):
                 expected = {
                     k: tuple(v.shape) for k, v in PaliGemmaModel(config).state_dict().items()
                 }
-        checkpoint.check_names_and_shapes(
-            self.directory, expected, {k: s for k, (s, _) in specs.items()}
-        )
+        check_layout(self.directory, expected, {k: s for k, (s, _) in specs.items()})
         files = sorted(set(self.weight_map.values()))
-        super().__init__(files, specs, config, vae_config, official, check_finite)
+        super().__init__(
+            files, specs, config, vae_config, official, check_finite,
+            _find_tokenizer(self.directory),
+        )
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, memory-mapped; checked for NaN/Inf if asked."""
-        tensor = checkpoint.read_tensor(self.weight_map[name], name)
+        """One tensor (our name), memory-mapped; checked for NaN/Inf if asked."""
+        tensor = ours.read_tensor(self.weight_map[name], name)
         if self.check_finite:
-            _check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
+            ours.check_finite(tensor, f"{self.weight_map[name]}: {name!r}")
         return tensor
 
     def tensors(self, progress: Progress) -> Iterator[tuple[str, Chunks]]:
@@ -177,38 +199,90 @@ class ConvertedSource(Source):
             yield name, iter([tensor])
 
 
-def open_source(
-    srcs: list[str | Path],
+class HFSource(ConvertedSource):
+    """A Hugging Face transformers PaliGemma directory (see formats.hf_import)."""
+
+    def __init__(self, directory: str | Path, check_finite: bool = True):
+        self.directory = Path(directory)
+        raw = ours.read_config(self.directory)
+        stored = ours.tensor_specs(self.directory)
+        where = self.directory
+        embedding = next(
+            (spec for name, spec in stored.items()
+             if hf_import.canonical_name(name) == hf_import.EMBEDDING),
+            None,
+        )
+        if embedding is None:
+            raise CheckpointError(f"{where}: missing tensor {hf_import.EMBEDDING!r}")
+        config = hf_import.config_from_hf(raw, embedding, where / ours.CONFIG_FILE)
+        self.names = hf_import.our_names(config, stored, where)  # stored -> ours
+        stored_map = ours.weight_map(self.directory)
+        self.weight_map = {our: stored_map[name] for name, our in self.names.items()}
+        self._stored_name = {our: name for name, our in self.names.items()}
+        with torch.device("meta"):
+            shapes = {k: tuple(t.shape) for k, t in PaliGemmaModel(config).state_dict().items()}
+        specs = {our: (shapes[our], stored[name][1]) for name, our in self.names.items()}
+        files = sorted(set(stored_map.values()))
+        # Source's fields directly: ConvertedSource.__init__ reads our layout, not this one.
+        Source.__init__(
+            self, files, specs, config, None, {}, check_finite, _find_tokenizer(self.directory)
+        )
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor (our name) in our layout, memory-mapped; checked for NaN/Inf if asked."""
+        path, stored = self.weight_map[name], self._stored_name[name]
+        tensor = hf_import.from_hf_tensor(name, ours.read_tensor(path, stored), self.config)
+        if self.check_finite:
+            ours.check_finite(tensor, f"{path}: {stored!r}")
+        return tensor
+
+
+def open_checkpoint(
+    srcs: str | Path | list[str | Path],
     variant: str | None = None,
     config_file: str | Path | None = None,
-    check_finite: bool = False,
+    check_finite: bool = True,
 ) -> Source:
-    """A converted directory (one SRC that is a directory) or official `.npz` part(s)."""
+    """Opens and checks a checkpoint: one directory (ours, or a Hugging Face transformers one),
+    or official `.npz` file(s) / parts. variant / config_file apply to `.npz` only (detected
+    from the shapes by default)."""
+    srcs = [srcs] if isinstance(srcs, (str, Path)) else list(srcs)
     if len(srcs) == 1 and Path(srcs[0]).is_dir():
         if variant or config_file:
-            raise ConversionError(
-                f"{srcs[0]}: a converted directory carries its own config; "
+            raise CheckpointError(
+                f"{srcs[0]}: a checkpoint directory carries its own config; "
                 "--variant / --config apply to .npz sources only"
             )
+        if hf_import.is_hf_config(ours.read_config(srcs[0])):
+            return HFSource(srcs[0], check_finite)
         return ConvertedSource(srcs[0], check_finite)
     return OfficialSource(srcs, variant, config_file, check_finite)
 
 
+def _find_tokenizer(directory: Path) -> Path | None:
+    return next((directory / f for f in TOKENIZER_FILES if (directory / f).is_file()), None)
+
+
 def _resolve_config(
-    ckpt: OfficialNpz, variant: str | None, config_file: str | Path | None
+    ckpt: OfficialNpz,
+    variant: str | None,
+    config_file: str | Path | None,
+    config: PaliGemmaConfig | None = None,
 ) -> PaliGemmaConfig:
-    if variant and config_file:
-        raise ConversionError("give --variant or --config, not both")
+    if sum(x is not None for x in (variant, config_file, config)) > 1:
+        raise CheckpointError("give --variant or --config, not both")
+    if config is not None:
+        return resolve_config(ckpt, config)
     if variant:
         if variant not in VARIANTS:
             known = ", ".join([*VARIANTS, vae.VARIANT])
-            raise ConversionError(f"unknown variant {variant!r}; known: {known}")
+            raise CheckpointError(f"unknown variant {variant!r}; known: {known}")
         return resolve_config(ckpt, VARIANTS[variant])
     if config_file:
         try:
             config = PaliGemmaConfig.load(config_file)
         except (OSError, TypeError, ValueError) as e:
-            raise ConversionError(f"{config_file}: not a usable config file: {e}") from e
+            raise CheckpointError(f"{config_file}: not a usable config file: {e}") from e
         return resolve_config(ckpt, config)
     try:
         return resolve_config(ckpt, None)
@@ -228,7 +302,7 @@ def _closest_variant_hint(ckpt: OfficialNpz) -> str:
     if not scores[name]:
         return " (no official variant shares a single array shape with it)"
     try:
-        check_layout(ckpt, VARIANTS[name])
+        check_official_layout(ckpt, VARIANTS[name])
     except CheckpointError as e:
         return f"; closest official variant {name}: {e}"
     return ""
@@ -250,17 +324,3 @@ def _check_parts_agree(ckpt: OfficialNpz) -> None:
         raise CheckpointError(
             f"{', '.join(map(str, ckpt.paths))}: mixes segmentation VAE keys with PaliGemma keys"
         )
-
-
-def _check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
-    """Raises CheckpointError at the first NaN/Inf, with its index in the whole array."""
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
-        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
-        if bad.any():
-            i = start + int(bad.nonzero()[0, 0])
-            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
-            if index:
-                index[0] += row_offset
-            value = float(flat[i])
-            raise CheckpointError(f"{where} has {value} at index {index} (--check-finite)")

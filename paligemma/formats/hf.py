@@ -14,24 +14,31 @@ What the config must say to reproduce big_vision (and ours), see `hf_config`:
 - `query_pre_attn_scalar` = head_dim, or width // num_heads for the 27B-style query scaling.
 - `hidden_activation` / `hidden_act` `gelu_pytorch_tanh`, `rms_norm_eps` and `layer_norm_eps`
   1e-6.
-- `image_token_index` = vocab size (257152): one past the last real token, as Google's `<image>`
-  token id; transformers replaces it before the embedding lookup, and image features are not
-  scaled by sqrt(width) in transformers >= 4.47 either.
+- `image_token_index` = vocab size (257152), one past the last real token, as Google's `<image>`
+  token id, and the embedding padded with zero rows to a multiple of 64 past it (257216 rows, as
+  Google's repositories): serving stacks look `<image>` up in the embedding before replacing it.
+  transformers replaces it before the embedding lookup, and image features are not scaled by
+  sqrt(width) in transformers >= 4.47 either.
+- `big_vision`: {"variant": our config's name, "param_dtype": the stored dtype of the official
+  weights}, so that reading the export back (`formats.hf_import`) gives the same config whatever
+  dtype it holds; transformers keeps unknown keys and ignores them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from paligemma import __version__
-from paligemma.config import PaliGemmaConfig
-from paligemma.npz import TORCH_DTYPE_NAMES
+from .. import __version__
+from ..config import PaliGemmaConfig
+from .dtypes import TORCH_DTYPE_NAMES
+from .errors import CheckpointError
 
-from .sources import ConversionError
-
+BIG_VISION_KEY = "big_vision"
+VOCAB_MULTIPLE = 64  # Google pads 257152 tokens + <image> to 257216 = 64 * 4019 rows
 _VISION = "vision_tower.vision_model."
 _LLM = "language_model.model."
 
@@ -84,12 +91,37 @@ def hf_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if name == "vision.pos_embedding" else t
 
 
-def hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def hf_shape(name: str, shape: tuple[int, ...], config: PaliGemmaConfig) -> tuple[int, ...]:
+    if name == "decoder.embedder.weight":
+        return (padded_vocab(config.text.vocab_size), shape[1])
     return (shape[1], shape[2]) if name == "vision.pos_embedding" else shape
 
 
-def hf_config(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json for transformers' PaliGemmaForConditionalGeneration."""
+def hf_chunks(
+    config: PaliGemmaConfig, name: str, chunks: Iterator[torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """Our tensor's row chunks in the HF layout; the embedding gets its zero padding rows."""
+    for chunk in chunks:
+        yield hf_tensor(name, chunk)
+    if name == "decoder.embedder.weight":
+        rows = padded_vocab(config.text.vocab_size) - config.text.vocab_size
+        yield torch.zeros(rows, config.text.width, dtype=chunk.dtype)
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Embedding rows of the export: room for `<image>` (= vocab_size), rounded up to 64."""
+    return -(-(vocab_size + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+GEMMA_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+
+
+def hf_config(
+    config: PaliGemmaConfig, dtype: torch.dtype, special_ids: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """config.json for transformers' PaliGemmaForConditionalGeneration. special_ids: pad / eos /
+    bos token ids (`*_token_id`) from the model's tokenizer; default Gemma's."""
+    special_ids = special_ids or GEMMA_SPECIAL_IDS
     v, t = config.vision, config.text
     if t.post_norms:
         text: dict[str, Any] = {
@@ -109,7 +141,7 @@ def hf_config(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
             and t.query_scale == t.head_dim**-0.5
         )
         if not plain:
-            raise ConversionError(
+            raise CheckpointError(
                 "transformers' Gemma 1 has no softcaps or custom query scaling; a config with "
                 "them and without post norms cannot be exported"
             )
@@ -121,7 +153,7 @@ def hf_config(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
         num_attention_heads=t.num_heads,
         num_key_value_heads=t.num_kv_heads,
         head_dim=t.head_dim,
-        vocab_size=t.vocab_size,
+        vocab_size=padded_vocab(t.vocab_size),
         rms_norm_eps=1e-6,
         rope_theta=t.rope_max_wavelength,
         max_position_embeddings=8192,
@@ -131,13 +163,12 @@ def hf_config(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
         "architectures": ["PaliGemmaForConditionalGeneration"],
         "model_type": "paligemma",
         "torch_dtype": TORCH_DTYPE_NAMES[dtype],
-        "vocab_size": t.vocab_size,
+        "vocab_size": padded_vocab(t.vocab_size),
         "image_token_index": t.vocab_size,
+        BIG_VISION_KEY: {"variant": config.name, "param_dtype": t.param_dtype},
         "hidden_size": t.width,
         "projection_dim": t.width,
-        "pad_token_id": 0,
-        "bos_token_id": 2,
-        "eos_token_id": 1,
+        **special_ids,
         "tie_word_embeddings": True,
         "text_config": text,
         "vision_config": {
@@ -158,29 +189,45 @@ def hf_config(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def hf_readme(config: PaliGemmaConfig, dtype: torch.dtype) -> str:
-    """README.md of the export: what the config sets and the one known difference."""
+def hf_readme(config: PaliGemmaConfig, dtype: torch.dtype, has_tokenizer: bool) -> str:
+    """README.md of the export: how to load it, what the config sets, the known differences."""
     t = config.text
+    tokenizer = (
+        "The tokenizer (`tokenizer.model`, `<image>` = token "
+        f"{t.vocab_size}) and the image processor are included: "
+        "`AutoProcessor.from_pretrained(this_dir)`."
+        if has_tokenizer
+        else "No tokenizer was given to the converter: copy the model's `tokenizer.model` here "
+        "and convert again with `--tokenizer` to get the tokenizer files."
+    )
     return f"""# PaliGemma, exported for Hugging Face transformers
 
-Converted by paligemma-convert {__version__} from the official big_vision checkpoint
-({config.name or "custom config"}), weights in {TORCH_DTYPE_NAMES[dtype]}. Load it with
-`PaliGemmaForConditionalGeneration.from_pretrained(this_dir)`; the tokenizer and image processor
-are those of Google's `google/paligemma*` repositories (`<image>` is token {t.vocab_size}).
+Converted by paligemma-convert {__version__} ({config.name or "custom config"}), weights in
+{TORCH_DTYPE_NAMES[dtype]}. Load it with
+`PaliGemmaForConditionalGeneration.from_pretrained(this_dir)`.
+{tokenizer}
 
 Settings in config.json that make transformers compute what big_vision computes:
 - no sliding window (`sliding_window: null`, every layer `full_attention`);
 - final logit softcap {t.final_logits_softcap} and attention logit softcap
   {t.attn_logits_softcap} (null = none);
 - query scaling `query_pre_attn_scalar ** -0.5` with the value in config.json;
-- tanh-approximate GELU, RMSNorm / LayerNorm epsilon 1e-6.
+- tanh-approximate GELU, RMSNorm / LayerNorm epsilon 1e-6;
+- the embedding padded with zero rows to {padded_vocab(t.vocab_size)} so that `<image>`
+  ({t.vocab_size}) is inside it.
 
-Pass `token_type_ids` (0 for image and prefix, 1 for the suffix) for the prefix-LM mask, and use
-`attn_implementation="eager"` for Gemma 2 (the attention softcap needs it).
+The processor passes `token_type_ids` (0 for image and prefix, 1 for the suffix) for the
+prefix-LM mask; pass them yourself without it. Use `attn_implementation="eager"` for Gemma 2
+(the attention softcap needs it). Images are resized bilinearly (`resample: 2`), as big_vision
+does; Google's own repositories use bicubic.
 
-Known difference: for weights stored in bfloat16, big_vision multiplies text embeddings by
-sqrt(width) rounded to bfloat16 ({t.embed_scale!r} here) even when it computes in
-float32; transformers rounds it only when the model runs in bfloat16. To match big_vision in
-float32, set `model.model.language_model.embed_tokens.embed_scale.fill_({t.embed_scale!r})`
-after loading (transformers >= 5; see docs/convert.md).
+Known differences:
+- for weights stored in bfloat16, big_vision multiplies text embeddings by sqrt(width) rounded
+  to bfloat16 ({t.embed_scale!r} here) even when it computes in float32; transformers rounds it
+  only when the model runs in bfloat16. To match big_vision in float32, set
+  `model.model.language_model.embed_tokens.embed_scale.fill_({t.embed_scale!r})` after loading
+  (transformers >= 5);
+- vLLM (0.32) loads this directory, but its PaliGemma attention is not the prefix-LM one (fully
+  causal on CPU; only the image tokens bidirectional on GPU), so its outputs differ (see
+  docs/convert.md of paligemma-torch).
 """

@@ -9,30 +9,29 @@
                                    {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
     manifest.json                  optional (written by the converter): sources and versions
 
-Loading builds the model on the meta device and assigns memory-mapped safetensors tensors, so it
-never holds two copies of the weights. Writing plans every tensor's byte range up front and
-streams each tensor, in chunks, to its place in its shard: memory stays bounded by one chunk,
-not by a shard.
+Reading is header-first (`tensor_specs`) and then one memory-mapped tensor at a time
+(`read_tensor`; `formats.load` builds the model from them without a second copy). Writing plans
+every tensor's byte range up front and streams each tensor, in chunks, to its place in its
+shard: memory stays bounded by one chunk, not by a shard.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import PaliGemmaConfig
-from .model import PaliGemmaModel
-from .npz import CheckpointError, tensor_bytes
+from ..model import PaliGemmaModel
+from .dtypes import SAFETENSORS_DTYPES, from_safetensors
+from .errors import CheckpointError
+from .npz import tensor_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,8 +40,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_TYPE = "paligemma"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; the Hugging Face default ("5GB")
 CHUNK_BYTES = 64 << 20  # tensors are converted and written in pieces of about this size
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask that locates a NaN/Inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +96,6 @@ def shards(directory: str | Path) -> dict[Path, list[str]]:
 
 def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of every stored tensor, from the headers only."""
-    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     specs = {}
     for path, names in shards(directory).items():
         with _open_safetensors(path) as f:
@@ -107,11 +104,12 @@ def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torc
                 if name not in stored:
                     raise CheckpointError(f"{path}: no tensor {name!r} (listed in the index)")
                 sl = f.get_slice(name)
-                if sl.get_dtype() not in dtypes:
+                dtype = from_safetensors(sl.get_dtype())
+                if dtype is None:
                     raise CheckpointError(
                         f"{path}: {name!r} has unsupported dtype {sl.get_dtype()}"
                     )
-                specs[name] = (tuple(sl.get_shape()), dtypes[sl.get_dtype()])
+                specs[name] = (tuple(sl.get_shape()), dtype)
     return specs
 
 
@@ -122,67 +120,41 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
+def check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
+    """Raises CheckpointError naming the first NaN/Inf of `t` and its index (rows counted from
+    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask."""
+    if t.numel() == 0 or torch.isfinite(t.sum(dtype=torch.float32)):
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS])
+        if bad.any():
+            i = start + int(bad.nonzero()[0, 0])
+            index = [int(x) for x in np.unravel_index(i, tuple(t.shape))] if t.dim() else []
+            if index:
+                index[0] += row_offset
+            raise CheckpointError(
+                f"{where} has {float(flat[i])} at index {index}: the checkpoint holds NaN/Inf "
+                "weights (a broken download or training run); it cannot give sensible outputs"
+            )
+
+
 def load_state_dict(
     directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, memory-mapped (dtype None keeps the stored one).
 
     With a dtype change, only one shard's file pages are mapped at a time next to the
-    converted tensors.
+    converted tensors. Every tensor is checked for NaN/Inf (`check_finite`).
     """
     state = {}
     for path, names in shards(directory).items():
         with _open_safetensors(path, device) as f:
             for name in names:
                 tensor = f.get_tensor(name)
+                check_finite(tensor, f"{path}: {name!r}")
                 state[name] = tensor if dtype is None else tensor.to(dtype)
     return state
-
-
-def load_pretrained(
-    directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-) -> PaliGemmaModel:
-    """Loads a converted checkpoint directory. dtype None keeps the stored dtype.
-
-    The model is built on the meta device and its parameters are the memory-mapped tensors
-    themselves (or their dtype-converted copies): one copy of the weights, never two.
-    """
-    raw = read_config(directory)
-    model_type = raw.get("model_type", MODEL_TYPE)
-    if model_type != MODEL_TYPE:
-        raise CheckpointError(
-            f"{directory}: model_type {model_type!r} is not a PaliGemma model "
-            "(for the segmentation VAE use paligemma.segmentation.load_mask_decoder)"
-        )
-    try:
-        config = PaliGemmaConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid config: {e}") from e
-    with torch.device("meta"):
-        model = PaliGemmaModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = tensor_specs(directory)
-    check_names_and_shapes(directory, expected, {k: s for k, (s, _) in found.items()})
-    model.load_state_dict(load_state_dict(directory, dtype, device), strict=True, assign=True)
-    return model.eval()
-
-
-def check_names_and_shapes(
-    directory: str | Path, expected: dict[str, tuple], found: dict[str, tuple]
-) -> None:
-    """Raises CheckpointError naming the first missing / unexpected tensor or wrong shape."""
-    for what, names in (
-        ("missing", sorted(set(expected) - set(found))),
-        ("unexpected", sorted(set(found) - set(expected))),
-    ):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise CheckpointError(f"{directory}: {what} tensor(s) {names[:3]}{more}")
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise CheckpointError(
-                f"{directory}: {name!r} has shape {list(found[name])}, expected {list(shape)}"
-            )
 
 
 def _open_safetensors(path: Path, device: torch.device | str = "cpu") -> safe_open:
@@ -326,7 +298,9 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
-    """Writes `model` as a checkpoint directory (created if needed) that `load_pretrained` reads."""
+    """Writes `model` into `directory` (created if needed) as a checkpoint that
+    `load_pretrained` reads. Files there are overwritten: commands write through
+    `paligemma.outputs.atomic` (see `finetune.save_model`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -339,38 +313,3 @@ def save_pretrained(
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, force: bool = False, is_dir: bool = True) -> Iterator[Path]:
-    """Yields a temporary sibling of `path` (a directory, or a file when not `is_dir`) to write
-    into; it is renamed to `path` on success.
-
-    On any error the temporary is removed and `path` is untouched: a failed or interrupted
-    write leaves nothing behind. An existing `path` is refused unless `force`, and is only
-    replaced once the new output is complete.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would end up on the output; mkdir follows the umask.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
-        out = tmp if is_dir else tmp / path.name
-        yield out
-        if path.exists():  # --force: move the old output aside, then drop it
-            old = tmp.parent / (tmp.name + ".old")
-            os.replace(path, old)
-            _remove(old)
-        os.replace(out, path)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()

@@ -10,7 +10,9 @@ as they are, unchecked.
 
 from __future__ import annotations
 
-from paligemma.npz import CheckpointError, OfficialNpz
+from . import errors
+from .errors import CheckpointError
+from .npz import OfficialNpz
 
 VARIANT = "vae-oid"
 ENCODER_PREFIX = "encoder."
@@ -56,15 +58,8 @@ def is_vae(keys: list[str]) -> bool:
 def check_layout(ckpt: OfficialNpz) -> None:
     """Raises CheckpointError naming the first missing / unexpected key or wrong shape."""
     shapes, where = ckpt.shapes(), ", ".join(map(str, ckpt.paths))
-    missing = sorted(set(SHAPES) - set(shapes))
-    if missing:
-        raise CheckpointError(f"{where}: missing key(s) {missing[:5]} for {VARIANT}")
-    unexpected = sorted(k for k in shapes if k not in SHAPES and not k.startswith(ENCODER_PREFIX))
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected key(s) {unexpected[:5]} for {VARIANT}")
-    for key, shape in SHAPES.items():
-        if shapes[key] != shape:
-            raise CheckpointError(
-                f"{ckpt.arrays[key].path}: {key!r} has shape {list(shapes[key])}, "
-                f"expected {list(shape)}"
-            )
+    if not is_vae(list(shapes)):
+        raise CheckpointError(f"{where}: no '_vq_vae._embedding' key, not the segmentation VAE")
+    found = {k: s for k, s in shapes.items() if not k.startswith(ENCODER_PREFIX)}
+    files = {key: info.path for key, info in ckpt.arrays.items()}
+    errors.check_layout(f"{where} ({VARIANT})", SHAPES, found, "key", files)

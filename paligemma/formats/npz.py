@@ -22,20 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dtypes
+from .errors import CheckpointError
+
 PARAMS_PREFIX = "params/"
-# numpy has no bfloat16: big_vision's checkpoints store it as raw 2-byte void (`|V2`).
-_NUMPY_TO_TORCH = {"float32": torch.float32, "float16": torch.float16, "V2": torch.bfloat16}
-_TORCH_TO_NUMPY = {
-    torch.float32: np.dtype("<f4"),
-    torch.float16: np.dtype("<f2"),
-    torch.bfloat16: np.dtype("V2"),
-}
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _READ_CHUNK = 16 << 20  # bytes per read call: bounds the temporary copy zipfile makes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the key at fault."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +95,7 @@ class OfficialNpz:
         rows = info.shape[0] if info.shape else 1
         row_shape = info.shape[1:]
         row_bytes = math.prod(row_shape) * info.dtype.itemsize
-        np_dtype = _TORCH_TO_NUMPY[info.dtype]
+        np_dtype = dtypes.NUMPY_DTYPES[info.dtype]
         with info.path.open() as zf, zf.open(info.member) as f:
             try:
                 _read_header(f)
@@ -261,15 +252,13 @@ def _read_headers(archive: Archive) -> dict[str, ArrayInfo]:
                     f"{archive}: {key!r} is an object (pickled) array, dtype {dtype.str!r}; "
                     "refusing to unpickle it"
                 )
-            name = "V2" if dtype == np.dtype("V2") else dtype.name
-            if name not in _NUMPY_TO_TORCH or dtype.byteorder == ">":
+            torch_dtype = dtypes.from_numpy(dtype)
+            if torch_dtype is None:
                 raise CheckpointError(
                     f"{archive}: {key!r} has unsupported dtype {dtype.str!r} "
                     "(expected float32, float16 or bfloat16 stored as |V2)"
                 )
-            arrays[key] = ArrayInfo(
-                archive, member, tuple(shape), _NUMPY_TO_TORCH[name], fortran_order
-            )
+            arrays[key] = ArrayInfo(archive, member, tuple(shape), torch_dtype, fortran_order)
     return arrays
 
 
@@ -281,10 +270,11 @@ class NpzWriter:
     chunks)` where the chunks, in C order, concatenate to the array.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, comment: bytes = b""):
         self.path = Path(path)
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
         self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._zip.comment = comment
 
     def add(
         self,
@@ -297,7 +287,7 @@ class NpzWriter:
         np.lib.format.write_array_header_1_0(
             header,
             {
-                "descr": np.lib.format.dtype_to_descr(_TORCH_TO_NUMPY[dtype]),
+                "descr": np.lib.format.dtype_to_descr(dtypes.NUMPY_DTYPES[dtype]),
                 "fortran_order": False,
                 "shape": tuple(shape),
             },
@@ -332,6 +322,7 @@ class NpzWriter:
             self.close()
         else:  # the output is being discarded: do not let finishing the zip mask the error
             self._file.close()
+            self._zip.fp = None  # or ZipFile.__del__ would try to finish it, printing a traceback
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

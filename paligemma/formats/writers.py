@@ -1,11 +1,13 @@
 """Where tensors go: our directory format, a Hugging Face directory, or an official `.npz`.
 
-Every writer goes through `paligemma.checkpoint.atomic_output`: output is written to a temporary
-sibling and renamed into place only when complete.
+Every writer takes an opened `Source` (`formats.open`) and goes through
+`paligemma.outputs.atomic`: output is written to a temporary sibling and renamed into place
+only when complete; `--force` replaces only a previous output of the same kind.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -15,14 +17,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from paligemma import __version__, checkpoint
-from paligemma.npz import PARAMS_PREFIX, TORCH_DTYPE_NAMES, NpzWriter
-from paligemma.weights import WeightRule, official_shapes, weight_rules
+from .. import __version__, outputs
+from ..tokenizer import Tokenizer
+from . import hf, hf_serve, ours, vae
+from .dtypes import DTYPES, TORCH_DTYPE_NAMES
+from .errors import CheckpointError
+from .mapping import WeightRule, official_shapes, weight_rules
+from .npz import PARAMS_PREFIX, NpzWriter
+from .open import ConvertedSource, Source
 
-from . import hf, vae
-from .sources import ConversionError, ConvertedSource, Source
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HASH_CHUNK = 16 << 20
 
 
@@ -30,7 +33,7 @@ def write_ours(
     source: Source,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
-    max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int = ours.DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     hash_sources: bool = False,
     quiet: bool = False,
@@ -40,41 +43,60 @@ def write_ours(
     dtype None keeps each tensor's stored dtype.
     """
     specs = {k: (shape, dtype or d) for k, (shape, d) in source.specs.items()}
-    config = source.vae_config or {"model_type": checkpoint.MODEL_TYPE, **source.config.to_dict()}
-    with checkpoint.atomic_output(out_dir, force) as tmp:
+    config = source.vae_config or {"model_type": ours.MODEL_TYPE, **source.config.to_dict()}
+    with outputs.atomic(out_dir, "checkpoint", force) as tmp:
         manifest = _manifest(source, "paligemma", specs, hash_sources, quiet)
         _stream(source, tmp, specs, {k: k for k in specs}, max_shard_size, quiet)
-        checkpoint.write_json(tmp / checkpoint.CONFIG_FILE, config)
-        checkpoint.write_json(tmp / checkpoint.MANIFEST_FILE, manifest)
+        ours.write_json(tmp / ours.CONFIG_FILE, config)
+        ours.write_json(tmp / ours.MANIFEST_FILE, manifest)
 
 
 def write_hf(
     source: Source,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
-    max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int = ours.DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     hash_sources: bool = False,
     quiet: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> None:
-    """A transformers PaliGemmaForConditionalGeneration directory (see convert.hf)."""
+    """A transformers PaliGemmaForConditionalGeneration directory (see formats.hf) with what
+    `AutoProcessor` and serving stacks read (formats.hf_serve). tokenizer: the SentencePiece
+    file (default: the one next to the source's weights; without one, no tokenizer files)."""
     if source.config is None:
-        raise ConversionError(
+        raise CheckpointError(
             f"{vae.VARIANT} has no transformers equivalent; --to hf is for PaliGemma checkpoints"
         )
     stored = {d for _, d in source.specs.values()}
     if dtype is None and len(stored) > 1:
-        raise ConversionError(f"mixed stored dtypes {sorted(map(str, stored))}: pass --dtype")
+        raise CheckpointError(f"mixed stored dtypes {sorted(map(str, stored))}: pass --dtype")
     out_dtype = dtype or stored.pop()
+    tokenizer = tokenizer or source.tokenizer
+    tok = _open_tokenizer(tokenizer) if tokenizer else None
+    if tok is not None:
+        hf_serve.check_tokenizer(tok, source.config)
     names = hf.hf_names(source.config, list(source.specs))
-    specs = {names[k]: (hf.hf_shape(k, shape), out_dtype) for k, (shape, _) in source.specs.items()}
-    config = hf.hf_config(source.config, out_dtype)
-    with checkpoint.atomic_output(out_dir, force) as tmp:
+    specs = {
+        names[k]: (hf.hf_shape(k, shape, source.config), out_dtype)
+        for k, (shape, _) in source.specs.items()
+    }
+    config = hf.hf_config(source.config, out_dtype, hf_serve.special_ids(tok) if tok else None)
+    with outputs.atomic(out_dir, "hf-checkpoint", force) as tmp:
         manifest = _manifest(source, "transformers-paligemma", specs, hash_sources, quiet)
-        _stream(source, tmp, specs, names, max_shard_size, quiet, hf.hf_tensor)
-        checkpoint.write_json(tmp / checkpoint.CONFIG_FILE, config)
-        checkpoint.write_json(tmp / checkpoint.MANIFEST_FILE, manifest)
-        (tmp / "README.md").write_text(hf.hf_readme(source.config, out_dtype))
+        chunks = functools.partial(hf.hf_chunks, source.config)
+        _stream(source, tmp, specs, names, max_shard_size, quiet, chunks)
+        ours.write_json(tmp / ours.CONFIG_FILE, config)
+        ours.write_json(tmp / ours.MANIFEST_FILE, manifest)
+        hf_serve.write_serving_files(tmp, source.config, tok)
+        (tmp / "README.md").write_text(hf.hf_readme(source.config, out_dtype, tok is not None))
+
+
+def _open_tokenizer(path: str | Path) -> Tokenizer:
+    try:
+        return Tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a usable tokenizer: {e}") from e
 
 
 def write_npz(
@@ -90,18 +112,19 @@ def write_npz(
     is given. Written one member, and within a member one layer, at a time.
     """
     if not isinstance(source, ConvertedSource):
-        raise ConversionError("--to npz reads a converted directory (SRC must be one directory)")
+        raise CheckpointError("--to npz reads a converted directory (SRC must be one directory)")
 
     def out_dtype(key: str, stored: torch.dtype) -> torch.dtype:
         original = source.official.get(key, {}).get("dtype")
         return dtype or (DTYPES[original] if original in DTYPES else stored)
 
     bar = _progress(source.nbytes, quiet, f"writing {Path(out_file).name}")
-    with checkpoint.atomic_output(out_file, force, is_dir=False) as tmp, NpzWriter(tmp) as npz:
+    with (outputs.atomic(out_file, "npz", force) as tmp,
+          NpzWriter(tmp, comment=outputs.npz_comment()) as npz):
         if source.config is None:  # the VAE: same keys, no prefix
             for name, (shape, stored) in source.specs.items():
                 tensor = source.read(name)
-                npz.add(name, shape, out_dtype(name, stored), checkpoint.split_rows(tensor))
+                npz.add(name, shape, out_dtype(name, stored), ours.split_rows(tensor))
                 bar.update(tensor.nbytes)
             bar.close()
             return
@@ -123,9 +146,9 @@ def _official_chunks(
 ) -> Iterator[torch.Tensor]:
     """One official array, layer by layer (in C order), from our tensors."""
     for i in layers:
-        ours = [source.read(n) for n in rule.our_names(i)]
-        yield from checkpoint.split_rows(rule.transform.to_official(*ours))
-        bar.update(sum(t.nbytes for t in ours))
+        tensors = [source.read(n) for n in rule.our_names(i)]
+        yield from ours.split_rows(rule.transform.to_official(*tensors))
+        bar.update(sum(t.nbytes for t in tensors))
 
 
 def _stream(
@@ -135,13 +158,13 @@ def _stream(
     names: dict[str, str],
     max_shard_size: int,
     quiet: bool,
-    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,  # per chunk
+    transform: Callable[[str, Iterator[torch.Tensor]], Iterator[torch.Tensor]] | None = None,
 ) -> None:
     bar = _progress(source.nbytes, quiet, "converting")
-    with checkpoint.SafetensorsWriter(directory, specs, max_shard_size) as writer:
+    with ours.SafetensorsWriter(directory, specs, max_shard_size) as writer:
         for name, chunks in source.tensors(bar):
             if transform is not None:
-                chunks = (transform(name, c) for c in chunks)
+                chunks = transform(name, chunks)
             writer.write(names[name], chunks)
     bar.close()
 
