@@ -10,6 +10,7 @@ examples:
   paligemma explain cat.jpg --prompt "caption en" --model ckpt/pg2-3b-224 -o heat.png
   paligemma parity parity_tests/data/pg2_tiny
   paligemma eval vqav2 --model ckpt/pg2-3b-224 --data questions.json --annotations answers.json
+  paligemma serve --model ckpt/pg2-3b-448 --vae vae-oid.npz   (HTTP API + web page)
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, generation=False)
     p.set_defaults(func=_explain)
 
-    from . import batch, finetune
+    from . import batch, finetune, serve
     from .demo import command as demo
     from .eval import command as evaluation
 
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_parser(sub)
     demo.add_parser(sub)
     evaluation.add_parser(sub)
+    serve.add_parser(sub)
     for command in sub.choices.values():
         guard.add_debug_flag(command)
     return parser

@@ -1,5 +1,5 @@
 """Fixtures shared by several test files: the bad-input battery (`tests/test_bad_*.py`, one
-file per component), and the demo model and scenes (scheduler, batch, Ray tests).
+file per component), and the demo model and scenes (scheduler, batch, Ray, serve tests).
 
 Every battery case runs a command (in-process: the console scripts are these `main`s, and
 `test_bad_processes.py` checks the real processes once) and asserts three things: the exit
