@@ -51,8 +51,9 @@ def load_model(
         else:
             state[name] = tensor.to(dtype=dtype or tensor.dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
-    if quantize:
-        release_free_heap()
+    # The per-layer temporaries freed during loading stay resident in glibc's heap otherwise
+    # (measured: 1.2 GB for PaliGemma 2 3B from a bf16 .npz).
+    release_free_heap()
     return model.eval()
 
 
