@@ -76,7 +76,7 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-ATTENTION_CHUNK_SCORES = 1 << 25  # f32 scores per query chunk (128 MB): bounds prefill memory
+ATTENTION_CHUNK_SCORES = 1 << 24  # f32 scores per query chunk (64 MB): bounds prefill memory
 
 
 def attention_bias(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -150,8 +150,11 @@ class Attention(nn.Module):
         if self.cfg.attn_logits_softcap is None and not self.probs._forward_hooks:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         else:
-            scores = softcap((q @ k.transpose(-1, -2)).float(), self.cfg.attn_logits_softcap)
-            probs = self.probs((scores + bias).softmax(-1).view(b, kv_heads, groups, c, -1))
+            scores = (q @ k.transpose(-1, -2)).float()
+            cap = self.cfg.attn_logits_softcap
+            if cap is not None:  # softcap() in place: one [B, K, G*C, S] buffer, not three
+                scores = scores.div_(cap).tanh_().mul_(cap)
+            probs = self.probs(scores.add_(bias).softmax(-1).view(b, kv_heads, groups, c, -1))
             out = probs.view(b, kv_heads, groups * c, -1).to(v.dtype) @ v
         return out.view(b, kv_heads, groups, c, h)
 
