@@ -152,9 +152,13 @@ class Attention(nn.Module):
         else:
             scores = (q @ k.transpose(-1, -2)).float()
             cap = self.cfg.attn_logits_softcap
-            if cap is not None:  # softcap() in place: one [B, K, G*C, S] buffer, not three
-                scores = scores.div_(cap).tanh_().mul_(cap)
-            probs = self.probs(scores.add_(bias).softmax(-1).view(b, kv_heads, groups, c, -1))
+            if torch.is_grad_enabled():  # training: autograd keeps tanh's output
+                scores = softcap(scores, cap) + bias
+            else:  # the same values in place: one [B, K, G*C, S] buffer, not four
+                if cap is not None:
+                    scores = scores.div_(cap).tanh_().mul_(cap)
+                scores = scores.add_(bias)
+            probs = self.probs(scores.softmax(-1).view(b, kv_heads, groups, c, -1))
             out = probs.view(b, kv_heads, groups * c, -1).to(v.dtype) @ v
         return out.view(b, kv_heads, groups, c, h)
 
