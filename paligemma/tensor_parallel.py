@@ -75,12 +75,15 @@ class Plan:
             problems.append(f"num_kv_heads {cfg.num_kv_heads} (nor divides it)")
         if cfg.mlp_dim % n:
             problems.append(f"mlp_dim {cfg.mlp_dim}")
+        if cfg.width % n:
+            problems.append(f"width {cfg.width}")
         if problems:
             raise ValueError(f"cannot split the decoder over {n} processes: {n} does not divide "
                              + ", ".join(problems))
 
     @property
     def heads(self) -> tuple[int, int]:
+        """Query heads this rank projects (q_proj rows)."""
         per = self.cfg.num_heads // self.world
         return self.rank * per, (self.rank + 1) * per
 
@@ -92,8 +95,27 @@ class Plan:
         return first // groups, (last - 1) // groups + 1
 
     @property
+    def sharing(self) -> int:
+        """Ranks that hold each kv head: 1 when the kv heads are split, else N / num_kv_heads."""
+        return max(1, self.world // self.cfg.num_kv_heads)
+
+    @property
+    def attn_heads(self) -> tuple[int, int]:
+        """Query heads this rank attends with: every query head of its kv heads (its own heads
+        when the kv heads are split; when ranks share a kv head, they gather the others' q)."""
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        first, last = self.kv_heads
+        return first * groups, last * groups
+
+    @property
     def mlp(self) -> tuple[int, int]:
         per = self.cfg.mlp_dim // self.world
+        return self.rank * per, (self.rank + 1) * per
+
+    @property
+    def width(self) -> tuple[int, int]:
+        """Output features of o_proj and down_proj."""
+        per = self.cfg.width // self.world
         return self.rank * per, (self.rank + 1) * per
 
     @property
@@ -108,7 +130,7 @@ class Plan:
 
         local = ShardTextConfig(**{
             **{f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(TextConfig)},
-            "num_heads": size(self.heads), "num_kv_heads": size(self.kv_heads),
+            "num_heads": size(self.attn_heads), "num_kv_heads": size(self.kv_heads),
             "mlp_dim": size(self.mlp), "vocab_size": size(self.vocab),
         })
         object.__setattr__(local, "_query_scale", self.cfg.query_scale)
@@ -119,29 +141,51 @@ class Plan:
         hd = self.cfg.head_dim
         part = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
         rows = {"q_proj": self.heads, "k_proj": self.kv_heads, "v_proj": self.kv_heads,
-                "gate_proj": self.mlp, "up_proj": self.mlp, "embedder": self.vocab}
-        cols = {"o_proj": self.heads, "down_proj": self.mlp}
-        if not name.startswith("decoder."):
+                "gate_proj": self.mlp, "up_proj": self.mlp, "o_proj": self.width,
+                "down_proj": self.width, "embedder": self.vocab}
+        if not name.startswith("decoder.") or part not in rows:
             return None
-        if part in rows:
-            start, stop = rows[part]
-            unit = hd if part in ("q_proj", "k_proj", "v_proj") else 1
-            return 0, start * unit, stop * unit
-        if part in cols:
-            start, stop = cols[part]
-            unit = hd if part == "o_proj" else 1
-            return 1, start * unit, stop * unit
-        return None
+        start, stop = rows[part]
+        unit = hd if part in ("q_proj", "k_proj", "v_proj") else 1
+        return 0, start * unit, stop * unit
 
 
-class RowParallelLinear(Linear):
-    """A Linear whose input features are split over the ranks: the partial products are
-    summed by an all-reduce."""
+def gather_features(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """[..., F] on each rank -> [..., world / stride * F]: the features of ranks 0, stride,
+    2 stride... side by side, on every rank (stride > 1 skips ranks holding copies)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts[::stride], -1)
+
+
+class GatheredLinear(Linear):
+    """o_proj / down_proj: the input features arrive split over the ranks (their attention
+    heads or MLP columns; `stride` ranks hold each copy); this rank holds output features
+    [r D/N, (r+1) D/N), i.e. rows of the weight. The input is gathered, the rank computes its
+    output features with whole dot products, exactly as one process does, and those are
+    gathered."""
+
+    def __init__(self, in_features: int, out_features: int, stride: int = 1):
+        super().__init__(in_features, out_features, bias=False)
+        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        dist.all_reduce(y)
-        return y
+        """x [..., K * stride / N] -> [..., D]."""
+        return gather_features(super().forward(gather_features(x, self.stride)))
+
+
+class SharedKVQuery(Linear):
+    """q_proj when N ranks share a kv head: each projects its H / N query heads, then every
+    rank keeps the query heads of its kv head (`keep`, features of the gathered q), so that its
+    attention runs one process's shapes: all G query heads of a kv head in one matmul."""
+
+    def __init__(self, in_features: int, out_features: int, keep: tuple[int, int]):
+        super().__init__(in_features, out_features, bias=False)
+        self.keep = keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., G * head_dim]."""
+        return gather_features(super().forward(x))[..., self.keep[0] : self.keep[1]]
 
 
 class VocabParallelEmbedding(Embedding):
@@ -161,10 +205,7 @@ class VocabParallelEmbedding(Embedding):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., vocab_size], every rank with the full logits."""
-        local = super().attend(x).contiguous()
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local)
-        return torch.cat(parts, -1)[..., : self.vocab_size]
+        return gather_features(super().attend(x))[..., : self.vocab_size]
 
 
 def shard_model(config: PaliGemmaConfig, plan: Plan) -> PaliGemmaModel:
@@ -176,10 +217,14 @@ def shard_model(config: PaliGemmaConfig, plan: Plan) -> PaliGemmaModel:
         decoder = model.decoder
         decoder.embedder = VocabParallelEmbedding(local.vocab_size, local.width, plan.vocab[0],
                                                   config.text.vocab_size)
+        hd, width = local.head_dim, plan.width[1] - plan.width[0]
+        heads, attn_heads = plan.heads, plan.attn_heads
         for layer in decoder.layers:
-            layer.attn.o_proj = RowParallelLinear(local.num_heads * local.head_dim, local.width,
-                                                  bias=False)
-            layer.mlp.down_proj = RowParallelLinear(local.mlp_dim, local.width, bias=False)
+            if plan.sharing > 1:
+                layer.attn.q_proj = SharedKVQuery(
+                    local.width, (heads[1] - heads[0]) * hd, (attn_heads[0] * hd, attn_heads[1] * hd))
+            layer.attn.o_proj = GatheredLinear(config.text.num_heads * hd, width, plan.sharing)
+            layer.mlp.down_proj = GatheredLinear(config.text.mlp_dim, width)
     model.config = config
     return model
 
