@@ -30,21 +30,29 @@ Loading: each rank reads only its slices from the converted safetensors checkpoi
 Numerics: every output element is computed whole by one rank, with the dot product and the
 matmul shapes of one process (the row counts that pick the decode kernel or a GEMM, the query
 heads per kv head in attention), so the logits equal one process's at the same number of
-threads per process: bitwise on all 8 gold cases at N = 2 (tests: greedy tokens identical,
-logits within 1e-5). Megatron's row-parallel o_proj / down_proj (each rank's partial sums, then
-an all-reduce) rounds each rank's partial dot product first: a different float32 summation,
-which grew to 7e-6..6.2e-5 in the logits of those cases (|logits| up to 26); reducing in
-float64 changes nothing at N = 2 (the float32 sum of two floats is already correctly rounded).
-Attention with fewer query heads per kv head than one process runs other MKL kernels (one row
-instead of two at decode: 5.7e-5 on pg2_bf16_noprefix_tiny).
+threads per process: bitwise on all 8 gold cases at N = 2 and on pg2_tiny at N = 4 (tests:
+greedy tokens identical, logits within 1e-5). Elementwise ops must split alike too: PyTorch
+runs the last (n mod 32) elements of a tensor through its scalar code, whose tanh-GELU rounds
+differently, so mlp_dim / N should be a multiple of 32, as in every official model up to N = 8
+(mha_f16_27b_scaling_tiny at N = 4 has 40 columns per rank: 1.1e-5).
+
+Megatron's row-parallel o_proj / down_proj (each rank's partial sums, then an all-reduce)
+rounds each rank's partial dot product first: a different float32 summation, which grew to
+7e-6..6.2e-5 in the logits of those cases (|logits| up to 26); reducing in float64 changes
+nothing at N = 2 (the float32 sum of two floats is already correctly rounded). Attention with
+fewer query heads per kv head than one process runs other MKL kernels (one row instead of two
+per decode step: 5.7e-5 on pg2_bf16_noprefix_tiny).
+
 The cost is communication: per token and layer each rank receives (N-1)/N (H head_dim + 2 D +
-mlp_dim) floats in 4 all-gathers (+ the q gather, N - 1 shards, where ranks share kv heads),
-Megatron's 2 all-reduces about 4 (N-1)/N D: 1.7x for PaliGemma 2 3B (2.2x at N = 8) and 10B,
-2.7x for PaliGemma 1 and 28B, and twice the collectives per layer. Weights per rank are the same.
+mlp_dim) floats in 4 all-gathers (+ the q gather where ranks share kv heads), where Megatron's
+2 all-reduces move about 4 (N-1)/N D: 1.7x for PaliGemma 2 3B (2.2x at N = 8) and 10B, 2.7x
+for PaliGemma 1 and 28B, and twice the collectives per layer. Weights per rank are the same.
+
 One process itself differs between thread counts: MKL splits the K sum of tall, narrow GEMMs
 over threads (o_proj of pg1_long_1k_tiny: 6.1e-5 in the logits between 1 and 2 threads;
 MKL_CBWR=AUTO,STRICT removes it), oneDNN's convolution too (7e-6, pg2_long_4k_tiny); ranks with
 fewer output columns do not always take the same split, so compare at 1 thread per process.
+
 All ranks compute the same logits, so greedy and seeded sampling pick the same tokens on every
 rank (unseeded sampling is given a seed broadcast from rank 0).
 """
