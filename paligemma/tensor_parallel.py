@@ -7,14 +7,17 @@
 Any `paligemma` task command runs this way (rank 0 prints; the others stay quiet). Backend:
 NCCL on CUDA devices (rank r takes cuda:LOCAL_RANK), gloo on CPU.
 
-The split (Megatron-style, written out rather than through DTensor so that every rank keeps the
-project's float32-math layers, kernels and KV cache; `parallelize_module`'s Colwise/Rowwise
-plans would shard the same dimensions):
-- attention: query heads split into N contiguous groups (q_proj rows, o_proj columns, then an
-  all-reduce of o_proj's partial sums). Key/value heads: split with the query heads when
-  num_kv_heads is a multiple of N, else each rank keeps the one kv head its query heads read
-  (MQA: all ranks; replicated); either way a rank holds only the kv heads it uses.
-- MLP: gate/up rows (columns of the GEMM) and down columns split, then an all-reduce.
+The split (written out rather than through DTensor so that every rank keeps the project's
+float32-math layers, kernels and KV cache):
+- attention: query heads split into N contiguous groups (q_proj rows). Key/value heads: split
+  with the query heads when num_kv_heads is a multiple of N; else the N / num_kv_heads ranks
+  whose query heads read one kv head each keep that head (MQA: all ranks) and gather the q of
+  all its query heads, so that every rank attends with whole kv groups, as one process does.
+  A rank holds only the kv heads it uses.
+- MLP: gate/up rows (columns of the GEMM) split.
+- o_proj and down_proj: split by output features (rank r holds weight rows [r D/N, (r+1) D/N));
+  the input (attention heads, MLP columns) is all-gathered, each rank computes its D/N outputs
+  from the whole input, and the outputs are all-gathered.
 - vocabulary-parallel embedding: rank r holds rows [r V/N, (r+1) V/N) of the tied table (zero
   padded up to a multiple of N); a lookup is a masked local lookup plus an all-reduce, the
   logits a local GEMM plus an all-gather.
@@ -24,11 +27,34 @@ plans would shard the same dimensions):
 Loading: each rank reads only its slices from the converted safetensors checkpoint
 (`safe_open(...).get_slice`), never the full tensors; peak memory is the rank's shard.
 
-Numerics: each rank runs the same float32 math on its heads / columns; only the order in which
-the all-reduce adds the N partial sums differs from one process (tests: greedy tokens identical,
-logits within 1e-5 on every gold case at N = 2). All ranks compute the same logits, so greedy and
-seeded sampling pick the same tokens on every rank (unseeded sampling is given a seed broadcast
-from rank 0).
+Numerics: every output element is computed whole by one rank, with the dot product and the
+matmul shapes of one process (the row counts that pick the decode kernel or a GEMM, the query
+heads per kv head in attention), so the logits equal one process's at the same number of
+threads per process: bitwise on all 8 gold cases at N = 2 and on pg2_tiny at N = 4 (tests:
+greedy tokens identical, logits within 1e-5). Elementwise ops must split alike too: PyTorch
+runs the last (n mod 32) elements of a tensor through its scalar code, whose tanh-GELU rounds
+differently, so mlp_dim / N should be a multiple of 32, as in every official model up to N = 8
+(mha_f16_27b_scaling_tiny at N = 4 has 40 columns per rank: 1.1e-5).
+
+Megatron's row-parallel o_proj / down_proj (each rank's partial sums, then an all-reduce)
+rounds each rank's partial dot product first: a different float32 summation, which grew to
+7e-6..6.2e-5 in the logits of those cases (|logits| up to 26); reducing in float64 changes
+nothing at N = 2 (the float32 sum of two floats is already correctly rounded). Attention with
+fewer query heads per kv head than one process runs other MKL kernels (one row instead of two
+per decode step: 5.7e-5 on pg2_bf16_noprefix_tiny).
+
+The cost is communication: per token and layer each rank receives (N-1)/N (H head_dim + 2 D +
+mlp_dim) floats in 4 all-gathers (+ the q gather where ranks share kv heads), where Megatron's
+2 all-reduces move about 4 (N-1)/N D: 1.7x for PaliGemma 2 3B (2.2x at N = 8) and 10B, 2.7x
+for PaliGemma 1 and 28B, and twice the collectives per layer. Weights per rank are the same.
+
+One process itself differs between thread counts: MKL splits the K sum of tall, narrow GEMMs
+over threads (o_proj of pg1_long_1k_tiny: 6.1e-5 in the logits between 1 and 2 threads;
+MKL_CBWR=AUTO,STRICT removes it), oneDNN's convolution too (7e-6, pg2_long_4k_tiny); ranks with
+fewer output columns do not always take the same split, so compare at 1 thread per process.
+
+All ranks compute the same logits, so greedy and seeded sampling pick the same tokens on every
+rank (unseeded sampling is given a seed broadcast from rank 0).
 """
 
 from __future__ import annotations
@@ -75,12 +101,15 @@ class Plan:
             problems.append(f"num_kv_heads {cfg.num_kv_heads} (nor divides it)")
         if cfg.mlp_dim % n:
             problems.append(f"mlp_dim {cfg.mlp_dim}")
+        if cfg.width % n:
+            problems.append(f"width {cfg.width}")
         if problems:
             raise ValueError(f"cannot split the decoder over {n} processes: {n} does not divide "
                              + ", ".join(problems))
 
     @property
     def heads(self) -> tuple[int, int]:
+        """Query heads this rank projects (q_proj rows)."""
         per = self.cfg.num_heads // self.world
         return self.rank * per, (self.rank + 1) * per
 
@@ -92,8 +121,27 @@ class Plan:
         return first // groups, (last - 1) // groups + 1
 
     @property
+    def sharing(self) -> int:
+        """Ranks that hold each kv head: 1 when the kv heads are split, else N / num_kv_heads."""
+        return max(1, self.world // self.cfg.num_kv_heads)
+
+    @property
+    def attn_heads(self) -> tuple[int, int]:
+        """Query heads this rank attends with: every query head of its kv heads (its own heads
+        when the kv heads are split; when ranks share a kv head, they gather the others' q)."""
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        first, last = self.kv_heads
+        return first * groups, last * groups
+
+    @property
     def mlp(self) -> tuple[int, int]:
         per = self.cfg.mlp_dim // self.world
+        return self.rank * per, (self.rank + 1) * per
+
+    @property
+    def width(self) -> tuple[int, int]:
+        """Output features of o_proj and down_proj."""
+        per = self.cfg.width // self.world
         return self.rank * per, (self.rank + 1) * per
 
     @property
@@ -108,7 +156,7 @@ class Plan:
 
         local = ShardTextConfig(**{
             **{f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(TextConfig)},
-            "num_heads": size(self.heads), "num_kv_heads": size(self.kv_heads),
+            "num_heads": size(self.attn_heads), "num_kv_heads": size(self.kv_heads),
             "mlp_dim": size(self.mlp), "vocab_size": size(self.vocab),
         })
         object.__setattr__(local, "_query_scale", self.cfg.query_scale)
@@ -119,29 +167,54 @@ class Plan:
         hd = self.cfg.head_dim
         part = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
         rows = {"q_proj": self.heads, "k_proj": self.kv_heads, "v_proj": self.kv_heads,
-                "gate_proj": self.mlp, "up_proj": self.mlp, "embedder": self.vocab}
-        cols = {"o_proj": self.heads, "down_proj": self.mlp}
-        if not name.startswith("decoder."):
+                "gate_proj": self.mlp, "up_proj": self.mlp, "o_proj": self.width,
+                "down_proj": self.width, "embedder": self.vocab}
+        if not name.startswith("decoder.") or part not in rows:
             return None
-        if part in rows:
-            start, stop = rows[part]
-            unit = hd if part in ("q_proj", "k_proj", "v_proj") else 1
-            return 0, start * unit, stop * unit
-        if part in cols:
-            start, stop = cols[part]
-            unit = hd if part == "o_proj" else 1
-            return 1, start * unit, stop * unit
-        return None
+        start, stop = rows[part]
+        unit = hd if part in ("q_proj", "k_proj", "v_proj") else 1
+        return 0, start * unit, stop * unit
 
 
-class RowParallelLinear(Linear):
-    """A Linear whose input features are split over the ranks: the partial products are
-    summed by an all-reduce."""
+def gather_features(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """[..., F] on each rank -> [..., world / stride * F]: the features of ranks 0, stride,
+    2 stride... side by side, on every rank (stride > 1 skips ranks holding copies)."""
+    world = dist.get_world_size()
+    if stride == world:  # every rank holds the one copy (MQA attention output)
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts[::stride], -1)
+
+
+class GatheredLinear(Linear):
+    """o_proj / down_proj: the input features arrive split over the ranks (their attention
+    heads or MLP columns; `stride` ranks hold each copy); this rank holds output features
+    [r D/N, (r+1) D/N), i.e. rows of the weight. The input is gathered, the rank computes its
+    output features with whole dot products, exactly as one process does, and those are
+    gathered."""
+
+    def __init__(self, in_features: int, out_features: int, stride: int = 1):
+        super().__init__(in_features, out_features, bias=False)
+        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        dist.all_reduce(y)
-        return y
+        """x [..., K * stride / N] -> [..., D]."""
+        return gather_features(super().forward(gather_features(x, self.stride)))
+
+
+class SharedKVQuery(Linear):
+    """q_proj when ranks share a kv head: each projects its H / N query heads, then every
+    rank keeps the query heads of its kv head (`keep`, features of the gathered q), so that its
+    attention runs one process's shapes: all G query heads of a kv head in one matmul."""
+
+    def __init__(self, in_features: int, out_features: int, keep: tuple[int, int]):
+        super().__init__(in_features, out_features, bias=False)
+        self.keep = keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., G * head_dim]."""
+        return gather_features(super().forward(x))[..., self.keep[0] : self.keep[1]]
 
 
 class VocabParallelEmbedding(Embedding):
@@ -161,25 +234,27 @@ class VocabParallelEmbedding(Embedding):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., vocab_size], every rank with the full logits."""
-        local = super().attend(x).contiguous()
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local)
-        return torch.cat(parts, -1)[..., : self.vocab_size]
+        return gather_features(super().attend(x))[..., : self.vocab_size]
 
 
 def shard_model(config: PaliGemmaConfig, plan: Plan) -> PaliGemmaModel:
-    """The rank's model on the meta device: local heads / MLP columns / vocabulary rows, with
-    the row-parallel and vocabulary-parallel layers in place. `model.config` is the full one."""
+    """The rank's model on the meta device: local heads / MLP columns / output features /
+    vocabulary rows, with the gathering and vocabulary-parallel layers in place.
+    `model.config` is the full one."""
     local = plan.local_config()
     with torch.device("meta"):
         model = PaliGemmaModel(dataclasses.replace(config, text=local))
         decoder = model.decoder
         decoder.embedder = VocabParallelEmbedding(local.vocab_size, local.width, plan.vocab[0],
                                                   config.text.vocab_size)
+        hd, width = local.head_dim, plan.width[1] - plan.width[0]
+        queries = (plan.heads[1] - plan.heads[0]) * hd
+        keep = (plan.attn_heads[0] * hd, plan.attn_heads[1] * hd)
         for layer in decoder.layers:
-            layer.attn.o_proj = RowParallelLinear(local.num_heads * local.head_dim, local.width,
-                                                  bias=False)
-            layer.mlp.down_proj = RowParallelLinear(local.mlp_dim, local.width, bias=False)
+            if plan.sharing > 1:
+                layer.attn.q_proj = SharedKVQuery(local.width, queries, keep)
+            layer.attn.o_proj = GatheredLinear(config.text.num_heads * hd, width, plan.sharing)
+            layer.mlp.down_proj = GatheredLinear(config.text.mlp_dim, width)
     model.config = config
     return model
 
