@@ -1,18 +1,20 @@
-"""Peak memory and time of a full-size 896 px prefill, attention in one piece vs in query chunks.
+"""Peak memory and time of a full-size 896 px prefill, before and after bounding its activations.
 
 PaliGemma 2 takes the explicit attention path (logit softcap), whose scores and probabilities are
 [B, heads, T, S] float32: at 896 px (4096 image tokens + prompt) about 0.55 GB each per layer for
-3B. `paligemma.gemma` runs the query rows in chunks of at most ATTENTION_CHUNK_SCORES scores.
+3B; the MLP's hidden activations are 4 x 0.15 GB. `paligemma.gemma` runs attention in query
+chunks of at most ATTENTION_CHUNK_SCORES scores and the MLP in row chunks of at most
+MLP_CHUNK_ELEMENTS activations, and `paligemma.heap` keeps glibc from holding freed activations.
 This script writes one random checkpoint in the official layout (bf16 `.npz`, PaliGemma 2 3B-896
 by default; reused when present), then prefills 4096 image tokens + a 64-token prompt through the
 real path (`load_official` -> `generate.prefill`, f32 KV cache) in two subprocesses, one per
 setting, and prints side by side the prefill's peak RSS (the kernel's high-water mark, reset
 through /proc/self/clear_refs once the model is loaded), the whole process's peak (load
-included) and the prefill time:
+included), the prefill time, and how far the settings' logits are apart:
 
-    "one chunk"   ATTENTION_CHUNK_SCORES large enough for the whole [B, N, T, S] at once: the
-                  memory behaviour before chunking
-    "chunked"     the default
+    "one piece"   attention and MLP each in one piece, glibc's default mmap threshold: the
+                  behaviour before issue 15
+    "chunked"     the defaults
 
     python benchmarks/bench_long_prefill.py --workdir /tmp/pg896 [--variant pg2-3b-896] [--json F]
 
@@ -36,15 +38,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 from benchmarks.bench_inference import machine  # noqa: E402
 from benchmarks.convert_benchmark import write_synthetic  # noqa: E402
-from paligemma import gemma  # noqa: E402
+from paligemma import gemma, heap  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
 from paligemma.formats import load_official  # noqa: E402
 from paligemma.generate import prefill  # noqa: E402
 
 PROMPT_TOKENS = 64
-SETTINGS = {"one chunk": 1 << 62, "chunked": gemma.ATTENTION_CHUNK_SCORES}
+UNBOUNDED = 1 << 62
+# name -> (attention chunk scores, MLP chunk elements, glibc mmap threshold fixed by `heap`)
+SETTINGS = {
+    "one piece": (UNBOUNDED, UNBOUNDED, False),
+    "chunked": (gemma.ATTENTION_CHUNK_SCORES, gemma.MLP_CHUNK_ELEMENTS, True),
+}
 
 
 def cpu_flags() -> list[str]:
@@ -55,9 +64,12 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def child(npz: Path, variant: str, chunk_scores: int) -> dict[str, float]:
-    """Loads the checkpoint (bf16 storage) and runs one prefill; returns time and peak RSS."""
-    gemma.ATTENTION_CHUNK_SCORES = chunk_scores
+def child(npz: Path, variant: str, setting: str, logits_path: Path) -> dict[str, float]:
+    """Loads the checkpoint (bf16 storage) and runs one prefill; returns time and peak RSS and
+    writes the last position's logits to `logits_path`."""
+    gemma.ATTENTION_CHUNK_SCORES, gemma.MLP_CHUNK_ELEMENTS, map_heap = SETTINGS[setting]
+    if not map_heap:
+        heap.map_large_allocations = lambda: None  # as before: glibc's dynamic threshold
     config = VARIANTS[variant]
     model = load_official(npz, config, dtype=torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -74,6 +86,7 @@ def child(npz: Path, variant: str, chunk_scores: int) -> dict[str, float]:
     with torch.no_grad():
         state = prefill(model, images, tokens, mask_ar, input_mask, max_new_tokens=1)
     seconds = time.perf_counter() - start
+    save_file({"logits": state.logits}, logits_path)
     return {
         "prefill_s": seconds,
         "prefill_peak_rss_gb": _status_bytes("VmHWM:") / 1e9,
@@ -106,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="pg2-3b-896", choices=sorted(VARIANTS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--only", choices=sorted(SETTINGS), help="run one setting only")
-    parser.add_argument("--child", nargs=2, metavar=("NPZ", "CHUNK_SCORES"),
+    parser.add_argument("--child", nargs=3, metavar=("NPZ", "SETTING", "LOGITS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), args.variant, int(args.child[1]))))
+        npz, setting, logits = args.child
+        print(json.dumps(child(Path(npz), args.variant, setting, Path(logits))))
         return 0
 
     npz = args.workdir / f"{args.variant}-random.b16.npz"
@@ -120,37 +134,46 @@ def main(argv: list[str] | None = None) -> int:
         tmp = npz.with_name(f".{npz.name}.{os.getpid()}.tmp")
         write_synthetic(tmp, VARIANTS[args.variant], torch.bfloat16)
         tmp.rename(npz)
-    results = {}
-    for name, chunk_scores in SETTINGS.items():
+    results, logits = {}, {}
+    for name in SETTINGS:
         if args.only and name != args.only:
             continue
-        print(f"prefill, attention {name} ...", file=sys.stderr)
+        print(f"prefill, {name} ...", file=sys.stderr)
+        logits_path = args.workdir / f"logits-{name.replace(' ', '-')}.safetensors"
         out = subprocess.run(
             [sys.executable, __file__, "--workdir", str(args.workdir), "--variant", args.variant,
-             "--child", str(npz), str(chunk_scores)],
+             "--child", str(npz), name, str(logits_path)],
             capture_output=True, text=True, check=True,
         )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        logits[name] = load_file(logits_path)["logits"]
     report = {"machine": {**machine(), "flags": cpu_flags(),
                           "load_avg": os.getloadavg()},
-              "variant": args.variant, "chunk_scores": gemma.ATTENTION_CHUNK_SCORES,
+              "variant": args.variant,
+              "settings": {name: dict(zip(("attention_chunk_scores", "mlp_chunk_elements",
+                                           "map_large_allocations"), v, strict=True))
+                           for name, v in SETTINGS.items()},
               "results": results}
     budget = next(iter(results.values()))["weight_gb"] + 1.5
     first = next(iter(results.values()))
     print(f"{args.variant}: {first['positions']} positions, weights {first['weight_gb']:.2f} GB "
           f"(bf16), {report['machine']['cpu']}, {report['machine']['isa']}, "
           f"load average {report['machine']['load_avg'][0]:.1f}")
-    print(f"{'attention':<10} {'RSS before GB':>14} {'prefill peak GB':>16} "
+    print(f"{'setting':<10} {'RSS before GB':>14} {'prefill peak GB':>16} "
           f"{'over weights GB':>16} {'process peak GB':>16} {'prefill s':>10}")
     for name, r in results.items():
         print(f"{name:<10} {r['rss_before_prefill_gb']:>14.2f} {r['prefill_peak_rss_gb']:>16.2f} "
               f"{r['prefill_peak_rss_gb'] - r['weight_gb']:>16.2f} "
               f"{r['process_peak_rss_gb']:>16.2f} {r['prefill_s']:>10.1f}")
     if len(results) == len(SETTINGS):
-        before, after = results["one chunk"], results["chunked"]
-        print(f"chunked / one chunk: prefill peak "
+        before, after = results["one piece"], results["chunked"]
+        error = (logits["chunked"] - logits["one piece"]).abs().max().item()
+        scale = logits["one piece"].abs().max().item()
+        report["logits_max_abs_difference"] = error
+        print(f"chunked / one piece: prefill peak "
               f"{after['prefill_peak_rss_gb'] / before['prefill_peak_rss_gb']:.2f}, "
-              f"time {after['prefill_s'] / before['prefill_s']:.2f}")
+              f"time {after['prefill_s'] / before['prefill_s']:.2f}; last logits max-abs "
+              f"difference {error:.2e} (largest logit {scale:.1f})")
     if "chunked" in results:
         peak = results["chunked"]["prefill_peak_rss_gb"]
         print(f"target: prefill peak <= weights + 1.5 GB = {budget:.2f} GB: "

@@ -11,6 +11,8 @@ softcap, no one recording the probabilities), else through explicit f32 scores a
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,7 +190,7 @@ class GeGLU(nn.Module):
         # Equal chunks, not a fixed size with a remainder: a few-row remainder would take the
         # decode kernel, and BLAS may order sums differently for very different row counts.
         bounds = [round(i * rows.shape[0] / pieces) for i in range(pieces + 1)]
-        out = [self._hidden_to_out(rows[a:b]) for a, b in zip(bounds, bounds[1:])]
+        out = [self._hidden_to_out(rows[a:b]) for a, b in itertools.pairwise(bounds)]
         return torch.cat(out).view_as(x)
 
     def _hidden_to_out(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,6 @@ kernel keeps it bandwidth-bound. Modes:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import sys
-
 import torch
 from torch import nn
 
@@ -68,14 +64,6 @@ def quantize_(model: nn.Module, mode: str = "int8") -> nn.Module:
         if p.dtype != torch.int8:
             p.data = p.data.clone()
     return model
-
-
-def release_free_heap() -> None:
-    """Returns glibc's freed heap pages to the OS. The small int8 matrices allocated between
-    the f32 temporaries pin the heap, leaving ~0.7 GB of free but resident pages behind."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def weight_bytes(model: nn.Module) -> int:

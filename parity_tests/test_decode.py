@@ -125,3 +125,29 @@ def test_attention_in_query_chunks_equals_one_chunk(monkeypatch, softcap):
         monkeypatch.setattr(gemma, "ATTENTION_CHUNK_SCORES", 2 * 4 * 3 * (4 + 7))
         chunked = model(images, tokens, mask_ar, input_mask)
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)  # rows are independent
+
+
+def test_mlp_in_row_chunks_equals_one_piece(monkeypatch):
+    """The GeGLU MLP runs prefill rows in a few equal chunks (896 px: 4 x 0.15 GB otherwise).
+
+    Rows are independent, but BLAS may order a row's sums differently for a different number of
+    rows (seen at full size: one f32 ulp of the 3B logits), hence a tolerance of f32 rounding.
+    """
+    model = tiny_model()
+    images, tokens, mask_ar, input_mask = prompt([5, 3], 7)
+    mlp_dim = model.config.text.mlp_dim
+    with torch.no_grad():
+        whole = model(images, tokens, mask_ar, input_mask)
+        rows = 2 * (model.config.num_image_tokens + 7)
+        monkeypatch.setattr(gemma, "MLP_CHUNK_ELEMENTS", mlp_dim * -(-rows // 3))
+        chunked = model(images, tokens, mask_ar, input_mask)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-6)
+
+
+def test_mlp_in_place_without_autograd_equals_autograd_path():
+    """Without autograd, gelu and the gate * up product are taken in place: same values."""
+    mlp = tiny_model().decoder.layers[0].mlp
+    x = torch.randn(2, 9, mlp.gate_proj.in_features)
+    with torch.no_grad():
+        in_place = mlp(x)
+    torch.testing.assert_close(mlp(x).detach(), in_place, atol=0, rtol=0)

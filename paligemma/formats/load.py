@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from .. import heap
 from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
-from ..quantize import quantize_int8, quantized_types, release_free_heap
+from ..quantize import quantize_int8, quantized_types
 from .errors import CheckpointError
 from .open import NoProgress, OfficialSource, Source, open_checkpoint
 
@@ -33,6 +34,7 @@ def load_model(
             f"{source.files[0]}: the segmentation VAE is not a PaliGemma model "
             "(load it with paligemma.segmentation.load_mask_decoder)"
         )
+    heap.map_large_allocations()  # activations freed later are returned to the OS (see `heap`)
     types = quantized_types(quantize) if quantize else ()
     with torch.device("meta"):
         model = PaliGemmaModel(source.config).requires_grad_(not quantize)
@@ -53,7 +55,7 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     # The per-layer temporaries freed during loading stay resident in glibc's heap otherwise
     # (measured: 1.2 GB for PaliGemma 2 3B from a bf16 .npz).
-    release_free_heap()
+    heap.release_free_heap()
     return model.eval()
 
 
