@@ -26,11 +26,14 @@ float32 activations as the model always computes, seed 0, built in memory: ~6 GB
 the demo tokenizer padded by unused pieces to the official 257152 ids (prompt ids are the
 demo's). Random weights never emit eos, so every row runs to its budget; sections 1 (captions
 of `--tokens` new tokens) and 3 (`--budgets`) only. A 3B-224 prefill (256 image + ~6 text
-positions) costs ~20 CPU s per image and batching cannot share it, so the counts are small:
+positions) costs ~12-14 CPU s per image and batching cannot share it, so the counts are small
+(benchmarks/results/batch_fullsize_run1.json and run1b, ~12 and ~8 CPU minutes):
 
-    python benchmarks/bench_batch.py --variant pg1-3b-224 --images 32 --one-by-one 4 \
-        --one-batch --continuous none --tokens 8 --budgets 2,4,8,16,32 --budget-images 16 \
-        --budget-sizes 8 --repeats 1 --json out.json
+    python benchmarks/bench_batch.py --variant pg1-3b-224 --images 8 --one-by-one 4 \\
+        --one-batch --continuous none --tokens 8 --static 8 --budgets 2,4,8,16,32 \\
+        --budget-images 16 --budget-sizes 8 --repeats 1 --json out.json
+    python benchmarks/bench_batch.py --variant pg1-3b-224 --images 32 --one-by-one 2 \\
+        --one-batch --continuous none --tokens 8 --static 32 --budget-sizes none --repeats 1
 
 `--one-batch`: each batch size runs over exactly one batch of captions (equal budgets: every
 batch of a static run costs the same). The JSON file is rewritten after each configuration, so
@@ -258,6 +261,7 @@ def main() -> None:
         print(f"{name:<36}{row['seconds']:>8.2f}{row['images']:>8}{row['images_per_s']:>14.3f}"
               f"{per_one * row['images'] / row['seconds']:>14.2f}"
               f"{row.get('same_as_one_by_one', ''):>8}")
+    save()  # with the last row's agreement
 
     if not args.variant:  # a trained model's own output lengths: the demo only
         mixed = [Request(p, MIXED[i % len(MIXED)][0], max_new_tokens=MIXED[i % len(MIXED)][1],
@@ -282,6 +286,8 @@ def main() -> None:
         rand = PaliGemma(PaliGemmaModel(pg.model.config).eval(), pg.tokenizer)
     else:
         rand = pg
+    if not args.budget_sizes:
+        return
     budgets = args.budgets
     n_budget = args.budget_images or args.images
     spread = [Request(p, "caption en", max_new_tokens=budgets[i % len(budgets)], id=i)
