@@ -21,8 +21,23 @@ min_prefill (new rows join once k rows are free, one prefill for several rows).
 
     python benchmarks/bench_batch.py [--images 48] [--json out.json]
 
-Full-size random weights are not run here: one PaliGemma 3B-224 caption takes ~20 s on 2 cores
-(benchmarks/RESULTS.md), so 7 x 48 captions at three batch sizes would take hours.
+`--variant pg1-3b-224`: random weights of an official variant's shape instead (bf16 storage,
+float32 activations as the model always computes, seed 0, built in memory: ~6 GB for 3B), with
+the demo tokenizer padded by unused pieces to the official 257152 ids (prompt ids are the
+demo's). Random weights never emit eos, so every row runs to its budget; sections 1 (captions
+of `--tokens` new tokens) and 3 (`--budgets`) only. A 3B-224 prefill (256 image + ~6 text
+positions) costs ~12-14 CPU s per image and batching cannot share it, so the counts are small
+(benchmarks/results/batch_fullsize_run1.json and run1b, ~12 and ~8 CPU minutes):
+
+    python benchmarks/bench_batch.py --variant pg1-3b-224 --images 8 --one-by-one 4 \\
+        --one-batch --continuous none --tokens 8 --static 8 --budgets 2,4,8,16,32 \\
+        --budget-images 16 --budget-sizes 8 --repeats 1 --json out.json
+    python benchmarks/bench_batch.py --variant pg1-3b-224 --images 32 --one-by-one 2 \\
+        --one-batch --continuous none --tokens 8 --static 32 --budget-sizes none --repeats 1
+
+`--one-batch`: each batch size runs over exactly one batch of captions (equal budgets: every
+batch of a static run costs the same). The JSON file is rewritten after each configuration, so
+an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -38,13 +53,16 @@ import time
 from pathlib import Path
 
 import torch
+from bench_inference import random_tensors
 
 from paligemma import PaliGemma
+from paligemma.config import PALIGEMMA_VOCAB_SIZE, VARIANTS, PaliGemmaConfig
 from paligemma.demo import scenes
 from paligemma.demo.command import DEMO_MODEL
 from paligemma.image import preprocess, to_rgb_array
 from paligemma.model import PaliGemmaModel
 from paligemma.scheduler import Request, Scheduler
+from paligemma.tokenizer import GEMMA_VOCAB_SIZE, LOC_PIECES, SEG_PIECES, Tokenizer
 
 DEMO = DEMO_MODEL
 MIXED = [("answer en how many shapes are there", 8), ("detect circle", 12), ("caption en", 24),
@@ -74,10 +92,48 @@ def load_demo(folder: Path) -> PaliGemma:
     return PaliGemma.from_pretrained(folder)
 
 
-def timed(fn) -> tuple[float, object]:
-    """Best of two runs, in CPU seconds of this process (see the module docstring)."""
+def official_size_tokenizer(path: Path) -> Tokenizer:
+    """The demo tokenizer with unused pieces inserted before <loc0000>, so that it has the
+    official 257152 ids with <loc>/<seg> at their official ids (the demo's text pieces keep
+    theirs): prompts tokenize as on the demo model, for a model of an official vocabulary."""
+    from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf (the [ref] extra)
+
+    proto = pb.ModelProto.FromString((DEMO / "tokenizer.model").read_bytes())
+    special = set(LOC_PIECES + SEG_PIECES)
+    pieces = [p for p in proto.pieces if p.piece not in special]
+    tail = [p for p in proto.pieces if p.piece in special]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces)
+    unused = pb.ModelProto.SentencePiece.UNUSED
+    for i in range(len(pieces), GEMMA_VOCAB_SIZE):
+        proto.pieces.add(piece=f"<unused_bench{i}>", score=0.0, type=unused)
+    proto.pieces.extend(tail)
+    path.write_bytes(proto.SerializeToString())
+    tokenizer = Tokenizer(path)  # checks the <loc>/<seg> ids of a 257152-piece model
+    assert tokenizer.vocab_size == PALIGEMMA_VOCAB_SIZE
+    return tokenizer
+
+
+def random_model(config: PaliGemmaConfig, seed: int = 0) -> PaliGemmaModel:
+    """bench_inference's random weights (N(0, 1/fan_in) matrices) in bf16 storage, built in
+    memory one tensor at a time (peak: the model plus one float32 piece of rows)."""
+    with torch.device("meta"):
+        model = PaliGemmaModel(config)
+    state = {}
+    for name, shape, pieces in random_tensors(config, seed):
+        tensor, row = torch.empty(shape, dtype=torch.bfloat16), 0
+        for piece in pieces:
+            tensor[row:row + len(piece)] = piece
+            row += len(piece)
+        state[name] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def timed(fn, repeats: int = 2) -> tuple[float, object]:
+    """Best of `repeats` runs, in CPU seconds of this process (see the module docstring)."""
     best, out = float("inf"), None
-    for _ in range(2):
+    for _ in range(repeats):
         start = time.process_time()
         out = fn()
         best = min(best, time.process_time() - start)
@@ -101,80 +157,158 @@ def continuous(pg: PaliGemma, requests: list[Request], size: int, min_prefill: i
             for h in Scheduler(pg, size, min_prefill=min_prefill).run(requests)}
 
 
+def ints(text: str) -> list[int]:
+    return [] if text == "none" else [int(v) for v in text.split(",")]
+
+
+def agreement(outputs: list[list[int]], ref: list[list[int]]) -> str:
+    """'k/n': rows of `outputs` whose tokens equal `ref`'s (over the rows both have)."""
+    n = min(len(outputs), len(ref))
+    return f"{sum(a == b for a, b in zip(outputs[:n], ref[:n], strict=True))}/{n}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--variant", choices=sorted(VARIANTS),
+                        help="random weights of this official variant (default: the demo model)")
+    parser.add_argument("--images", type=int, default=48, help="captions per configuration")
+    parser.add_argument("--one-by-one", type=int, help="captions of the one-by-one row "
+                        "(default --images)")
+    parser.add_argument("--one-batch", action="store_true",
+                        help="each batch size captions exactly one batch (see the docstring)")
+    parser.add_argument("--tokens", type=int, default=24, help="caption budget, new tokens")
+    parser.add_argument("--static", type=ints, default=[8, 32], help="static batch sizes")
+    parser.add_argument("--continuous", default="1:1,8:1,8:2,32:1,32:8",
+                        help="continuous-batching rows:min_prefill pairs, or none")
+    parser.add_argument("--budgets", type=ints, default=[4, 8, 16, 32, 64],
+                        help="section 3's per-row budgets, in turn")
+    parser.add_argument("--budget-images", type=int, help="section 3's items (default --images)")
+    parser.add_argument("--budget-sizes", type=ints, default=[8, 32],
+                        help="section 3's batch sizes")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (best)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: CPU seconds are then a stable measure "
                         "of work on a shared machine)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    continuous_configs = [tuple(ints(pair.replace(":", ","))) for pair in
+                          ([] if args.continuous == "none" else args.continuous.split(","))]
     folder = Path(tempfile.mkdtemp())
     try:
-        pg = load_demo(folder / "model")
+        if args.variant:
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            pg = PaliGemma(random_model(VARIANTS[args.variant]),
+                           official_size_tokenizer(folder / "tokenizer.model"))
+            print(f"built random {args.variant} in {time.perf_counter() - start:.0f} s")
+        else:
+            pg = load_demo(folder / "model")
     finally:
         shutil.rmtree(folder)
+    params = sum(t.numel() for t in pg.model.state_dict().values())
+    model_name = (f"{args.variant}, random weights, bf16 storage ({params / 1e9:.2f}B parameters)"
+                  if args.variant else "demo (2.1M parameters)")
     rng = random.Random(0)
-    images = [scenes.draw_scene(rng, 112).image for _ in range(args.images)]
+    n = max([args.images, args.one_by_one or 0, args.budget_images or 0])
+    images = [scenes.draw_scene(rng, 112).image for _ in range(n)]
     pixels = list(preprocess([to_rgb_array(im) for im in images], pg.image_size))
-    n = len(images)
-    report: dict = {"cpu": cpu_info(), "images": n, "model": "demo (2.1M parameters)"}
-    print(f"CPU: {report['cpu'].get('model name')}; {report['cpu']['capability']}; flags "
-          f"{report['cpu'].get('flags')}; {report['cpu']['threads']} threads; load "
-          f"{report['cpu']['load'][0]:.1f}\n")
+    report: dict = {"cpu": cpu_info(), "model": model_name, "platform": platform.platform(),
+                    "args": vars(args)}
 
-    captions = [Request(p, "caption en", max_new_tokens=24, id=i) for i, p in enumerate(pixels)]
-    one, ref = timed(lambda: [pg.caption(p[None], max_new_tokens=24)[0].tokens for p in pixels])
-    rows = [("one-by-one caption", one, None)]
-    for size in (8, 32):
-        seconds, out = timed(lambda size=size: static(pg, captions, size))
-        assert out == ref, "static batching changed a caption"
-        rows.append((f"static batches of {size}", seconds, None))
-    for size, min_prefill in ((1, 1), (8, 1), (8, 2), (32, 1), (32, 8)):
-        seconds, out = timed(lambda s=size, m=min_prefill: continuous(pg, captions, s, m))
-        assert [out[i] for i in range(n)] == ref, "continuous batching changed a caption"
-        rows.append((f"continuous, {size} rows, admit >={min_prefill}", seconds, None))
-    print(f"1. captions of {n} scenes (max 24 tokens, greedy), CPU seconds")
-    print(f"{'':<36}{'CPU s':>8}{'images/CPU s':>14}{'x one-by-one':>14}")
-    report["captions"] = {}
-    for name, seconds, _ in rows:
-        print(f"{name:<36}{seconds:>8.2f}{n / seconds:>14.2f}{one / seconds:>14.2f}")
-        report["captions"][name] = {"seconds": seconds, "images_per_s": n / seconds}
+    def save() -> None:
+        report["cpu"]["load_now"] = os.getloadavg()
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
-    mixed = [Request(p, MIXED[i % len(MIXED)][0], max_new_tokens=MIXED[i % len(MIXED)][1], id=i)
-             for i, p in enumerate(pixels)]
-    lengths = [len(t) for t in continuous(pg, mixed, 8).values()]
-    print(f"\n2. mixed prompts: {n} items, prompts {[m[0] for m in MIXED]}, budgets "
-          f"{[m[1] for m in MIXED]}; generated tokens min {min(lengths)}, mean "
-          f"{sum(lengths) / n:.1f}, max {max(lengths)}")
-    print(f"{'batch':<8}{'static CPU s':>14}{'continuous CPU s':>18}{'speed-up':>10}")
-    report["mixed"] = {"tokens_mean": sum(lengths) / n, "tokens_max": max(lengths)}
-    for size in (8, 32):
-        s_static, _ = timed(lambda size=size: static(pg, mixed, size))
-        s_cont, _ = timed(lambda size=size: continuous(pg, mixed, size, max(1, size // 4)))
-        print(f"{size:<8}{s_static:>14.2f}{s_cont:>18.2f}{s_static / s_cont:>10.2f}")
-        report["mixed"][str(size)] = {"static_s": s_static, "continuous_s": s_cont}
-    # A random-weight model of the demo's shape hardly ever emits eos: every row runs to its own
-    # budget, a controlled mix of output lengths.
-    torch.manual_seed(0)
-    rand = PaliGemma(PaliGemmaModel(pg.model.config).eval(), pg.tokenizer)
-    budgets = [4, 8, 16, 32, 64]
+    print(f"{model_name}\nCPU: {report['cpu'].get('model name')}; "
+          f"{report['cpu']['capability']}; flags {report['cpu'].get('flags')}; "
+          f"{report['cpu']['threads']} threads; load {report['cpu']['load'][0]:.1f}\n")
+
+    def timed_row(name: str, fn, items: int, section: dict) -> tuple[float, object]:
+        seconds, out = timed(fn, args.repeats)
+        section[name] = {"seconds": seconds, "images": items, "images_per_s": items / seconds}
+        print(f"  {name}: {seconds:.1f} CPU s, {items} images", flush=True)
+        save()
+        return seconds, out
+
+    captions = [Request(p, "caption en", max_new_tokens=args.tokens, id=i)
+                for i, p in enumerate(pixels[:args.images])]
+    report["captions"] = rows = {}
+    print(f"1. captions (max {args.tokens} tokens, greedy), CPU seconds")
+    n_one = args.one_by_one or args.images
+    one, ref = timed_row("one-by-one caption", lambda: [
+        pg.caption(p[None], max_new_tokens=args.tokens)[0].tokens for p in pixels[:n_one]],
+        n_one, rows)
+    for size in args.static:
+        items = captions[:size] if args.one_batch else captions
+        _, out = timed_row(f"static batches of {size}", lambda s=size, i=items: static(pg, i, s),
+                           len(items), rows)
+        assert args.variant or out == ref, "static batching changed a caption"
+        rows[f"static batches of {size}"]["same_as_one_by_one"] = agreement(out, ref)
+    for size, min_prefill in continuous_configs:
+        name = f"continuous, {size} rows, admit >={min_prefill}"
+        items = captions[:size] if args.one_batch else captions
+        _, out = timed_row(name, lambda s=size, m=min_prefill, i=items: continuous(pg, i, s, m),
+                           len(items), rows)
+        out = [out[i] for i in range(len(items))]
+        assert args.variant or out == ref, "continuous batching changed a caption"
+        rows[name]["same_as_one_by_one"] = agreement(out, ref)
+    per_one = one / n_one
+    print(f"{'':<36}{'CPU s':>8}{'images':>8}{'images/CPU s':>14}{'x one-by-one':>14}"
+          f"{'same':>8}")
+    for name, row in rows.items():
+        print(f"{name:<36}{row['seconds']:>8.2f}{row['images']:>8}{row['images_per_s']:>14.3f}"
+              f"{per_one * row['images'] / row['seconds']:>14.2f}"
+              f"{row.get('same_as_one_by_one', ''):>8}")
+    save()  # with the last row's agreement
+
+    if not args.variant:  # a trained model's own output lengths: the demo only
+        mixed = [Request(p, MIXED[i % len(MIXED)][0], max_new_tokens=MIXED[i % len(MIXED)][1],
+                         id=i) for i, p in enumerate(pixels[:args.images])]
+        lengths = [len(t) for t in continuous(pg, mixed, 8).values()]
+        print(f"\n2. mixed prompts: {args.images} items, prompts {[m[0] for m in MIXED]}, "
+              f"budgets {[m[1] for m in MIXED]}; generated tokens min {min(lengths)}, mean "
+              f"{sum(lengths) / args.images:.1f}, max {max(lengths)}")
+        print(f"{'batch':<8}{'static CPU s':>14}{'continuous CPU s':>18}{'speed-up':>10}")
+        report["mixed"] = {"tokens_mean": sum(lengths) / args.images,
+                           "tokens_max": max(lengths)}
+        for size in (8, 32):
+            s_static, _ = timed(lambda size=size: static(pg, mixed, size), args.repeats)
+            s_cont, _ = timed(lambda size=size: continuous(pg, mixed, size, max(1, size // 4)),
+                              args.repeats)
+            print(f"{size:<8}{s_static:>14.2f}{s_cont:>18.2f}{s_static / s_cont:>10.2f}")
+            report["mixed"][str(size)] = {"static_s": s_static, "continuous_s": s_cont}
+            save()
+        # A random-weight model of the demo's shape hardly ever emits eos: every row runs to
+        # its own budget, a controlled mix of output lengths.
+        torch.manual_seed(0)
+        rand = PaliGemma(PaliGemmaModel(pg.model.config).eval(), pg.tokenizer)
+    else:
+        rand = pg
+    if not args.budget_sizes:
+        return
+    budgets = args.budgets
+    n_budget = args.budget_images or args.images
     spread = [Request(p, "caption en", max_new_tokens=budgets[i % len(budgets)], id=i)
-              for i, p in enumerate(pixels)]
-    lengths = [len(t) for t in continuous(rand, spread, 8).values()]
-    print(f"\n3. budgets {budgets} (random weights of the demo's shape: no eos), generated "
-          f"tokens mean {sum(lengths) / n:.1f}, max {max(lengths)}")
-    print(f"{'batch':<8}{'static CPU s':>14}{'continuous CPU s':>18}{'speed-up':>10}")
-    report["budgets"] = {"tokens_mean": sum(lengths) / n}
-    for size in (8, 32):
-        s_static, _ = timed(lambda size=size: static(rand, spread, size))
-        s_cont, _ = timed(lambda size=size: continuous(rand, spread, size, max(1, size // 4)))
-        print(f"{size:<8}{s_static:>14.2f}{s_cont:>18.2f}{s_static / s_cont:>10.2f}")
-        report["budgets"][str(size)] = {"static_s": s_static, "continuous_s": s_cont}
-    report["platform"] = platform.platform()
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+              for i, p in enumerate(pixels[:n_budget])]
+    print(f"\n3. {n_budget} items, budgets {budgets} in turn (random weights: no eos)")
+    report["budgets"] = {"items": n_budget, "budgets": budgets}
+    for size in args.budget_sizes:
+        s_static, out_static = timed(lambda size=size: static(rand, spread, size), args.repeats)
+        s_cont, out = timed(lambda size=size: continuous(rand, spread, size, max(1, size // 4)),
+                            args.repeats)
+        lengths = [len(out[i]) for i in range(n_budget)]
+        report["budgets"][str(size)] = {
+            "static_s": s_static, "continuous_s": s_cont, "tokens_mean": sum(lengths) / n_budget,
+            "same": agreement([out[i] for i in range(n_budget)],
+                              [t[:len(out[i])] for i, t in enumerate(out_static)])}
+        print(f"  batch {size}: static {s_static:.1f} CPU s, continuous (admit >= "
+              f"{max(1, size // 4)}) {s_cont:.1f} CPU s, speed-up {s_static / s_cont:.2f}; "
+              f"generated tokens mean {sum(lengths) / n_budget:.1f}, max {max(lengths)}; rows "
+              f"equal to static's (its first tokens) {report['budgets'][str(size)]['same']}",
+              flush=True)
+        save()
 
 
 if __name__ == "__main__":

@@ -82,23 +82,33 @@ def quick_config() -> PaliGemmaConfig:
 # Checkpoints
 
 
-def write_random_checkpoint(directory: Path, config: PaliGemmaConfig, seed: int = 0) -> None:
-    """Our checkpoint format, bf16, random weights streamed one tensor at a time.
+def random_tensors(
+    config: PaliGemmaConfig, seed: int = 0
+) -> Iterator[tuple[str, tuple[int, ...], Iterator[torch.Tensor]]]:
+    """(name, shape, float32 pieces of whole rows) of every tensor of a model of `config`, in
+    state-dict order; consume each tensor's pieces before asking for the next tensor.
 
     Matrices ~ N(0, 1/fan_in) keep activations in a normal range (no overflow, no denormals);
     norm scales and biases are 0, as at initialization.
     """
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in PaliGemmaModel(config).state_dict().items()}
-    specs = {k: (s, torch.bfloat16) for k, s in shapes.items()}
     g = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            yield name, shape, iter([torch.zeros(shape)])
+        else:
+            yield name, shape, _random_rows(shape, shape[-1] if len(shape) == 3 else
+                                            math.prod(shape[1:]), g)
+
+
+def write_random_checkpoint(directory: Path, config: PaliGemmaConfig, seed: int = 0) -> None:
+    """Our checkpoint format, bf16, `random_tensors` streamed one tensor at a time."""
+    tensors = list(random_tensors(config, seed))  # lazy pieces: nothing drawn yet
+    specs = {name: (shape, torch.bfloat16) for name, shape, _ in tensors}
     with checkpoint.SafetensorsWriter(directory, specs) as writer:
-        for name, shape in shapes.items():
-            if len(shape) == 1:
-                writer.write(name, torch.zeros(shape))
-            else:
-                writer.write(name, _random_rows(shape, shape[-1] if len(shape) == 3 else
-                                                math.prod(shape[1:]), g))
+        for name, _, pieces in tensors:
+            writer.write(name, pieces)
     checkpoint.write_json(
         directory / checkpoint.CONFIG_FILE,
         {"model_type": checkpoint.MODEL_TYPE, **config.to_dict()},
