@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -73,6 +74,7 @@ inline vi dot_i16(vi acc, vi a, vi b) {  // acc[j] += a[2j] b[2j] + a[2j+1] b[2j
 inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
 constexpr int kI16Lanes = 32;
+constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
 #else
 // ---- AVX2 + FMA + F16C: 8 f32 lanes; int8 steps of 16 weights.
 using vf = __m256;
@@ -105,37 +107,51 @@ inline vi dot_i16(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd
 inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
 constexpr int kI16Lanes = 16;
+constexpr int kRowBlock = 2;  // weight rows per block: 4 x 2 accumulators of 16 registers
 #endif
 
-// Float weights: dot products of one weight row with XR rows of x (row stride K), A weight
-// vectors per step; XR * A accumulators + A weights stay within the vector registers.
-template <typename W, int XR, int A = (XR >= 4 ? 2 : 4)>
-inline void dot_row(const float* x, const W* w, int64_t K, float scale, float* y, int64_t N) {
-  constexpr int64_t kStep = kLanes * A;
-  constexpr int64_t kLinesPerStep = (kStep * sizeof(W) + 63) / 64;
+// Float weights: NR weight rows (row stride K) against XR rows of x (row stride K), one 64-byte
+// line of each weight row per step. Each x vector is loaded once per step and used NR times,
+// each weight vector widened once and used XR times: at XR = 4 the loads per FMA stay low
+// enough that a decode step at batch 4 still runs at memory bandwidth, not at load-port speed.
+template <typename W, int XR, int NR>
+inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, float* y,
+                     int64_t N) {
+  constexpr int64_t kStep = 64 / sizeof(W);  // one cache line of weights
+  constexpr int kVectors = kStep / kLanes;
   constexpr int64_t kAhead = kPrefetchBytes / sizeof(W);
-  vf acc[XR][A];
+  // A accumulators per (x row, weight row): at least 8 independent FMA chains in flight.
+  constexpr int A = std::max(1, std::min(kVectors, 8 / (XR * NR)));
+  vf acc[XR][NR][A];
   for (int i = 0; i < XR; ++i)
-    for (int a = 0; a < A; ++a) acc[i][a] = zero();
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < A; ++a) acc[i][r][a] = zero();
   int64_t k = 0;
   for (; k + kStep <= K; k += kStep) {
-    for (int64_t l = 0; l < kLinesPerStep; ++l) prefetch(w + k + kAhead + l * 64 / sizeof(W));
-    vf wv[A];
-    for (int a = 0; a < A; ++a) wv[a] = widen(w + k + kLanes * a);
-    for (int i = 0; i < XR; ++i)
-      for (int a = 0; a < A; ++a)
-        acc[i][a] = fmadd(load(x + i * K + k + kLanes * a), wv[a], acc[i][a]);
+    for (int r = 0; r < NR; ++r) prefetch(w + r * K + k + kAhead);
+    for (int v = 0; v < kVectors; ++v) {
+      vf wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = widen(w + r * K + k + v * kLanes);
+      for (int i = 0; i < XR; ++i) {
+        const vf xv = load(x + i * K + k + v * kLanes);
+        for (int r = 0; r < NR; ++r) acc[i][r][v % A] = fmadd(xv, wv[r], acc[i][r][v % A]);
+      }
+    }
   }
   for (; k + kLanes <= K; k += kLanes) {
-    const vf wv = widen(w + k);
-    for (int i = 0; i < XR; ++i) acc[i][0] = fmadd(load(x + i * K + k), wv, acc[i][0]);
+    for (int i = 0; i < XR; ++i) {
+      const vf xv = load(x + i * K + k);
+      for (int r = 0; r < NR; ++r) acc[i][r][0] = fmadd(xv, widen(w + r * K + k), acc[i][r][0]);
+    }
   }
   for (int i = 0; i < XR; ++i) {
-    vf sum = acc[i][0];
-    for (int a = 1; a < A; ++a) sum = add(sum, acc[i][a]);
-    float s = hsum(sum);
-    for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[kk]);
-    y[i * N] = s * scale;
+    for (int r = 0; r < NR; ++r) {
+      vf sum = acc[i][r][0];
+      for (int a = 1; a < A; ++a) sum = add(sum, acc[i][r][a]);
+      float s = hsum(sum);
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[r * K + kk]);
+      y[i * N + r] = scale ? s * scale[r] : s;
+    }
   }
 }
 
@@ -157,83 +173,98 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
       const int64_t begin = g * kGroup, end = std::min(K, begin + kGroup);
       float amax = 0.0f;
       for (int64_t k = begin; k < end; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
-      const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
-      r.scales[m * r.groups + g] = s;
+      r.scales[m * r.groups + g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
+      // x * (32767 / amax) rounded to nearest (even): within one f32 ulp of x / scale, so a
+      // tie may round the other way; clamped to int16 against that ulp.
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
       for (int64_t k = begin; k < end; ++k)
-        r.q[m * K + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] / s));
+        r.q[m * K + k] = static_cast<int16_t>(
+            std::max(-32767.0f, std::min(32767.0f, std::nearbyint(x[m * K + k] * inv))));
     }
   }
   return r;
 }
 
-// int8 weights: kI8Step weights per step as two vectors of int16, two pair-dot-products per x
-// row into int32 sums, which a group never lets overflow: each int32 lane adds at most
-// 256 / kI8Step * 2 products of |127 * 32767| per accumulator, < 2^31.
-template <int XR>
-inline void dot_row_int8(const QuantizedRows& xq, const float* x, int64_t row0, const int8_t* w,
-                         int64_t K, float scale, float* y, int64_t N) {
-  vf acc[XR];
-  for (int i = 0; i < XR; ++i) acc[i] = zero();
+// int8 weights: NR weight rows against XR rows of x, kI8Step weights per step as two vectors of
+// int16, pair dot products into one int32 sum per (x row, weight row), which a group never lets
+// overflow: each int32 lane adds 256 / kI8Step * 4 products of at most 127 * 32767, < 2^31.
+template <int XR, int NR>
+inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0, const int8_t* w,
+                          int64_t K, const float* scale, float* y, int64_t N) {
+  vf acc[XR][NR];
+  for (int i = 0; i < XR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = zero();
   const int64_t body = K / kI8Step * kI8Step;
   for (int64_t g = 0; g * kGroup < body; ++g) {
-    vi sum[XR][2];
-    for (int i = 0; i < XR; ++i) sum[i][0] = sum[i][1] = izero();
+    vi sum[XR][NR];
+    for (int i = 0; i < XR; ++i)
+      for (int r = 0; r < NR; ++r) sum[i][r] = izero();
     const int64_t end = std::min(body, (g + 1) * kGroup);
     for (int64_t k = g * kGroup; k < end; k += kI8Step) {
-      prefetch(w + k + kPrefetchBytes);
-      const vi w0 = widen_i8(w + k);
-      const vi w1 = widen_i8(w + k + kI16Lanes);
-      for (int i = 0; i < XR; ++i) {
-        const int16_t* xr = xq.q.data() + (row0 + i) * K + k;
-        sum[i][0] = dot_i16(sum[i][0], w0, load_i16(xr));
-        sum[i][1] = dot_i16(sum[i][1], w1, load_i16(xr + kI16Lanes));
+      for (int half = 0; half < 2; ++half) {
+        vi wv[NR];
+        for (int r = 0; r < NR; ++r) {
+          if (half == 0) prefetch(w + r * K + k + kPrefetchBytes);
+          wv[r] = widen_i8(w + r * K + k + half * kI16Lanes);
+        }
+        for (int i = 0; i < XR; ++i) {
+          const vi xv = load_i16(xq.q.data() + (row0 + i) * K + k + half * kI16Lanes);
+          for (int r = 0; r < NR; ++r) sum[i][r] = dot_i16(sum[i][r], wv[r], xv);
+        }
       }
     }
     for (int i = 0; i < XR; ++i) {
-      const vf s = to_float(iadd(sum[i][0], sum[i][1]));
-      acc[i] = fmadd(s, set1(xq.scales[(row0 + i) * xq.groups + g]), acc[i]);
+      const vf s = set1(xq.scales[(row0 + i) * xq.groups + g]);
+      for (int r = 0; r < NR; ++r) acc[i][r] = fmadd(to_float(sum[i][r]), s, acc[i][r]);
     }
   }
   for (int i = 0; i < XR; ++i) {
-    float s = hsum(acc[i]);
-    for (int64_t kk = body; kk < K; ++kk) s += x[(row0 + i) * K + kk] * static_cast<float>(w[kk]);
-    y[i * N] = s * scale;
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum(acc[i][r]);
+      for (int64_t kk = body; kk < K; ++kk)
+        s += x[(row0 + i) * K + kk] * static_cast<float>(w[r * K + kk]);
+      y[i * N + r] = s * scale[r];
+    }
   }
 }
 
-// Rows of x in blocks of 4, 2, 1: `row(XR, m)` handles rows [m, m + XR) against one weight row.
-template <typename Row>
-inline void for_row_blocks(int64_t M, const Row& row) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) row(std::integral_constant<int, 4>{}, m);
-  if (m + 2 <= M) row(std::integral_constant<int, 2>{}, m), m += 2;
-  if (m < M) row(std::integral_constant<int, 1>{}, m);
+// Weight rows [begin, end) in blocks of kRowBlock (then single rows), and for each block the rows
+// of x in blocks of 4, 2, 1: `block(NR, n, XR, m)` handles weight rows [n, n + NR) against x rows
+// [m, m + XR). A block's weight lines stay in L1 while the next x rows use them.
+template <typename Block>
+inline void for_blocks(int64_t begin, int64_t end, int64_t M, const Block& block) {
+  auto x_blocks = [&](auto nr, int64_t n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) block(nr, n, std::integral_constant<int, 4>{}, m);
+    if (m + 2 <= M) block(nr, n, std::integral_constant<int, 2>{}, m), m += 2;
+    if (m < M) block(nr, n, std::integral_constant<int, 1>{}, m);
+  };
+  int64_t n = begin;
+  for (; n + kRowBlock <= end; n += kRowBlock) x_blocks(std::integral_constant<int, kRowBlock>{}, n);
+  for (; n < end; ++n) x_blocks(std::integral_constant<int, 1>{}, n);
 }
 
-// Each thread takes a contiguous range of weight rows: one sequential stream per thread.
+// Each thread takes a contiguous range of weight rows: kRowBlock sequential streams per thread.
 template <typename W>
 void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int64_t N,
                  int64_t K, float* y) {
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float s = scale ? scale[n] : 1.0f;
-      for_row_blocks(M, [&](auto xr, int64_t m) {
-        dot_row<W, decltype(xr)::value>(x + m * K, w + n * K, K, s, y + m * N + n, N);
-      });
-    }
+    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+      dot_rows<W, decltype(xr)::value, decltype(nr)::value>(
+          x + m * K, w + n * K, K, scale ? scale + n : nullptr, y + m * N + n, N);
+    });
   });
 }
 
 void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t N,
                       int64_t K, float* y) {
+  TORCH_CHECK(scale != nullptr, "gemv: int8 weights need their float32 scale");
   const QuantizedRows xq = quantize_rows(x, M, K);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float s = scale ? scale[n] : 1.0f;
-      for_row_blocks(M, [&](auto xr, int64_t m) {
-        dot_row_int8<decltype(xr)::value>(xq, x, m, w + n * K, K, s, y + m * N + n, N);
-      });
-    }
+    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+      dot_rows_int8<decltype(xr)::value, decltype(nr)::value>(xq, x, m, w + n * K, K, scale + n,
+                                                              y + m * N + n, N);
+    });
   });
 }
 
