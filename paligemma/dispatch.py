@@ -9,6 +9,8 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel.
 
+int8 weights at many rows take the AVX-512 kernel too (its int16 products beat an f32 GEMM).
+
 Every path computes in float32 (big_vision's numerics); they differ only in f32 summation
 order (int8 weights on the kernel: x rounded to int16 steps of 2^-15 of its group's largest
 value, see `csrc/gemv.cpp`). Library kernels were measured against ours on an AVX-512 + AMX Xeon
@@ -121,6 +123,11 @@ def choose(cpu: Cpu, disabled: frozenset[str]) -> Plan:
         paths[dtype, True] = f"kernel-{kernel}" if kernel else (
             "aten" if dtype == torch.float32 else "widen")
         paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
+    if kernel == "avx512":
+        # int8 at many rows: VNNI's int16 pair products (32 per instruction, twice an f32 FMA's)
+        # beat widening to f32 for sgemm (benchmarks/bf16_matmul.py, 262 rows: 131 vs 165 ms on
+        # one AMX Xeon core); x is rounded to int16 as at decode, far below the int8 rounding.
+        paths[torch.int8, False] = "kernel-avx512"
     return Plan(cpu, disabled, kernel, paths)
 
 

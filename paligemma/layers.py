@@ -11,7 +11,8 @@ capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
   bandwidth (`paligemma.kernels`, built for AVX-512 or AVX2);
 - many rows (prefill, vision) with non-f32 weights: the weights are widened to f32 a few MB at a
-  time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns;
+  time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
+  (int8 weights on AVX-512 VNNI CPUs: the kernel again, its int16 products are faster);
 - f32 weights otherwise: `F.linear`.
 """
 

@@ -113,6 +113,7 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.kernel == best
     assert plan.paths[torch.bfloat16, True] == (f"kernel-{best}" if best else "widen")
     assert plan.paths[torch.float32, False] == "aten"
+    assert plan.paths[torch.int8, False] == ("kernel-avx512" if best == "avx512" else "widen")
     described = plan.describe()
     assert described["capability"] == torch.backends.cpu.get_cpu_capability()
     assert len(described["paths"]) == 2 * len(dispatch.WEIGHT_DTYPES)
