@@ -9,14 +9,17 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel.
 
-int8 weights at many rows take the AVX-512 kernel too (its int16 products beat an f32 GEMM).
+int8 weights at many rows take the AVX-512 kernel too (its int16 products beat or tie an f32
+GEMM).
 
 Every path computes in float32 (big_vision's numerics); they differ only in f32 summation
 order (int8 weights on the kernel: x rounded to int16 steps of 2^-15 of its group's largest
 value, see `csrc/gemv.cpp`). Library kernels were measured against ours on an AVX-512 + AMX Xeon
-(`benchmarks/RESULTS.md`): none keeps float32 activations as fast at few rows (`F.linear` in f32
-is slower than the kernel at 1 and 4 rows, `torch._weight_int8pack_mm` with f32 activations 8-10x
-slower, bf16 `F.linear` rounds x to bf16), so they are not paths.
+(`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`): none keeps float32 activations as fast
+at few rows (`F.linear` in f32 ties the kernel at 1 row and is about 2x slower at 4 and 8,
+`torch._weight_int8pack_mm` with f32 activations is 7-24x slower, bf16 `F.linear` rounds x to
+bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN gained at most 1.2x over "widen" at
+one thread, so they are not paths.
 
 The choice is made from the CPU's flags (/proc/cpuinfo) and PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`), the first time `plan()` is called (the first
@@ -125,8 +128,9 @@ def choose(cpu: Cpu, disabled: frozenset[str]) -> Plan:
         paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
     if kernel == "avx512":
         # int8 at many rows: VNNI's int16 pair products (32 per instruction, twice an f32 FMA's)
-        # beat widening to f32 for sgemm (benchmarks/bf16_matmul.py, 262 rows: 131 vs 165 ms on
-        # one AMX Xeon core); x is rounded to int16 as at decode, far below the int8 rounding.
+        # beat or tie widening to f32 for sgemm (benchmarks/bf16_matmul.py, 262 rows: 131-140 vs
+        # 140-165 ms on one AMX Xeon core); x is rounded to int16 as at decode, far below the
+        # int8 weights' own rounding.
         paths[torch.int8, False] = "kernel-avx512"
     return Plan(cpu, disabled, kernel, paths)
 
