@@ -14,7 +14,9 @@ Decode ms/token is the time between the first and the last generated token over 
 steps, taken from streamed tokens on both sides (transformers' `streamer`, our `stream`).
 float32 and bfloat16 load the same bf16 file into that dtype; int8 and int8-linear are ours only
 (our bf16 weights quantized at load; int8-linear leaves the tied embedding in bf16), compared
-against transformers float32 and bfloat16.
+against transformers float32 and bfloat16. The record names the CPU (model, the /proc/cpuinfo
+flags that matter for matmuls, PyTorch's capability) and, per configuration of ours, the matmul
+path `paligemma.dispatch` chose for each (weight dtype, few / many rows).
 
 The decode floor is the weight bytes one decode step must read (decoder layers and the tied
 257k-row output projection) over the memory read bandwidth, measured in the same run (sum of a
@@ -46,6 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paligemma import dispatch  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_pretrained  # noqa: E402
 from paligemma.formats import ours as checkpoint  # noqa: E402
@@ -260,6 +263,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     _, decode_b4 = time_generation(runner, 4, spec["steps_b4"])
     out["decode_b4_ms"] = 1e3 * decode_b4
     out["peak_rss"] = _peak_rss()
+    if spec["framework"] == "ours":  # the matmul path each (weight dtype, rows) took
+        out["paths"] = dispatch.plan().describe()["paths"]
     return out
 
 
@@ -308,15 +313,12 @@ def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )
+    cpu = dispatch.Cpu.detect()
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu.model,
         "cores": os.cpu_count(),
-        "isa": torch.backends.cpu.get_cpu_capability(),
+        "isa": cpu.capability,  # torch.backends.cpu.get_cpu_capability()
+        "flags": cpu.matmul_flags(),  # the /proc/cpuinfo flags that matter for matmuls
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -375,6 +377,13 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
                 row += f"{r[key] * unit:>14.3g}{ours[key] / r[key]:>13.2f}"
             lines.append(row)
         lines.append(f"{'decode floor (bandwidth), ms/token':<34}{floors[dtype]:>10.3g}")
+        b4_over_b1 = [r["decode_b4_ms"] / r["decode_b1_ms"] for r in [ours, *dict(theirs).values()]]
+        lines.append(f"{'decode batch 4 / batch 1':<34}{b4_over_b1[0]:>10.2f}"
+                     + "".join(f"{v:>14.2f}{'':>13}" for v in b4_over_b1[1:]))
+        paths = ours.get("paths", {})
+        weights = "float32" if dtype == "float32" else "int8" if dtype in MODES else "bfloat16"
+        lines.append(f"paths ({weights} weights): few rows {paths.get(f'{weights}/few')}, "
+                     f"many rows {paths.get(f'{weights}/many')}")
         lines.append("")
     return "\n".join(lines)
 
@@ -434,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = sum(f.stat().st_size for f in ours_dir.glob("*.safetensors"))
     print(
         f"{config.name}, random weights ({weights / 1e9:.2f} GB bf16 safetensors), "
-        f"{args.threads} threads, {info['machine']['cpu']} ({info['machine']['isa']}), "
+        f"{args.threads} threads, {info['machine']['cpu']} (torch capability "
+        f"{info['machine']['isa']}; {' '.join(info['machine']['flags'])}), "
         f"torch {info['machine']['torch']}, transformers {info['machine']['transformers']}\n"
         f"read bandwidth {' / '.join(f'{b:.1f}' for b in info['bandwidth_gbs'])} GB/s "
         f"(before / after), load average {info['load_avg_before'][0]:.2f} -> "

@@ -1,20 +1,37 @@
-"""Why transformers' bfloat16 prefill is slower than its float32 one on this CPU, in one table.
+"""Every matmul path for one prefill-sized and a few decode-sized products, in one table.
 
-Times one prefill-sized matmul (262 rows: 256 image + 6 text tokens, against Gemma 2B's 16384 x
-2048 MLP matrix) and one decode-sized one (1 row, and 4), four ways:
-  f32        F.linear, float32 weights and activations (MKL sgemm)
-  aten bf16  F.linear, bf16 weights and activations (what transformers runs in bfloat16)
-  ours bf16  bf16 weights, float32 activations (`paligemma.layers.linear`)
-  ours int8  int8 weights + per-row scales, float32 activations
+One weight of Gemma 2B's MLP (16384 x 2048) against 262 rows (256 image + 6 text tokens:
+prefill) and 8, 4, 1 rows (decode steps). Decode rows stream several copies of the weight (more
+than the last-level cache), so they measure memory bandwidth, not cache bandwidth. Ways:
 
-    python benchmarks/bf16_matmul.py [--threads N]
+  f32            F.linear, float32 weights and activations (MKL / oneDNN sgemm)
+  aten bf16      F.linear, bf16 weights and activations (what transformers runs in bfloat16;
+                 rounds x to bf16, so not a path of ours: for comparison)
+  ours bf16      `paligemma.layers.linear` on bf16 weights, float32 activations, as this
+                 process's plan (`paligemma.dispatch`) runs it; each kernel build this CPU can
+                 run ("bf16 avx512", "bf16 avx2"), and the widening GEMM ("bf16 widen"), alone
+  ours int8      the same with int8 weights + per-row scales
+  int8pack       torch._weight_int8pack_mm (float32 activations), the library int8 kernel
+  bf16x3 mkl     x split into three bf16 parts (x1 + x2 + x3 == x exactly for normal floats),
+                 one bf16 x bf16 -> f32 GEMM on the stacked [3M, K] rows (MKL's
+                 gemm_bf16bf16f32 exported by libtorch_cpu, where it is), parts summed in f32
+  bf16x3 onednn  the same stacked rows through oneDNN with fp32 matmul precision "bf16" (AMX or
+                 AVX-512-BF16 with f32 accumulation; the weights are passed widened to f32)
+
+Printed: ms (best of several) and GB/s of weights (decode) or GFLOP/s (prefill); the max
+absolute difference from a float64 reference. `--cpu-time` times the thread's CPU time instead
+of wall time (with --threads 1 this is robust to other processes sharing the cores).
+
+    python benchmarks/bf16_matmul.py [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,45 +39,129 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paligemma.layers import linear  # noqa: E402
+from paligemma import dispatch, kernels, layers  # noqa: E402
 from paligemma.quantize import quantize_int8  # noqa: E402
 
+N, K, PREFILL_ROWS, DECODE_COPIES = 16384, 2048, 262, 12
 
-def best_ms(fn, repeats: int) -> float:
+
+def split3(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] f32 -> [3M, K] bf16: x1, x2, x3 with x1 + x2 + x3 == x (normal floats)."""
+    x1 = x.bfloat16()
+    r = x - x1.float()
+    x2 = r.bfloat16()
+    return torch.cat([x1, x2, (r - x2.float()).bfloat16()])
+
+
+def sum3(y: torch.Tensor) -> torch.Tensor:
+    m = y.shape[0] // 3
+    return (y[2 * m :] + y[m : 2 * m]) + y[:m]
+
+
+def mkl_gemm_bf16bf16f32() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """a [M, K] bf16 @ b [N, K] bf16 .T -> [M, N] f32 through MKL, if libtorch_cpu exports it."""
+    try:
+        gemm = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        fn = gemm.GEMM_BF16BF16F32
+    except (OSError, AttributeError):
+        return None
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        m, k = a.shape
+        n = b.shape[0]
+        c = torch.empty(m, n)
+        i32 = [ctypes.c_int(v) for v in (n, m, k)]
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        ptr = ctypes.c_void_p
+        # column-major: C^T [N, M] = B [N, K] (stored as K x N, transposed) @ A^T [K, M]
+        fn(b"T", b"N", *map(ctypes.byref, i32), ctypes.byref(one), ptr(b.data_ptr()),
+           ctypes.byref(i32[2]), ptr(a.data_ptr()), ctypes.byref(i32[2]), ctypes.byref(zero),
+           ptr(c.data_ptr()), ctypes.byref(i32[0]))
+        return c
+
+    return mm
+
+
+def onednn_bf32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear in f32 with oneDNN's bf16 math mode (inputs must be bf16-exact for f32 math)."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        return F.linear(x, w)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def best_ms(fn: Callable[[], object], repeats: int, cpu_time: bool) -> float:
+    clock = time.thread_time if cpu_time else time.perf_counter
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1e3 * min(times)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cpu-time", action="store_true", help="time the thread's CPU time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    w = torch.randn(16384, 2048) * 2048**-0.5
-    w_bf16 = w.bfloat16()
-    q, scale = quantize_int8(w)
-    print(f"{torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
-          f"weight 16384 x 2048; ms (best of several), GFLOP/s for 262 rows")
-    print(f"{'rows':>5}{'f32':>10}{'aten bf16':>11}{'ours bf16':>11}{'ours int8':>11}")
-    for rows in (262, 4, 1):
-        x = torch.randn(rows, 2048)
-        repeats = 3 if rows > 8 else 20
-        ways = [
-            lambda x: F.linear(x, w),
-            lambda x: F.linear(x.bfloat16(), w_bf16),
-            lambda x: linear(x, w_bf16),
-            lambda x: linear(x, q, None, scale),
-        ]
-        ms = [best_ms(lambda f=f, x=x: f(x), repeats) for f in ways]
-        print(f"{rows:>5}" + "".join(f"{t:>10.2f} " for t in ms))
-        if rows > 8:
-            flops = 2 * rows * w.numel()
-            print("     " + "".join(f"{flops / t / 1e6:>10.0f} " for t in ms) + " GFLOP/s")
+    plan = dispatch.plan()
+    described = plan.describe()
+    print(f"{described['cpu']}; torch capability {described['capability']}; "
+          f"{' '.join(described['flags'])}\n{args.threads} threads, "
+          f"{'thread CPU time' if args.cpu_time else 'wall time'}; weight {N} x {K}; "
+          f"this process's paths: {described['paths']}")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=g) * K**-0.5
+    copies = {"f32": [w], "bf16": [w.bfloat16()], "int8": [quantize_int8(w)]}
+    mkl = mkl_gemm_bf16bf16f32()
+    isas = [isa for isa, (needs, _) in kernels.ISAS.items()
+            if "kernel" not in plan.disabled and needs <= plan.cpu.flags and kernels.load(isa)]
+    for rows in (PREFILL_ROWS, 8, 4, 1):
+        decode = rows <= dispatch.FEW_ROWS
+        if decode and len(copies["f32"]) == 1:  # more weight bytes than the caches hold
+            for c in range(1, DECODE_COPIES):
+                wc = torch.randn(N, K, generator=g) * K**-0.5
+                if c < DECODE_COPIES // 2:  # f32 copies: half as many, the same bytes
+                    copies["f32"].append(wc)
+                copies["bf16"].append(wc.bfloat16())
+                copies["int8"].append(quantize_int8(wc))
+        x = torch.randn(rows, K, generator=g)
+        ways: dict[str, tuple[str, Callable[[torch.Tensor, object], torch.Tensor]]] = {
+            "f32": ("f32", lambda x, w: F.linear(x, w)),
+            "aten bf16": ("bf16", lambda x, w: F.linear(x.bfloat16(), w).float()),
+            "ours bf16": ("bf16", lambda x, w: layers.linear(x, w)),
+            "ours int8": ("int8", lambda x, w: layers.linear(x, w[0], None, w[1])),
+            "int8pack": ("int8", lambda x, w: torch._weight_int8pack_mm(x, *w)),
+        }
+        for isa in isas:
+            for kind in ("f32", "bf16", "int8"):
+                ways[f"{kind} {isa}"] = (kind, lambda x, w, isa=isa, kind=kind: (
+                    kernels.gemv(isa, x, *w) if kind == "int8" else kernels.gemv(isa, x, w)))
+        if not decode:
+            ways["bf16 widen"] = ("bf16", lambda x, w: layers._widening_mm(x, w, None))
+            if mkl is not None:
+                ways["bf16x3 mkl"] = ("bf16", lambda x, w: sum3(mkl(split3(x), w)))
+            ways["bf16x3 onednn"] = ("f32bf16",
+                                     lambda x, w: sum3(onednn_bf32(split3(x).float(), w)))
+        copies["f32bf16"] = [c.bfloat16().float() for c in copies["f32"][:1]]
+        print(f"\n{rows} rows: {'ms per weight, GB/s of weights' if decode else 'ms, GFLOP/s'}; "
+              "max |error| against float64")
+        for name, (kind, fn) in ways.items():
+            ws = copies[kind] if decode else copies[kind][:1]
+            ms = best_ms(lambda fn=fn, ws=ws, x=x: [fn(x, c) for c in ws], 3 if decode else 2,
+                         args.cpu_time) / len(ws)
+            w0 = ws[0]
+            exact = (w0[0].double() * w0[1].double()[:, None]) if kind == "int8" else w0.double()
+            err = (fn(x, w0).double() - x.double() @ exact.T).abs().max().item()
+            nbytes = w0[0].numel() + 4 * N if kind == "int8" else w0.numel() * w0.element_size()
+            speed = nbytes / ms / 1e6 if decode else 2 * rows * N * K / ms / 1e6
+            print(f"  {name:<16}{ms:>9.2f} ms {speed:>8.1f} {'GB/s' if decode else 'GFLOP/s'}"
+                  f"   error {err:.1e}")
 
 
 if __name__ == "__main__":

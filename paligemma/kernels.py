@@ -1,15 +1,16 @@
 """The optional C++ decode kernel (`csrc/gemv.cpp`), built on first use and cached by torch.
 
-`gemv(x, w, scale)` computes `x @ (w * scale[:, None]).T` in float32 for a few rows of x with
-f32 / bf16 / f16 / int8 weights, at memory bandwidth on AVX2 CPUs. Building needs a C++
-compiler; without one (or on CPUs without AVX2, or with PALIGEMMA_NO_KERNELS=1 set) `available()`
-is False and `paligemma.linear` uses PyTorch ops, with the same results up to f32 rounding.
+`gemv(isa, x, w, scale)` computes `x @ (w * scale[:, None]).T` in float32 for a few rows of x with
+f32 / bf16 / f16 / int8 weights, at memory bandwidth. The source is built once per instruction
+set (`ISAS`), each as its own extension and op (`paligemma::gemv_avx512`, `paligemma::gemv_avx2`),
+so both can live in one process. Which one a process uses, if any, is `paligemma.dispatch`'s
+choice; building needs a C++ compiler, and without one `load` returns False and `linear` uses
+PyTorch ops, with the same results up to f32 rounding.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -18,42 +19,49 @@ import torch
 _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 logger = logging.getLogger("paligemma")
 
+# instruction set -> (/proc/cpuinfo flags it needs, compiler flags). at::parallel_for is OpenMP
+# in the header: without -fopenmp it runs serially; libgomp.so.1 then resolves to the copy torch
+# already loaded (same soname, one thread pool).
+ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
+    "avx512": (
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
+    ),
+    "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-mavx2", "-mfma", "-mf16c"]),
+}
 
-_available: bool | None = None  # a plain global (not functools.cache): torch.compile reads it
+_loaded: dict[str, bool] = {}  # instruction set -> whether its build loaded
 
 
-def available() -> bool:
-    """Builds (first time, ~30 s) and loads the kernel; False if that is not possible here."""
-    global _available
-    if _available is None:
-        _available = _load()
-    return _available
+def load(isa: str) -> bool:
+    """Builds (first time, ~30 s) and loads the kernel for `isa`; False if that fails here.
+
+    The caller checks that the CPU has the instruction set (`ISAS[isa][0]`)."""
+    if isa not in _loaded:
+        _loaded[isa] = _build(isa)
+    return _loaded[isa]
 
 
-def _load() -> bool:
-    if os.environ.get("PALIGEMMA_NO_KERNELS", "") not in ("", "0"):
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    logger.info("loading the C++ decode kernel (built once, about 30 s, then cached by torch)")
+def _build(isa: str) -> bool:
+    logger.info("loading the C++ decode kernel for %s (built once, about 30 s, then cached by "
+                "torch)", isa)
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load as load_extension
 
-        load(
-            name="paligemma_gemv",
+        load_extension(
+            name=f"paligemma_gemv_{isa}",
             sources=[str(_SOURCE)],
-            # at::parallel_for is OpenMP in the header: without -fopenmp it runs serially.
-            # libgomp.so.1 resolves to the copy torch already loaded (same soname, one pool).
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", f"-DPG_ISA={isa}", "-fopenmp", *ISAS[isa][1]],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as e:  # no compiler, no headers, build error: fall back, but say so
         warnings.warn(
-            f"paligemma: C++ decode kernel unavailable, using PyTorch ops ({e})", stacklevel=3
+            f"paligemma: C++ decode kernel ({isa}) unavailable, using PyTorch ops ({e})",
+            stacklevel=4,
         )
         return False
-    torch.library.register_fake("paligemma::gemv")(_gemv_shape)
+    torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
     return True
 
 
@@ -61,9 +69,11 @@ def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) ->
     return x.new_empty(x.shape[0], w.shape[0])  # lets torch.compile trace through the op
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(
+    isa: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [M, K] float32, w [N, K] float32/bf16/f16/int8, scale [N] float32 -> [M, N] float32.
 
-    Only call after `available()` returned True.
+    Only call after `load(isa)` returned True.
     """
-    return torch.ops.paligemma.gemv(x.contiguous(), w, scale)
+    return getattr(torch.ops.paligemma, f"gemv_{isa}")(x.contiguous(), w, scale)

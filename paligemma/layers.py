@@ -6,11 +6,13 @@ storage of the parameters changes: f32, bf16, f16, or int8 with a float32 scale 
 native bf16 arithmetic (AVX2, most AVX-512), where PyTorch's bf16 matmul is several times slower
 than f32.
 
-How a matmul runs (`linear`):
+How a matmul runs (`linear`) is chosen once per process by `paligemma.dispatch` from the CPU's
+capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
-  bandwidth (`paligemma.kernels`);
+  bandwidth (`paligemma.kernels`, built for AVX-512 or AVX2);
 - many rows (prefill, vision) with non-f32 weights: the weights are widened to f32 a few MB at a
-  time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns;
+  time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
+  (int8 weights on AVX-512 VNNI CPUs: the kernel again, its int16 products are faster);
 - f32 weights otherwise: `F.linear`.
 """
 
@@ -20,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import dispatch, kernels
 
-GEMV_MAX_ROWS = 8  # above this a GEMM on widened weights beats the bandwidth-bound kernel
 CHUNK_BYTES = 4 << 20  # f32 bytes of weights widened at a time (fits in L2/L3 with room)
 
 
@@ -51,9 +52,11 @@ def linear(
     if needs_grad or x.dtype != torch.float32 or not x.is_cpu:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
-    if rows <= GEMV_MAX_ROWS and kernels.available():
-        y = kernels.gemv(x.reshape(rows, -1), weight, scale)
-    elif weight.dtype == torch.float32 and scale is None:
+    plan = dispatch.plan()
+    path = plan.paths.get((weight.dtype, rows <= dispatch.FEW_ROWS), "widen")
+    if path.startswith("kernel"):
+        y = kernels.gemv(plan.kernel, x.reshape(rows, -1), weight, scale)
+    elif path == "aten" and scale is None:
         return F.linear(x, weight, bias)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)

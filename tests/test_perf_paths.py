@@ -1,23 +1,44 @@
-"""The fast paths compute what the plain ones do: the C++ decode kernel, chunk-widened GEMMs,
-SDPA attention, low-precision weight storage and int8 quantization. No timings here."""
+"""The fast paths compute what the plain ones do: the C++ decode kernel (every instruction set
+this CPU can run), chunk-widened GEMMs, the dispatch between them, SDPA attention, low-precision
+weight storage and int8 quantization. No timings here."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from paligemma import kernels, layers
+from paligemma import dispatch, kernels, layers
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma.generate import generate
 from paligemma.layers import dequantize, linear
 from paligemma.model import PaliGemmaModel
 from paligemma.quantize import quantize_, quantize_int8
 
-needs_kernel = pytest.mark.skipif(not kernels.available(), reason="C++ kernel not built here")
+# The kernel builds this CPU can run (each is built on first use, then cached by torch).
+CPU = dispatch.Cpu.detect()
+KERNEL_ISAS = [isa for isa, (needs, _) in kernels.ISAS.items()
+               if needs <= CPU.flags and kernels.load(isa)]
+# PALIGEMMA_DISABLE values that give this machine each of its plans: kernel builds, then none.
+PLANS = [",".join(isa for isa in KERNEL_ISAS[:i]) for i in range(len(KERNEL_ISAS))] + ["kernel"]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def replan(monkeypatch):
+    """replan("avx512") chooses the paths again with PALIGEMMA_DISABLE=avx512; the process's own
+    plan comes back afterwards."""
+
+    def choose(disable: str) -> dispatch.Plan:
+        monkeypatch.setenv("PALIGEMMA_DISABLE", disable)
+        monkeypatch.delenv("PALIGEMMA_NO_KERNELS", raising=False)
+        return dispatch.replan()
+
+    yield choose
+    monkeypatch.undo()
+    dispatch.replan()
 
 
 def weights(dtype: torch.dtype, n: int, k: int, seed: int = 0):
@@ -30,27 +51,32 @@ def reference(x, w, scale):
     return (x.double() @ dequantize(w, scale, torch.float64).T).float()
 
 
-def int16_rounded(x, group=256):
-    """x as the kernel multiplies it with int8 weights: the first K // 32 * 32 columns rounded
-    to int16 steps of max|x| / 32767 per group of 256 (the rest stays float32)."""
+INT8_STEP = {"avx512": 64, "avx2": 32}  # int8 weights per step of each build (csrc/gemv.cpp)
+
+
+def int16_rounded(x, step, group=256):
+    """x as the kernel multiplies it with int8 weights: the first K // step * step columns
+    rounded to int16 steps of max|x| / 32767 per group of 256 (the rest stays float32)."""
     out = x.clone()
-    for start in range(0, x.shape[1] // 32 * 32, group):
-        end = min(start + group, x.shape[1] // 32 * 32)
-        step = (x[:, start:end].abs().amax(1, keepdim=True) / 32767).clamp(min=1e-30)
-        out[:, start:end] = torch.round(x[:, start:end] / step) * step
+    body = x.shape[1] // step * step
+    for start in range(0, body, group):
+        end = min(start + group, body)
+        unit = (x[:, start:end].abs().amax(1, keepdim=True) / 32767).clamp(min=1e-30)
+        out[:, start:end] = torch.round(x[:, start:end] / unit) * unit
     return out
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-@pytest.mark.parametrize("k", [7, 64, 200, 1000])  # tails after 8-, 32- and 256-element blocks
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-def test_gemv_kernel_matches_float64(dtype, k, m):
+# tails after 8-, 16-, 32-, 64- and 256-element blocks, and a row longer than the prefetch distance
+@pytest.mark.parametrize("k", [7, 64, 200, 1000, 2100])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_gemv_kernel_matches_float64(isa, dtype, k, m):
     w, scale = weights(dtype, 5, k)
     x = torch.randn(m, k)
-    xr = int16_rounded(x) if dtype == torch.int8 else x
+    xr = int16_rounded(x, INT8_STEP[isa]) if dtype == torch.int8 else x
     atol = 1e-3 if dtype == torch.int8 else 1e-4  # an x/step tie may round the other way
-    torch.testing.assert_close(kernels.gemv(x, w, scale), reference(xr, w, scale),
+    torch.testing.assert_close(kernels.gemv(isa, x, w, scale), reference(xr, w, scale),
                                rtol=1e-5, atol=atol)
 
 
@@ -63,17 +89,46 @@ def test_widening_gemm_matches_float64_across_chunks(dtype, monkeypatch):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("rows", [1, layers.GEMV_MAX_ROWS, layers.GEMV_MAX_ROWS + 1, 300])
-def test_linear_is_the_same_on_every_path(dtype, rows):
+@pytest.mark.parametrize("disable", PLANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("rows", [1, dispatch.FEW_ROWS, dispatch.FEW_ROWS + 1, 300])
+def test_linear_is_the_same_on_every_path(disable, dtype, rows, replan):
+    """Each plan this machine can run (kernel builds forced off one by one, then the kernel)
+    against F.linear on the dequantized weights."""
+    plan = replan(disable)
     w, scale = weights(dtype, 33, 48)
     bias = torch.randn(33)
     x = torch.randn(rows, 48)
     expected = F.linear(x, dequantize(w, scale), bias)
     # int8 on the kernel: x is rounded to int16 steps (error <= sum|w| max|x| / 65534, ~1e-3).
-    atol = 2e-3 if dtype == torch.int8 else 1e-5
+    on_kernel = plan.paths[dtype, rows <= dispatch.FEW_ROWS].startswith("kernel")
+    atol = 2e-3 if dtype == torch.int8 and on_kernel else 1e-5
     torch.testing.assert_close(linear(x.view(1, rows, 48), w, bias, scale)[0], expected,
                                rtol=1e-5, atol=atol)
+
+
+def test_dispatch_follows_the_cpu_and_the_switches(replan):
+    plan = replan("")
+    best = KERNEL_ISAS[0] if KERNEL_ISAS else None
+    assert plan.kernel == best
+    assert plan.paths[torch.bfloat16, True] == (f"kernel-{best}" if best else "widen")
+    assert plan.paths[torch.float32, False] == "aten"
+    assert plan.paths[torch.int8, False] == ("kernel-avx512" if best == "avx512" else "widen")
+    described = plan.describe()
+    assert described["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert len(described["paths"]) == 2 * len(dispatch.WEIGHT_DTYPES)
+    if "avx512" in KERNEL_ISAS:
+        assert replan("avx512").kernel == ("avx2" if "avx2" in KERNEL_ISAS else None)
+    assert replan("kernel").paths[torch.int8, True] == "widen"
+    assert replan("").paths[torch.int8, True] == plan.paths[torch.int8, True]
+
+
+def test_old_and_new_switches(replan, monkeypatch):
+    monkeypatch.setenv("PALIGEMMA_NO_KERNELS", "1")
+    assert dispatch.disabled_switches() == {"kernel"}
+    monkeypatch.setenv("PALIGEMMA_DISABLE", "avx512, kernal")
+    with pytest.raises(ValueError, match="unknown kernal; known: kernel, avx512"):
+        dispatch.disabled_switches()
 
 
 def tiny_model(softcap: float | None = None, seed: int = 0) -> PaliGemmaModel:
@@ -119,10 +174,10 @@ def test_sdpa_attention_equals_the_explicit_path():
 
 
 @pytest.mark.parametrize("softcap", [None, 50.0])
-def test_decode_without_the_kernel_is_the_same(softcap, monkeypatch):
+def test_decode_without_the_kernel_is_the_same(softcap, replan):
     model, prompts = tiny_model(softcap), ragged_prompts()
     tokens, logits = generate(model, *prompts, max_new_tokens=6)
-    monkeypatch.setattr(layers.kernels, "_available", False)
+    replan("kernel")
     plain_tokens, plain = generate(model, *prompts, max_new_tokens=6)
     assert torch.equal(tokens, plain_tokens)
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-4)

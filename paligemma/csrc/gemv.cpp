@@ -1,75 +1,162 @@
-// y[M, N] = x[M, K] @ (w[N, K] * scale[N])^T for the few rows of a decode step (AVX2 + FMA).
+// y[M, N] = x[M, K] @ (w[N, K] * scale[N])^T for the few rows of a decode step.
 //
 // Decoding reads every weight once per token, so it should run at memory bandwidth. PyTorch's
-// CPU kernels do for f32 weights at M = 1 only; with bf16 / f16 / int8 weights (and f32 at
-// M > 1) they are compute-bound on AVX2 machines. Here each thread streams a contiguous range of
-// weight rows (what the hardware prefetcher follows best), every row is read from memory once
-// and reused from L1 by up to 4 rows of x at a time, and the inner loops keep several
-// independent accumulators per x row to hide the FMA latency.
+// CPU kernels do for f32 weights at M = 1 only; with bf16 / f16 / int8 weights and float32
+// activations (and f32 at M > 1) they are compute-bound or round x. Here each thread streams a
+// contiguous range of weight rows (what the hardware prefetcher follows best, helped by software
+// prefetches a few KB ahead, which also start the page walks of the next 4 KB pages early), every
+// row is read from memory once and reused from L1 by up to 4 rows of x at a time, and the inner
+// loops keep several independent accumulators per x row to hide the FMA latency.
+//
+// One source, two instruction sets, chosen by the compiler flags `paligemma.kernels` builds with
+// (PG_ISA names the op): AVX-512 (F + BW + VNNI: 16 f32 lanes, vpdpwssd) or AVX2 + FMA + F16C.
 //
 // f32 / f16 / bf16 weights are widened to f32 lanes and accumulated in f32. int8 weights are
-// multiplied with vpmaddwd (16 int16 products per instruction, twice the f32 path's throughput)
-// against x rounded to int16 per group of 256 elements (relative error <= 2^-16 of the group's
-// largest |x|, far below the int8 weights' own rounding); each group's int32 sums are scaled
-// back and accumulated in f32.
+// multiplied as int16 pairs (vpmaddwd, or vpdpwssd with AVX-512 VNNI: twice the f32 path's
+// products per instruction) against x rounded to int16 per group of 256 elements (relative
+// error <= 2^-16 of the group's largest |x|, far below the int8 weights' own rounding); each
+// group's int32 sums are scaled back and accumulated in f32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#ifndef PG_ISA
+#error "build with -DPG_ISA=avx2 or -DPG_ISA=avx512 (paligemma/kernels.py does)"
+#endif
+#define PG_STR2(x) #x
+#define PG_STR(x) PG_STR2(x)
+#define PG_CAT2(a, b) a##b
+#define PG_CAT(a, b) PG_CAT2(a, b)
+
 namespace {
 
-inline __m256 widen(const float* p) { return _mm256_loadu_ps(p); }
+constexpr int64_t kPrefetchBytes = 2048;  // software prefetch distance along the weight stream
 
-inline __m256 widen(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// ---- AVX-512: 16 f32 lanes; int8 steps of 32 weights as one vector of 32 int16.
+using vf = __m512;
+using vi = __m512i;
+constexpr int kLanes = 16;
+inline vf zero() { return _mm512_setzero_ps(); }
+inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+inline vf fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf set1(float v) { return _mm512_set1_ps(v); }
+inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf widen(const float* p) { return load(p); }
+inline vf widen(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-
-inline __m256 widen(const at::BFloat16* p) {  // a bf16 is the top half of an f32
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+inline vf widen(const at::BFloat16* p) {  // a bf16 is the top half of an f32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-
-inline float hsum(__m256 v) {
+inline vi izero() { return _mm512_setzero_si512(); }
+inline vi load_i16(const int16_t* p) { return _mm512_loadu_si512(p); }
+inline vi widen_i8(const int8_t* p) {  // 32 int8 -> 32 int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vi dot_i16(vi acc, vi a, vi b) {  // acc[j] += a[2j] b[2j] + a[2j+1] b[2j+1]
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
+inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
+constexpr int kI16Lanes = 32;
+constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
+#else
+// ---- AVX2 + FMA + F16C: 8 f32 lanes; int8 steps of 16 weights.
+using vf = __m256;
+using vi = __m256i;
+constexpr int kLanes = 8;
+inline vf zero() { return _mm256_setzero_ps(); }
+inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+inline vf fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf set1(float v) { return _mm256_set1_ps(v); }
+inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+inline vf widen(const float* p) { return load(p); }
+inline vf widen(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline vf widen(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline vi izero() { return _mm256_setzero_si256(); }
+inline vi load_i16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vi widen_i8(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline vi dot_i16(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
+inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
+constexpr int kI16Lanes = 16;
+constexpr int kRowBlock = 2;  // weight rows per block: 4 x 2 accumulators of 16 registers
+#endif
 
-// Float weights: dot products of one weight row with XR rows of x (row stride K), A weight
-// vectors per step. XR * A accumulators + A weights stay within the 16 ymm registers.
-template <typename W, int XR, int A = (XR >= 4 ? 2 : 4)>
-inline void dot_row(const float* x, const W* w, int64_t K, float scale, float* y, int64_t N) {
-  __m256 acc[XR][A];
+// Float weights: NR weight rows (row stride K) against XR rows of x (row stride K), one 64-byte
+// line of each weight row per step. Each x vector is loaded once per step and used NR times,
+// each weight vector widened once and used XR times: at XR = 4 the loads per FMA stay low
+// enough that a decode step at batch 4 still runs at memory bandwidth, not at load-port speed.
+template <typename W, int XR, int NR>
+inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, float* y,
+                     int64_t N) {
+  constexpr int64_t kStep = 64 / sizeof(W);  // one cache line of weights
+  constexpr int kVectors = kStep / kLanes;
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(W);
+  // A accumulators per (x row, weight row): at least 8 independent FMA chains in flight.
+  constexpr int A = std::max(1, std::min(kVectors, 8 / (XR * NR)));
+  vf acc[XR][NR][A];
   for (int i = 0; i < XR; ++i)
-    for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < A; ++a) acc[i][r][a] = zero();
   int64_t k = 0;
-  for (; k + 8 * A <= K; k += 8 * A) {
-    __m256 wv[A];
-    for (int a = 0; a < A; ++a) wv[a] = widen(w + k + 8 * a);
-    for (int i = 0; i < XR; ++i)
-      for (int a = 0; a < A; ++a)
-        acc[i][a] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k + 8 * a), wv[a], acc[i][a]);
+  for (; k + kStep <= K; k += kStep) {
+    for (int r = 0; r < NR; ++r) prefetch(w + r * K + k + kAhead);
+    for (int v = 0; v < kVectors; ++v) {
+      vf wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = widen(w + r * K + k + v * kLanes);
+      for (int i = 0; i < XR; ++i) {
+        const vf xv = load(x + i * K + k + v * kLanes);
+        for (int r = 0; r < NR; ++r) acc[i][r][v % A] = fmadd(xv, wv[r], acc[i][r][v % A]);
+      }
+    }
   }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 wv = widen(w + k);
-    for (int i = 0; i < XR; ++i)
-      acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k), wv, acc[i][0]);
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int i = 0; i < XR; ++i) {
+      const vf xv = load(x + i * K + k);
+      for (int r = 0; r < NR; ++r) acc[i][r][0] = fmadd(xv, widen(w + r * K + k), acc[i][r][0]);
+    }
   }
   for (int i = 0; i < XR; ++i) {
-    __m256 sum = acc[i][0];
-    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[i][a]);
-    float s = hsum(sum);
-    for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[kk]);
-    y[i * N] = s * scale;
+    for (int r = 0; r < NR; ++r) {
+      vf sum = acc[i][r][0];
+      for (int a = 1; a < A; ++a) sum = add(sum, acc[i][r][a]);
+      float s = hsum(sum);
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[r * K + kk]);
+      y[i * N + r] = scale ? s * scale[r] : s;
+    }
   }
 }
 
-constexpr int64_t kGroup = 256;  // int16 rounding group of x (multiple of 32)
+constexpr int64_t kGroup = 256;  // int16 rounding group of x (multiple of 2 * kI16Lanes)
+constexpr int64_t kI8Step = 2 * kI16Lanes;  // int8 weights per step: two int16 vectors
 
 // x rows rounded to int16 per group: x ~ q * group_scale.
 struct QuantizedRows {
@@ -86,86 +173,98 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
       const int64_t begin = g * kGroup, end = std::min(K, begin + kGroup);
       float amax = 0.0f;
       for (int64_t k = begin; k < end; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
-      const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
-      r.scales[m * r.groups + g] = s;
+      r.scales[m * r.groups + g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
+      // x * (32767 / amax) rounded to nearest (even): within one f32 ulp of x / scale, so a
+      // tie may round the other way; clamped to int16 against that ulp.
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
       for (int64_t k = begin; k < end; ++k)
-        r.q[m * K + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] / s));
+        r.q[m * K + k] = static_cast<int16_t>(
+            std::max(-32767.0f, std::min(32767.0f, std::nearbyint(x[m * K + k] * inv))));
     }
   }
   return r;
 }
 
-// int8 weights: 32 weights per step as two vectors of 16 int16, two vpmaddwd per x row into
-// int32 sums, which a group never lets overflow (256 / 32 * 2 * 127 * 32767 < 2^31).
-template <int XR>
-inline void dot_row_int8(const QuantizedRows& xq, const float* x, int64_t row0, const int8_t* w,
-                         int64_t K, float scale, float* y, int64_t N) {
-  __m256 acc[XR];
-  for (int i = 0; i < XR; ++i) acc[i] = _mm256_setzero_ps();
-  const int64_t body = K / 32 * 32;
+// int8 weights: NR weight rows against XR rows of x, kI8Step weights per step as two vectors of
+// int16, pair dot products into one int32 sum per (x row, weight row), which a group never lets
+// overflow: each int32 lane adds 256 / kI8Step * 4 products of at most 127 * 32767, < 2^31.
+template <int XR, int NR>
+inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0, const int8_t* w,
+                          int64_t K, const float* scale, float* y, int64_t N) {
+  vf acc[XR][NR];
+  for (int i = 0; i < XR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = zero();
+  const int64_t body = K / kI8Step * kI8Step;
   for (int64_t g = 0; g * kGroup < body; ++g) {
-    __m256i sum[XR][2];
-    for (int i = 0; i < XR; ++i) sum[i][0] = sum[i][1] = _mm256_setzero_si256();
+    vi sum[XR][NR];
+    for (int i = 0; i < XR; ++i)
+      for (int r = 0; r < NR; ++r) sum[i][r] = izero();
     const int64_t end = std::min(body, (g + 1) * kGroup);
-    for (int64_t k = g * kGroup; k < end; k += 32) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
-      const __m256i w1 =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16)));
-      for (int i = 0; i < XR; ++i) {
-        const int16_t* xr = xq.q.data() + (row0 + i) * K + k;
-        sum[i][0] = _mm256_add_epi32(
-            sum[i][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))));
-        sum[i][1] = _mm256_add_epi32(
-            sum[i][1],
-            _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
+    for (int64_t k = g * kGroup; k < end; k += kI8Step) {
+      for (int half = 0; half < 2; ++half) {
+        vi wv[NR];
+        for (int r = 0; r < NR; ++r) {
+          if (half == 0) prefetch(w + r * K + k + kPrefetchBytes);
+          wv[r] = widen_i8(w + r * K + k + half * kI16Lanes);
+        }
+        for (int i = 0; i < XR; ++i) {
+          const vi xv = load_i16(xq.q.data() + (row0 + i) * K + k + half * kI16Lanes);
+          for (int r = 0; r < NR; ++r) sum[i][r] = dot_i16(sum[i][r], wv[r], xv);
+        }
       }
     }
     for (int i = 0; i < XR; ++i) {
-      const __m256 s = _mm256_set1_ps(xq.scales[(row0 + i) * xq.groups + g]);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(sum[i][0], sum[i][1])), s,
-                               acc[i]);
+      const vf s = set1(xq.scales[(row0 + i) * xq.groups + g]);
+      for (int r = 0; r < NR; ++r) acc[i][r] = fmadd(to_float(sum[i][r]), s, acc[i][r]);
     }
   }
   for (int i = 0; i < XR; ++i) {
-    float s = hsum(acc[i]);
-    for (int64_t kk = body; kk < K; ++kk) s += x[(row0 + i) * K + kk] * static_cast<float>(w[kk]);
-    y[i * N] = s * scale;
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum(acc[i][r]);
+      for (int64_t kk = body; kk < K; ++kk)
+        s += x[(row0 + i) * K + kk] * static_cast<float>(w[r * K + kk]);
+      y[i * N + r] = s * scale[r];
+    }
   }
 }
 
-// Rows of x in blocks of 4, 2, 1: `row(XR, m)` handles rows [m, m + XR) against one weight row.
-template <typename Row>
-inline void for_row_blocks(int64_t M, const Row& row) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) row(std::integral_constant<int, 4>{}, m);
-  if (m + 2 <= M) row(std::integral_constant<int, 2>{}, m), m += 2;
-  if (m < M) row(std::integral_constant<int, 1>{}, m);
+// Weight rows [begin, end) in blocks of kRowBlock (then single rows), and for each block the rows
+// of x in blocks of 4, 2, 1: `block(NR, n, XR, m)` handles weight rows [n, n + NR) against x rows
+// [m, m + XR). A block's weight lines stay in L1 while the next x rows use them.
+template <typename Block>
+inline void for_blocks(int64_t begin, int64_t end, int64_t M, const Block& block) {
+  auto x_blocks = [&](auto nr, int64_t n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) block(nr, n, std::integral_constant<int, 4>{}, m);
+    if (m + 2 <= M) block(nr, n, std::integral_constant<int, 2>{}, m), m += 2;
+    if (m < M) block(nr, n, std::integral_constant<int, 1>{}, m);
+  };
+  int64_t n = begin;
+  for (; n + kRowBlock <= end; n += kRowBlock) x_blocks(std::integral_constant<int, kRowBlock>{}, n);
+  for (; n < end; ++n) x_blocks(std::integral_constant<int, 1>{}, n);
 }
 
-// Each thread takes a contiguous range of weight rows: one sequential stream per thread.
+// Each thread takes a contiguous range of weight rows: kRowBlock sequential streams per thread.
 template <typename W>
 void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int64_t N,
                  int64_t K, float* y) {
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float s = scale ? scale[n] : 1.0f;
-      for_row_blocks(M, [&](auto xr, int64_t m) {
-        dot_row<W, decltype(xr)::value>(x + m * K, w + n * K, K, s, y + m * N + n, N);
-      });
-    }
+    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+      dot_rows<W, decltype(xr)::value, decltype(nr)::value>(
+          x + m * K, w + n * K, K, scale ? scale + n : nullptr, y + m * N + n, N);
+    });
   });
 }
 
 void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t N,
                       int64_t K, float* y) {
+  TORCH_CHECK(scale != nullptr, "gemv: int8 weights need their float32 scale");
   const QuantizedRows xq = quantize_rows(x, M, K);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float s = scale ? scale[n] : 1.0f;
-      for_row_blocks(M, [&](auto xr, int64_t m) {
-        dot_row_int8<decltype(xr)::value>(xq, x, m, w + n * K, K, s, y + m * N + n, N);
-      });
-    }
+    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+      dot_rows_int8<decltype(xr)::value, decltype(nr)::value>(xq, x, m, w + n * K, K, scale + n,
+                                                              y + m * N + n, N);
+    });
   });
 }
 
@@ -196,6 +295,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY(paligemma, m) { m.def("gemv(Tensor x, Tensor w, Tensor? scale) -> Tensor"); }
+// One op per instruction set (paligemma::gemv_avx2, paligemma::gemv_avx512), so that both
+// builds can be loaded into one process (tests compare them); fragments share the namespace.
+TORCH_LIBRARY_FRAGMENT(paligemma, m) {
+  m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(paligemma, CPU, m) { m.impl("gemv", &gemv); }
+TORCH_LIBRARY_IMPL(paligemma, CPU, m) { m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv); }

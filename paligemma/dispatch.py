@@ -1,0 +1,154 @@
+"""Which kernel each matmul of `layers.linear` runs on this CPU, chosen once per process.
+
+A matmul's path depends on its weight's storage dtype and on whether it has few rows (a decode
+step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound):
+
+- "kernel-avx512" / "kernel-avx2": the C++ kernel (`paligemma.kernels`), built for the widest
+  instruction set this CPU has (AVX-512 F/BW/VL/VNNI, else AVX2 + FMA + F16C);
+- "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
+- "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
+  GEMM (`layers._widening_mm`); also what few rows take without the kernel.
+
+int8 weights at many rows take the AVX-512 kernel too (its int16 products beat or tie an f32
+GEMM).
+
+Every path computes in float32 (big_vision's numerics); they differ only in f32 summation
+order (int8 weights on the kernel: x rounded to int16 steps of 2^-15 of its group's largest
+value, see `csrc/gemv.cpp`). Library kernels were measured against ours on an AVX-512 + AMX Xeon
+(`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`): none keeps float32 activations as fast
+at few rows (`F.linear` in f32 ties the kernel at 1 row and is about 2x slower at 4 and 8,
+`torch._weight_int8pack_mm` with f32 activations is 7-24x slower, bf16 `F.linear` rounds x to
+bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN gained at most 1.2x over "widen" at
+one thread, so they are not paths.
+
+The choice is made from the CPU's flags (/proc/cpuinfo) and PyTorch's capability
+(`torch.backends.cpu.get_cpu_capability()`), the first time `plan()` is called (the first
+forward, or a loader or benchmark calling it), and logged. `PALIGEMMA_DISABLE` turns paths off,
+a comma-separated list of `SWITCHES`: `kernel` (no C++ kernel), `avx512` (the AVX2 build even on
+AVX-512 CPUs). `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import kernels
+
+logger = logging.getLogger("paligemma")
+
+FEW_ROWS = 8  # up to this many rows a matmul is bandwidth-bound: the kernel beats a GEMM
+SWITCHES = ("kernel", "avx512")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cpu:
+    """What the machine offers: model name, /proc/cpuinfo flags, PyTorch's capability."""
+
+    model: str
+    flags: frozenset[str]
+    capability: str
+
+    @classmethod
+    def detect(cls) -> Cpu:
+        model, flags = platform.processor() or platform.machine(), frozenset()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.is_file():
+            for line in cpuinfo.read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:  # x86, arm
+                    flags = frozenset(value.split())
+        return cls(model, flags, torch.backends.cpu.get_cpu_capability())
+
+    def matmul_flags(self) -> list[str]:
+        """The flags that matter for the matmul paths (for logs and benchmark records)."""
+        wanted = ("avx2", "fma", "f16c", "avx512", "amx", "vnni", "bf16", "fp16", "neon", "sve")
+        return sorted(f for f in self.flags if any(w in f for w in wanted))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The path of every (weight dtype, few rows?) pair on this machine."""
+
+    cpu: Cpu
+    disabled: frozenset[str]
+    kernel: str | None  # the instruction set the C++ kernel was built for, None without it
+    paths: dict[tuple[torch.dtype, bool], str]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: the CPU, the switches, and e.g. {"bfloat16/few": "kernel-avx512"}."""
+        return {
+            "cpu": self.cpu.model,
+            "capability": self.cpu.capability,
+            "flags": self.cpu.matmul_flags(),
+            "disabled": sorted(self.disabled),
+            "paths": {
+                f"{str(dtype).removeprefix('torch.')}/{'few' if few else 'many'}": path
+                for (dtype, few), path in self.paths.items()
+            },
+        }
+
+
+def disabled_switches() -> frozenset[str]:
+    """The paths PALIGEMMA_DISABLE (and PALIGEMMA_NO_KERNELS) turn off; unknown names are an
+    error rather than a silently ignored typo."""
+    names = {n.strip() for n in os.environ.get("PALIGEMMA_DISABLE", "").split(",") if n.strip()}
+    unknown = names - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"PALIGEMMA_DISABLE: unknown {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(SWITCHES)}")
+    if os.environ.get("PALIGEMMA_NO_KERNELS", "") not in ("", "0"):
+        names.add("kernel")
+    return frozenset(names)
+
+
+def choose(cpu: Cpu, disabled: frozenset[str]) -> Plan:
+    """The plan for `cpu` with `disabled` paths off (builds the kernel it picks)."""
+    kernel = None
+    if "kernel" not in disabled:
+        for isa, (needs, _) in kernels.ISAS.items():
+            if isa in disabled or not needs <= cpu.flags:
+                continue
+            if kernels.load(isa):
+                kernel = isa
+                break
+    paths = {}
+    for dtype in WEIGHT_DTYPES:
+        paths[dtype, True] = f"kernel-{kernel}" if kernel else (
+            "aten" if dtype == torch.float32 else "widen")
+        paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
+    if kernel == "avx512":
+        # int8 at many rows: VNNI's int16 pair products (32 per instruction, twice an f32 FMA's)
+        # beat or tie widening to f32 for sgemm (benchmarks/bf16_matmul.py, 262 rows: 131-140 vs
+        # 140-165 ms on one AMX Xeon core); x is rounded to int16 as at decode, far below the
+        # int8 weights' own rounding.
+        paths[torch.int8, False] = "kernel-avx512"
+    return Plan(cpu, disabled, kernel, paths)
+
+
+_plan: Plan | None = None  # a plain global (not functools.cache): torch.compile reads it
+
+
+def plan() -> Plan:
+    """This process's plan: chosen and logged on the first call, the same afterwards."""
+    global _plan
+    if _plan is None:
+        _plan = choose(Cpu.detect(), disabled_switches())
+        logger.info("matmul paths: %s", _plan.describe())
+    return _plan
+
+
+def replan() -> Plan:
+    """Chooses again (after PALIGEMMA_DISABLE changed: tests, benchmarks)."""
+    global _plan
+    _plan = None
+    return plan()
