@@ -7,8 +7,8 @@ Two effects of glibc's allocator matter at PaliGemma's sizes:
   ones stay resident as free, fragmented heap. A 3B prefill at 896 px (4160 rows) then held
   ~0.7 GB of free heap on top of its live tensors (benchmarks/RESULTS.md, "896 px prefill
   memory"). A fixed threshold gives each large activation its own mapping, returned to the OS
-  when freed, at the cost of a page fault per 4 KB when one is allocated (about 1% of a 224 px
-  prefill; decode steps allocate nothing that large).
+  when freed, at the cost of a page fault per 4 KB when one is allocated (decode steps
+  allocate nothing that large; prefill was not slower in `benchmarks/bench_heap_threshold.py`).
 - Freed heap is returned only from its top: temporaries freed while loading stay resident.
 
 Only glibc on Linux is touched; elsewhere these do nothing.
