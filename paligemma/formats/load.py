@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
@@ -63,8 +64,12 @@ def load_model(
                     tensor, plan.mode, plan.group_size)
             else:  # as mapped: its scale comes as a tensor of its own
                 state[name] = tensor
-            scale = stored_specs(tuple(layer.weight.shape), plan.mode, plan.group_size)["scale"]
-            layer.scale = torch.empty(scale[0], device="meta")  # now a state key
+            # Placeholders of the stored shapes and dtypes (int4 packs two weights per byte).
+            specs = stored_specs(tuple(layer.weight.shape), plan.mode, plan.group_size)
+            (w_shape, w_dtype), (s_shape, _) = specs["weight"], specs["scale"]
+            layer.weight = nn.Parameter(
+                torch.empty(w_shape, dtype=w_dtype, device="meta"), requires_grad=False)
+            layer.scale = torch.empty(s_shape, device="meta")  # now a state key
         elif stored is not None and kind == "scale" and module in quantized:
             state[name] = tensor
         elif quantize and stored is None:  # own memory: a file mapping goes with `tensor`
