@@ -12,9 +12,9 @@ RSS is per configuration and the machine's load affects both sides alike. Each s
 Prompt: one 224px image (256 tokens) + 6 text tokens, all prefix; greedy decoding with eos off.
 Decode ms/token is the time between the first and the last generated token over the number of
 steps, taken from streamed tokens on both sides (transformers' `streamer`, our `stream`).
-float32 and bfloat16 load the same bf16 file into that dtype; int8 and int8-linear are ours only
-(our bf16 weights quantized at load; int8-linear leaves the tied embedding in bf16), compared
-against transformers float32 and bfloat16.
+float32 and bfloat16 load the same bf16 file into that dtype; int8, int8-linear and int4 are ours
+only (our bf16 weights quantized at load; int8-linear leaves the tied embedding in bf16; int4 is
+group-wise, 128 columns per group), compared against transformers float32 and bfloat16.
 
 The decode floor is the weight bytes one decode step must read (decoder layers and the tied
 257k-row output projection) over the memory read bandwidth, measured in the same run (sum of a
@@ -50,12 +50,13 @@ from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_pretrained  # noqa: E402
 from paligemma.formats import ours as checkpoint  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
-from paligemma.quantize import MODES, quantized_types  # noqa: E402
+from paligemma.quantize import MODES, quantized_types, stored_specs  # noqa: E402
 
 TEXT_TOKENS = [2, 1018, 1101, 573, 4352, 108]  # bos, 4 word pieces, "\n" (fit every vocab)
-# int8 modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in bf16.
+# Quantized modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in
+# bf16.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16,
-          "int8-linear": torch.bfloat16}
+          "int8-linear": torch.bfloat16, "int4": torch.bfloat16}
 # (framework, dtype) in run order: ours and theirs alternate so that load drifts hit both.
 CONFIGS = [
     ("ours", "bfloat16"),
@@ -64,6 +65,7 @@ CONFIGS = [
     ("hf", "float32"),
     ("ours", "int8"),
     ("ours", "int8-linear"),
+    ("ours", "int4"),
 ]
 
 
@@ -283,13 +285,14 @@ def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
     with torch.device("meta"):
         decoder = PaliGemmaModel(config).decoder
     quantized: set[int] = set()
-    if dtype in MODES:  # the matrices the mode quantizes: 1 byte per weight + a f32 scale per row
+    if dtype in MODES:  # the matrices the mode quantizes: stored weights + scales
         types = quantized_types(dtype)
         quantized = {id(m.weight) for m in decoder.modules() if isinstance(m, types)}
     total = 0
     for p in decoder.parameters():
         if id(p) in quantized:
-            total += p.numel() + 4 * p.shape[0]
+            stored = stored_specs(tuple(p.shape), dtype).values()
+            total += sum(math.prod(shape) * t.itemsize for shape, t in stored)
         elif p.dim() == 2:
             total += p.numel() * DTYPES[dtype].itemsize
         else:  # norms and other vectors are float32

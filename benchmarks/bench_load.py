@@ -1,0 +1,136 @@
+"""Load time of quantized checkpoints against bf16, side by side in one run.
+
+One random checkpoint (PaliGemma 1 3B-224 by default, bf16, bench_inference.py's), and the
+quantized checkpoints `python -m convert SRC --quantize MODE` writes from it once. Each
+configuration loads in its own subprocess (page cache of its files evicted first: a cold load
+from disk; imports not timed), interleaved, `--repeats` times:
+
+    bf16            load_pretrained(bf16 dir)                    memory-mapped as stored
+    int8 at load    load_pretrained(bf16 dir, quantize="int8")   quantized while reading
+    int8 saved      load_pretrained(int8 dir)                    memory-mapped, nothing computed
+    int4 at load, int4 saved                                     the same for int4 (group 128)
+
+Every load reads each tensor once (the NaN/Inf check), so a mapped load costs the file's bytes
+at disk / page-cache speed. Prints the best and median of each and their ratio to bf16's, and
+the peak RSS; records the CPU model and flags.
+
+    python benchmarks/bench_load.py --quick                  # small model, about a minute
+    python benchmarks/bench_load.py --json out.json          # full size: 11 GB of disk, 5 GB RAM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from bench_inference import evict_page_cache, machine, prepare_checkpoints, quick_config  # noqa: E402, I001
+
+from paligemma.config import VARIANTS  # noqa: E402
+
+# (name, checkpoint, quantize at load); checkpoint "bf16" or a quantization mode written once.
+CONFIGS = [
+    ("bf16", "bf16", None),
+    ("int8 saved", "int8", None),
+    ("int8 at load", "bf16", "int8"),
+    ("int4 saved", "int4", None),
+    ("int4 at load", "bf16", "int4"),
+]
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+         "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that select kernels (vector widths, bf16 / int8 dot products)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [f for f in FLAGS if f in present]
+    return []
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    from paligemma.formats import load_pretrained
+
+    torch.set_num_threads(spec["threads"])
+    directory = Path(spec["directory"])
+    evict_page_cache(directory)
+    start = time.perf_counter()
+    model = load_pretrained(directory, quantize=spec["quantize"])
+    seconds = time.perf_counter() - start
+    weights = sum(t.nbytes for t in model.state_dict().values())
+    return {"load_s": seconds, "weights_bytes": weights,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def write_quantized(source: Path, mode: str) -> Path:
+    out = source.with_name(f"{source.name}-{mode}")
+    if not (out / "config.json").is_file():
+        print(f"writing {out} (python -m convert --quantize {mode}) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "convert", str(source), "--quantize", mode,
+                        "-o", str(out), "-q"], cwd=ROOT, check=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pg-bench-load")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    config = quick_config() if args.quick else VARIANTS["pg1-3b-224"]
+    bf16, _ = prepare_checkpoints(args.workdir, config, hf=False)
+    dirs = {"bf16": bf16, **{m: write_quantized(bf16, m) for m in ("int8", "int4")}}
+    sizes = {k: sum(f.stat().st_size for f in d.glob("*.safetensors")) for k, d in dirs.items()}
+    info: dict[str, Any] = {"machine": {**machine(), "flags": cpu_flags()},
+                            "threads": args.threads, "model": config.name,
+                            "load_avg_before": os.getloadavg(), "files_bytes": sizes}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in CONFIGS}
+    for _ in range(args.repeats):
+        for name, ckpt, quantize in CONFIGS:
+            spec = {"directory": str(dirs[ckpt]), "quantize": quantize, "threads": args.threads}
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                                  capture_output=True, text=True, cwd=ROOT, check=True)
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    info["load_avg_after"] = os.getloadavg()
+    base = statistics.median(r["load_s"] for r in runs["bf16"])
+    print(f"{config.name}, {args.threads} threads, {info['machine']['cpu']} "
+          f"({' '.join(info['machine']['flags'])}), torch {info['machine']['torch']}, load "
+          f"average {info['load_avg_before'][0]:.1f} -> {info['load_avg_after'][0]:.1f}\n")
+    print(f"{'':<14}{'file GB':>9}{'best s':>9}{'median s':>10}{'/ bf16':>8}{'peak RSS GiB':>14}")
+    summary = {}
+    for name, ckpt, _ in CONFIGS:
+        times = [r["load_s"] for r in runs[name]]
+        median = statistics.median(times)
+        summary[name] = {"best_s": min(times), "median_s": median, "ratio_to_bf16": median / base,
+                         "peak_rss": max(r["peak_rss"] for r in runs[name])}
+        print(f"{name:<14}{info['files_bytes'][ckpt] / 1e9:>9.2f}{min(times):>9.2f}"
+              f"{median:>10.2f}{median / base:>8.2f}{summary[name]['peak_rss'] / 2**30:>14.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**info, "summary": summary, "runs": runs},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
