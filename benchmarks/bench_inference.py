@@ -13,8 +13,10 @@ Prompt: one 224px image (256 tokens) + 6 text tokens, all prefix; greedy decodin
 Decode ms/token is the time between the first and the last generated token over the number of
 steps, taken from streamed tokens on both sides (transformers' `streamer`, our `stream`).
 float32 and bfloat16 load the same bf16 file into that dtype; int8, int8-linear and int4 are ours
-only (our bf16 weights quantized at load; int8-linear leaves the tied embedding in bf16; int4 is
-group-wise, 128 columns per group), compared against transformers float32 and bfloat16.
+only, each loaded from the quantized checkpoint `python -m convert --quantize MODE` wrote once
+from the bf16 one (memory-mapped, nothing computed at load; int8-linear leaves the tied
+embedding in bf16; int4 is group-wise, 128 columns per group; `bench_load.py` compares with
+quantizing at load), compared against transformers float32 and bfloat16.
 
 The decode floor is the weight bytes one decode step must read (decoder layers and the tied
 257k-row output projection) over the memory read bandwidth, measured in the same run (sum of a
@@ -136,6 +138,16 @@ def prepare_checkpoints(workdir: Path, config: PaliGemmaConfig, hf: bool) -> tup
     return ours, theirs
 
 
+def quantized_checkpoint(source: Path, mode: str) -> Path:
+    """`source` quantized by `python -m convert --quantize mode`, written once and reused."""
+    out = source.with_name(f"{source.name}-{mode}")
+    if not (out / checkpoint.CONFIG_FILE).is_file():
+        print(f"writing {out} (python -m convert --quantize {mode}) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "convert", str(source), "--quantize", mode,
+                        "-o", str(out), "-q"], cwd=ROOT, check=True)
+    return out
+
+
 def evict_page_cache(directory: Path) -> None:
     """Drops the directory's file pages from the page cache (a cold load reads the disk)."""
     for path in directory.iterdir():
@@ -156,7 +168,7 @@ class Runner:
 
     def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
         self.framework, self.dtype, self.config = framework, dtype, config
-        if framework == "ours" and dtype in MODES:
+        if framework == "ours" and dtype in MODES:  # a quantized checkpoint of this mode
             self.model = load_pretrained(directory, quantize=dtype)
         elif framework == "ours":
             torch_dtype = None if dtype == "bfloat16" else DTYPES[dtype]
@@ -399,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_dir, hf_dir = prepare_checkpoints(
         args.workdir, config, hf=any(fw == "hf" for fw, _ in configs)
     )
+    directories = {f"ours/{d}": quantized_checkpoint(ours_dir, d) if d in MODES else ours_dir
+                   for fw, d in configs if fw == "ours"}
     steps = args.steps or (32 if args.quick else 10)
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f}: other processes compete for the "
@@ -411,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {
             "framework": framework,
             "dtype": dtype,
-            "directory": str(ours_dir if framework == "ours" else hf_dir),
+            "directory": str(directories.get(f"{framework}/{dtype}", hf_dir)),
             "config": config.to_dict(),
             "threads": args.threads,
             "steps": steps,

@@ -34,7 +34,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_inference import evict_page_cache, machine, prepare_checkpoints, quick_config  # noqa: E402, I001
+from bench_inference import (  # noqa: E402, I001
+    evict_page_cache,
+    machine,
+    prepare_checkpoints,
+    quantized_checkpoint,
+    quick_config,
+)
 
 from paligemma.config import VARIANTS  # noqa: E402
 
@@ -77,15 +83,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def write_quantized(source: Path, mode: str) -> Path:
-    out = source.with_name(f"{source.name}-{mode}")
-    if not (out / "config.json").is_file():
-        print(f"writing {out} (python -m convert --quantize {mode}) ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "convert", str(source), "--quantize", mode,
-                        "-o", str(out), "-q"], cwd=ROOT, check=True)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model")
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = quick_config() if args.quick else VARIANTS["pg1-3b-224"]
     bf16, _ = prepare_checkpoints(args.workdir, config, hf=False)
-    dirs = {"bf16": bf16, **{m: write_quantized(bf16, m) for m in ("int8", "int4")}}
+    dirs = {"bf16": bf16, **{m: quantized_checkpoint(bf16, m) for m in ("int8", "int4")}}
     sizes = {k: sum(f.stat().st_size for f in d.glob("*.safetensors")) for k, d in dirs.items()}
     info: dict[str, Any] = {"machine": {**machine(), "flags": cpu_flags()},
                             "threads": args.threads, "model": config.name,
