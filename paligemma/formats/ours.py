@@ -146,8 +146,9 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
 
 def check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
     """Raises CheckpointError naming the first NaN/Inf of `t` and its index (rows counted from
-    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask."""
-    if t.numel() == 0 or torch.isfinite(t.sum(dtype=torch.float32)):
+    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask.
+    Integer tensors (quantized weights) hold no NaN/Inf and are not read."""
+    if t.numel() == 0 or not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)):
         return
     flat = t.reshape(-1)
     for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
