@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's 32-column runs; int32 sums safe
 DEFAULT_GROUP_SIZE = 128
-GEMV_MAX_ROWS = 8  # above this a GEMM on dequantized weights beats the kernel
+GEMV_MAX_ROWS = 16  # above this a GEMM on dequantized weights beats the kernel (RESULTS.md)
 CHUNK_BYTES = 4 << 20  # f32 bytes of weights dequantized at a time (fits in L2/L3 with room)
 _RUN = 32  # columns per packed run of 16 bytes
 _QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: bounds the f32 temporaries
