@@ -12,11 +12,14 @@ RSS is per configuration and the machine's load affects both sides alike. Each s
 Prompt: one 224px image (256 tokens) + 6 text tokens, all prefix; greedy decoding with eos off.
 Decode ms/token is the time between the first and the last generated token over the number of
 steps, taken from streamed tokens on both sides (transformers' `streamer`, our `stream`).
-float32 and bfloat16 load the same bf16 file into that dtype; int8 and int8-linear are ours only
-(our bf16 weights quantized at load; int8-linear leaves the tied embedding in bf16), compared
-against transformers float32 and bfloat16. The record names the CPU (model, the /proc/cpuinfo
-flags that matter for matmuls, PyTorch's capability) and, per configuration of ours, the matmul
-path `paligemma.dispatch` chose for each (weight dtype, few / many rows).
+float32 and bfloat16 load the same bf16 file into that dtype; int8, int8-linear and int4 are ours
+only, each loaded from the quantized checkpoint `python -m convert --quantize MODE` wrote once
+from the bf16 one (memory-mapped, nothing computed at load; int8-linear leaves the tied
+embedding in bf16; int4 is group-wise, 128 columns per group; `bench_load.py` compares with
+quantizing at load), compared against transformers float32 and bfloat16. The record names the
+CPU (model, the /proc/cpuinfo flags that matter for matmuls, PyTorch's capability) and, per
+configuration of ours, the matmul path `paligemma.dispatch` chose for each (weight dtype, few /
+many rows).
 
 The decode floor is the weight bytes one decode step must read (decoder layers and the tied
 257k-row output projection) over the memory read bandwidth, measured in the same run (sum of a
@@ -53,12 +56,13 @@ from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_pretrained  # noqa: E402
 from paligemma.formats import ours as checkpoint  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
-from paligemma.quantize import MODES, quantized_types  # noqa: E402
+from paligemma.quantize import MODES, quantized_types, stored_specs  # noqa: E402
 
 TEXT_TOKENS = [2, 1018, 1101, 573, 4352, 108]  # bos, 4 word pieces, "\n" (fit every vocab)
-# int8 modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in bf16.
+# Quantized modes quantize the bf16 file as it is read; int8-linear keeps the tied embedding in
+# bf16.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16,
-          "int8-linear": torch.bfloat16}
+          "int8-linear": torch.bfloat16, "int4": torch.bfloat16}
 # (framework, dtype) in run order: ours and theirs alternate so that load drifts hit both.
 CONFIGS = [
     ("ours", "bfloat16"),
@@ -67,6 +71,7 @@ CONFIGS = [
     ("hf", "float32"),
     ("ours", "int8"),
     ("ours", "int8-linear"),
+    ("ours", "int4"),
 ]
 
 
@@ -147,6 +152,16 @@ def prepare_checkpoints(workdir: Path, config: PaliGemmaConfig, hf: bool) -> tup
     return ours, theirs
 
 
+def quantized_checkpoint(source: Path, mode: str) -> Path:
+    """`source` quantized by `python -m convert --quantize mode`, written once and reused."""
+    out = source.with_name(f"{source.name}-{mode}")
+    if not (out / checkpoint.CONFIG_FILE).is_file():
+        print(f"writing {out} (python -m convert --quantize {mode}) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "convert", str(source), "--quantize", mode,
+                        "-o", str(out), "-q"], cwd=ROOT, check=True)
+    return out
+
+
 def evict_page_cache(directory: Path) -> None:
     """Drops the directory's file pages from the page cache (a cold load reads the disk)."""
     for path in directory.iterdir():
@@ -167,7 +182,7 @@ class Runner:
 
     def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
         self.framework, self.dtype, self.config = framework, dtype, config
-        if framework == "ours" and dtype in MODES:
+        if framework == "ours" and dtype in MODES:  # a quantized checkpoint of this mode
             self.model = load_pretrained(directory, quantize=dtype)
         elif framework == "ours":
             torch_dtype = None if dtype == "bfloat16" else DTYPES[dtype]
@@ -298,13 +313,14 @@ def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
     with torch.device("meta"):
         decoder = PaliGemmaModel(config).decoder
     quantized: set[int] = set()
-    if dtype in MODES:  # the matrices the mode quantizes: 1 byte per weight + a f32 scale per row
+    if dtype in MODES:  # the matrices the mode quantizes: stored weights + scales
         types = quantized_types(dtype)
         quantized = {id(m.weight) for m in decoder.modules() if isinstance(m, types)}
     total = 0
     for p in decoder.parameters():
         if id(p) in quantized:
-            total += p.numel() + 4 * p.shape[0]
+            stored = stored_specs(tuple(p.shape), dtype).values()
+            total += sum(math.prod(shape) * t.itemsize for shape, t in stored)
         elif p.dim() == 2:
             total += p.numel() * DTYPES[dtype].itemsize
         else:  # norms and other vectors are float32
@@ -415,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_dir, hf_dir = prepare_checkpoints(
         args.workdir, config, hf=any(fw == "hf" for fw, _ in configs)
     )
+    directories = {f"ours/{d}": quantized_checkpoint(ours_dir, d) if d in MODES else ours_dir
+                   for fw, d in configs if fw == "ours"}
     steps = args.steps or (32 if args.quick else 10)
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f}: other processes compete for the "
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {
             "framework": framework,
             "dtype": dtype,
-            "directory": str(ours_dir if framework == "ours" else hf_dir),
+            "directory": str(directories.get(f"{framework}/{dtype}", hf_dir)),
             "config": config.to_dict(),
             "threads": args.threads,
             "steps": steps,

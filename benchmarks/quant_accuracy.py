@@ -1,15 +1,20 @@
-"""Accuracy of int8 weights against bf16 weights (and f32): greedy agreement and logit error.
+"""Accuracy of int8 and int4 weights against bf16 weights (and f32): greedy agreement and logit
+error.
 
 Gold cases (parity_tests/data, the tiny models the official JAX code produced the references
-for): each checkpoint loaded three ways, f32, bf16 storage and int8 (per-row scales), all with
-float32 math and an f32 KV cache. For each: greedy decode of the gold prompts (tokens equal to
-bf16's, position by position, and whole sequences), and the logits of one teacher-forced pass
+for): each checkpoint loaded four ways, f32, bf16 storage, int8 (per-row scales) and int4
+(groups of 32 columns, as these models are 32-1024 wide; matrices whose width is not a multiple
+of 32 fall back to int8, and `int4_share` says which part of the quantized weights is int4),
+all with float32 math and an f32 KV cache.
+For each: greedy decode of the gold prompts (tokens equal to bf16's, position by position, and
+whole sequences), and the logits of one teacher-forced pass
 over the prompt + bf16's greedy tokens (max |difference| to f32, next to the logit range).
 
 Demo model (the trained tiny PaliGemma 2 of `paligemma/demo/model/`: official-format npz,
-config.json, tokenizer.model): greedy outputs of bf16, int8 and int8-linear (tied embedding left
-in bf16) on freshly drawn scenes (224 px, as the demo draws them) for every task prompt
-(identical texts), and the task scores of each (`paligemma.demo.scenes.score`).
+config.json, tokenizer.model): greedy outputs of bf16, int8, int8-linear (tied embedding left
+in bf16), int4 and int4-linear (group size 128, `--group-size`) on freshly drawn scenes (224 px,
+as the demo draws them) for every task prompt (identical texts), and the task scores of each
+(`paligemma.demo.scenes.score`).
 
     python benchmarks/quant_accuracy.py [--demo DIR] [--scenes N] [--json FILE]
 """
@@ -32,20 +37,32 @@ sys.path.insert(0, str(ROOT))
 from paligemma.config import PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_official  # noqa: E402
 from paligemma.generate import generate  # noqa: E402
+from paligemma.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES  # noqa: E402
+from paligemma.layers import Embedding, Linear  # noqa: E402
 from paligemma.model import PaliGemmaModel  # noqa: E402
 from paligemma.parity import case_config  # noqa: E402
 from paligemma.quantize import quantize_  # noqa: E402
 
 CASES = ROOT / "parity_tests" / "data"
 DEMO_SCENE_SIZE = 224
+GOLD_GROUP_SIZE = 32
 
 
-def variants(npz: Path, config: PaliGemmaConfig) -> dict[str, PaliGemmaModel]:
+def variants(npz: Path, config: PaliGemmaConfig, group_size: int) -> dict[str, PaliGemmaModel]:
     return {
         "f32": load_official(npz, config),
         "bf16": load_official(npz, config, dtype=torch.bfloat16),
         "int8": quantize_(load_official(npz, config)),
+        "int4": quantize_(load_official(npz, config), "int4", group_size),
     }
+
+
+def int4_share(model: PaliGemmaModel) -> float:
+    """The part of a quantized model's quantized weights (counted in weights) stored as int4."""
+    packed = [m.weight for m in model.modules() if isinstance(m, (Linear, Embedding))
+              and m.scale is not None]
+    return sum(2 * w.numel() for w in packed if w.dtype == torch.uint8) / sum(
+        2 * w.numel() if w.dtype == torch.uint8 else w.numel() for w in packed)
 
 
 def gold_case(case: Path) -> dict[str, Any]:
@@ -56,7 +73,7 @@ def gold_case(case: Path) -> dict[str, Any]:
     prompt = (vec["prompt_text"].long(), vec["prompt_mask_ar"].long(),
               vec["prompt_input_mask"].bool())
     steps = vec["decode_tokens"].shape[1]
-    models = variants(case / "params.npz", config)
+    models = variants(case / "params.npz", config, GOLD_GROUP_SIZE)
     tokens = {name: generate(m, images, *prompt, max_new_tokens=steps,
                              cache_dtype=torch.float32)[0] for name, m in models.items()}
     # Teacher-forced logits on identical inputs: row 0's prompt + bf16's greedy continuation.
@@ -65,19 +82,22 @@ def gold_case(case: Path) -> dict[str, Any]:
     ar = torch.cat([prompt[1][0, :n], torch.ones(steps, dtype=torch.long)])[None]
     with torch.no_grad():
         logits = {name: m(images[:1], text, ar)[0, n - 1 :] for name, m in models.items()}
-    out: dict[str, Any] = {"case": case.name, "logit_range": float(logits["f32"].abs().max()),
+    out: dict[str, Any] = {"case": case.name, "int4_group_size": GOLD_GROUP_SIZE,
+                           "int4_share": int4_share(models["int4"]),
+                           "logit_range": float(logits["f32"].abs().max()),
                            "official_tokens_equal_f32": bool(
                                torch.equal(tokens["f32"], vec["decode_tokens"].long()))}
-    for name in ("bf16", "int8"):
+    for name in ("bf16", "int8", "int4"):
         out[f"{name}_max_logit_err"] = float((logits[name] - logits["f32"]).abs().max())
-    for a, b in (("bf16", "f32"), ("int8", "bf16"), ("int8", "f32")):
+    for a, b in (("bf16", "f32"), ("int8", "bf16"), ("int8", "f32"), ("int4", "bf16"),
+                 ("int4", "f32")):
         same = tokens[a] == tokens[b]
         out[f"{a}_vs_{b}_tokens"] = float(same.float().mean())
         out[f"{a}_vs_{b}_sequences"] = f"{int(same.all(1).sum())}/{len(same)}"
     return out
 
 
-def demo_model(directory: Path, n_scenes: int, seed: int = 0) -> dict[str, Any]:
+def demo_model(directory: Path, n_scenes: int, group_size: int, seed: int = 0) -> dict[str, Any]:
     from paligemma.api import PaliGemma
     from paligemma.demo import scenes
     from paligemma.tokenizer import Tokenizer
@@ -85,19 +105,23 @@ def demo_model(directory: Path, n_scenes: int, seed: int = 0) -> dict[str, Any]:
     config = PaliGemmaConfig.load(directory / "config.json")
     tokenizer = Tokenizer(directory / "tokenizer.model")
     npz = directory / "paligemma-demo.npz"
-    models = variants(npz, config)
+    models = variants(npz, config, group_size)
     models["int8-linear"] = quantize_(load_official(npz, config), "int8-linear")
+    models["int4-linear"] = quantize_(load_official(npz, config), "int4-linear", group_size)
     rng = random.Random(seed)
     drawn = [scenes.draw_scene(rng, DEMO_SCENE_SIZE) for _ in range(n_scenes)]
     pairs = [(s.image, prefix) for s in drawn for prefix, _ in scenes.examples(s)]
     texts: dict[str, list[str]] = {}
-    out: dict[str, Any] = {"model": str(directory), "scenes": n_scenes, "prompts": len(pairs)}
-    for name in ("bf16", "int8", "int8-linear"):
+    out: dict[str, Any] = {"model": str(directory), "scenes": n_scenes, "prompts": len(pairs),
+                           "int4_group_size": group_size,
+                           "int4_share": int4_share(models["int4"])}
+    quantized = ("int8", "int8-linear", "int4", "int4-linear")
+    for name in ("bf16", *quantized):
         pg = PaliGemma(models[name], tokenizer)
         results = pg.generate([p[0] for p in pairs], [p[1] for p in pairs], max_new_tokens=24)
         texts[name] = [r.text for r in results]
         out[f"{name}_scores"] = scenes.score(pg, drawn)
-    for name in ("int8", "int8-linear"):
+    for name in quantized:
         same = sum(a == b for a, b in zip(texts["bf16"], texts[name], strict=True))
         out[f"{name}_vs_bf16_identical_outputs"] = f"{same}/{len(pairs)}"
     return out
@@ -107,24 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", type=Path, default=ROOT / "paligemma" / "demo" / "model")
     p.add_argument("--scenes", type=int, default=40)
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                   help="int4 group size for the demo model")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     report: dict[str, Any] = {"gold": []}
-    print(f"{'case':<26}{'logit range':>12}{'bf16 err':>10}{'int8 err':>10}"
-          f"{'bf16=f32':>10}{'int8=bf16':>11}{'int8=f32':>10}  (tokens; sequences)")
+    print(f"{'case':<26}{'logit range':>12}{'bf16 err':>10}{'int8 err':>10}{'int4 err':>10}"
+          f"{'bf16=f32':>10}{'int8=bf16':>11}{'int8=f32':>10}{'int4=bf16':>11}{'int4=f32':>10}"
+          "  (tokens; sequences)")
     for case in sorted(CASES.iterdir()):
         if not (case / "params.npz").is_file() or case.name == "seg_vae":
             continue
         r = gold_case(case)
         report["gold"].append(r)
         print(f"{r['case']:<26}{r['logit_range']:>12.3g}{r['bf16_max_logit_err']:>10.3g}"
-              f"{r['int8_max_logit_err']:>10.3g}{r['bf16_vs_f32_tokens']:>10.0%}"
-              f"{r['int8_vs_bf16_tokens']:>11.0%}{r['int8_vs_f32_tokens']:>10.0%}"
-              f"  ({r['bf16_vs_f32_sequences']}; {r['int8_vs_bf16_sequences']}; "
-              f"{r['int8_vs_f32_sequences']})")
+              f"{r['int8_max_logit_err']:>10.3g}{r['int4_max_logit_err']:>10.3g}"
+              f"{r['bf16_vs_f32_tokens']:>10.0%}{r['int8_vs_bf16_tokens']:>11.0%}"
+              f"{r['int8_vs_f32_tokens']:>10.0%}{r['int4_vs_bf16_tokens']:>11.0%}"
+              f"{r['int4_vs_f32_tokens']:>10.0%}  ({r['bf16_vs_f32_sequences']}; "
+              f"{r['int8_vs_bf16_sequences']}; {r['int8_vs_f32_sequences']}; "
+              f"{r['int4_vs_bf16_sequences']}; {r['int4_vs_f32_sequences']}; int4 share "
+              f"{r['int4_share']:.0%})")
     if (args.demo / "paligemma-demo.npz").is_file():
-        report["demo"] = demo_model(args.demo, args.scenes)
+        report["demo"] = demo_model(args.demo, args.scenes, args.group_size)
         print(json.dumps(report["demo"], indent=2))
     else:
         print(f"no demo model at {args.demo}")

@@ -12,6 +12,9 @@ from paligemma.formats import CheckpointError, open_checkpoint, write_hf, write_
 from paligemma.formats.dtypes import DTYPES
 from paligemma.formats.open import ConvertedSource, HFSource
 from paligemma.formats.ours import DEFAULT_MAX_SHARD_SIZE
+from paligemma.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
+from paligemma.quantize import MODES as QUANTIZE_MODES
+from paligemma.quantize import Quantization
 
 EXAMPLES = """\
 examples:
@@ -21,6 +24,8 @@ examples:
   paligemma-convert pg1-3b-pt-224 --to npz -o roundtrip.npz
   paligemma-convert paligemma-3b-pt-224.npz --to hf --tokenizer paligemma_tokenizer.model -o pg1-hf
   paligemma-convert ~/hf/paligemma2-3b-pt-224 -o pg2-3b-pt-224    # a transformers directory
+  paligemma-convert pg1-3b-pt-224 --quantize int8 -o pg1-3b-pt-224-int8   # loads memory-mapped
+  paligemma-convert paligemma-3b-pt-224.npz --quantize int4 -o pg1-3b-pt-224-int4
 """
 
 _UNITS = {
@@ -73,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         choices=("ours", "hf", "npz"),
         default=None,
-        help="output format: ours (default for .npz and Hugging Face sources), hf, or npz (the "
-        "official layout; default for one of our directories)",
+        help="output format: ours (default for .npz and Hugging Face sources, and with "
+        "--quantize), hf, or npz (the official layout; default for one of our directories)",
     )
     p.add_argument(
         "--variant",
@@ -91,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("keep", *DTYPES),
         default="keep",
         help="output dtype (default keep; --to npz: the original dtype)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="write a quantized checkpoint of ours (from an unquantized .npz, Hugging Face or "
+        "our directory): int8 per-row or int4 group-wise weights, as `paligemma --quantize` "
+        "computes them at load; it then loads memory-mapped with nothing to compute. "
+        "-linear modes keep the tied embedding as stored",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        metavar="G",
+        help="int4 modes: columns per scale and offset (one of "
+        f"{', '.join(map(str, GROUP_SIZES))}; default {DEFAULT_GROUP_SIZE})",
     )
     p.add_argument(
         "--max-shard-size",
@@ -123,11 +144,20 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if args.tokenizer and args.to != "hf":
         raise CheckpointError("--tokenizer is for --to hf")
+    if args.group_size is not None and not (args.quantize or "").startswith("int4"):
+        raise CheckpointError("--group-size is for --quantize int4 / int4-linear")
+    quantization = None
+    if args.quantize:
+        quantization = Quantization(args.quantize, args.group_size or DEFAULT_GROUP_SIZE)
     source = open_checkpoint(args.src, args.variant, args.config, args.check_finite)
     ours_dir = isinstance(source, ConvertedSource) and not isinstance(source, HFSource)
-    to = args.to or ("npz" if ours_dir else "ours")
-    if to == "ours" and ours_dir:
-        raise CheckpointError(f"{args.src[0]}: already in our format; pass --to npz or --to hf")
+    to = args.to or ("ours" if quantization or not ours_dir else "npz")
+    if quantization and to != "ours":
+        raise CheckpointError(f"--quantize writes our format; it cannot go with --to {to}")
+    if to == "ours" and ours_dir and not quantization:
+        raise CheckpointError(
+            f"{args.src[0]}: already in our format; pass --to npz, --to hf or --quantize"
+        )
     # Before reading gigabytes (opening reads headers only); checked again under the lock.
     outputs.check(out, _KINDS[to], args.force, sources=args.src)
     if not args.quiet:
@@ -144,7 +174,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"note: no tokenizer next to {args.src[0]} and no --tokenizer: {out} has no "
                   "tokenizer files", file=sys.stderr)
     else:
-        write_ours(source, out, dtype, args.max_shard_size, hash_sources=args.hash, **common)
+        write_ours(source, out, dtype, args.max_shard_size, hash_sources=args.hash,
+                   quantization=quantization, **common)
     if not args.quiet:
         print(f"wrote {out}", file=sys.stderr)
 

@@ -118,8 +118,10 @@ class PaliGemma:
 
         tokenizer: SentencePiece file (default: tokenizer.model or paligemma_tokenizer.model
         next to the weights); vae: `vae-oid.npz` or its converted directory (segment only);
-        quantize: "int8" or "int8-linear" (`quantize.MODES`) quantizes each matrix as it is
-        read (dtype is then ignored). Opened, checked and loaded by `formats.load_pretrained`.
+        quantize: "int8", "int8-linear", "int4" or "int4-linear" (`quantize.MODES`) quantizes
+        each matrix as it is read (dtype is then ignored); a checkpoint written quantized
+        (`paligemma-convert --quantize`) needs none. Opened, checked and loaded by
+        `formats.load_pretrained`.
         tensor_parallel: load only this rank's shard of the decoder (a converted directory, in
         a torchrun process group: `tensor_parallel.load_tensor_parallel`).
         """

@@ -201,9 +201,10 @@ def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="cast the weights (default: as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
-                   help="int8 weights with per-row scales: half of bf16's memory, faster "
-                   "decoding on CPU (math stays float32); int8-linear keeps the tied "
-                   "embedding as stored")
+                   help="int8 weights with per-row scales (half of bf16's memory) or int4 with "
+                   "per-group scales (a quarter): faster decoding on CPU, math stays float32; "
+                   "-linear modes keep the tied embedding as stored. A checkpoint written by "
+                   "paligemma-convert --quantize is already quantized and needs no flag")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                    help="generation budget per image (default: 64)")
     p.add_argument("--max-image-pixels", type=positive_int, metavar="N",

@@ -1,8 +1,9 @@
 """Layers that compute in float32 whatever dtype their weights are stored in.
 
 big_vision computes in float32 for f32, bf16 and f16 checkpoints alike; here too, only the
-storage of the parameters changes: f32, bf16, f16, or int8 with a float32 scale per output row
-(`paligemma.quantize`). Activations stay float32, which is also the fast choice on CPUs without
+storage of the parameters changes: f32, bf16, f16, int8 with a float32 scale per output row
+(`paligemma.quantize`), or packed int4 (uint8) with group-wise scales (`paligemma.int4`, which
+computes those matmuls). Activations stay float32, which is also the fast choice on CPUs without
 native bf16 arithmetic (AVX2, most AVX-512), where PyTorch's bf16 matmul is several times slower
 than f32.
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch, kernels
+from . import dispatch, int4, kernels
 
 CHUNK_BYTES = 4 << 20  # f32 bytes of weights widened at a time (fits in L2/L3 with room)
 
@@ -30,7 +31,10 @@ CHUNK_BYTES = 4 << 20  # f32 bytes of weights widened at a time (fits in L2/L3 w
 def dequantize(
     weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """weight [N, ...] (any dtype), scale [N] or None -> weight * scale in `dtype`."""
+    """weight [N, ...] (any dtype), scale [N] or None -> weight * scale in `dtype`.
+    Packed int4 (uint8 [N, K / 2], scale [N, K / G, 2]) -> [N, K]."""
+    if weight.dtype == torch.uint8:
+        return int4.dequantize(weight, scale, dtype)
     w = weight.to(dtype)
     return w if scale is None else w * scale.to(dtype).view(-1, *[1] * (w.dim() - 1))
 
@@ -44,8 +48,10 @@ def linear(
     """x [..., K] -> [..., N]: x @ (weight * scale[:, None]).T + bias, in x's dtype.
 
     weight [N, K] is f32, bf16, f16 or int8; scale [N] float32 or None. Results agree across the
-    three paths up to float32 summation order.
+    three paths up to float32 summation order. Packed int4 weights (uint8) go to `int4.linear`.
     """
+    if weight.dtype == torch.uint8:
+        return int4.linear(x, weight, bias, scale)
     bias = None if bias is None else bias.to(x.dtype)
     # The kernel and the chunked GEMM (mm with out=) have no autograd: training takes F.linear.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -84,8 +90,9 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
 
 
 class Linear(nn.Linear):
-    """nn.Linear with float32 math for any stored weight dtype, and an optional per-output-row
-    `scale` buffer for int8 weights (None, and absent from the state dict, otherwise)."""
+    """nn.Linear with float32 math for any stored weight dtype, and an optional `scale` buffer
+    for int8 (per output row) or int4 (per group) weights (None, and absent from the state dict,
+    otherwise)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
@@ -104,6 +111,8 @@ class Embedding(nn.Embedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [...] -> [..., D] float32."""
+        if self.weight.dtype == torch.uint8:
+            return int4.embedding(tokens, self.weight, self.scale)
         x = F.embedding(tokens, self.weight).float()
         return x if self.scale is None else x * self.scale[tokens, None]
 

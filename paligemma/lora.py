@@ -65,7 +65,7 @@ def merge_lora(module: nn.Module) -> int:
         if not hasattr(layer, "lora_handle"):
             continue
         if getattr(layer, "scale", None) is not None:
-            raise ValueError("cannot merge LoRA into int8 weights: merge before quantizing")
+            raise ValueError("cannot merge LoRA into quantized weights: merge before quantizing")
         delta = layer.lora_scaling * (layer.lora_B.float() @ layer.lora_A.float())
         layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
         layer.lora_handle.remove()

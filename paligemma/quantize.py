@@ -1,25 +1,36 @@
-"""Weight-only int8 quantization: int8 weights with one float32 scale per output row.
+"""Weight-only quantization: int8 weights with one float32 scale per output row, or int4 with
+group-wise scales (`paligemma.int4`).
 
-Quantized matrices get `weight` = round(w / scale) in [-127, 127] and `scale` = max|row| / 127;
+int8 matrices get `weight` = round(w / scale) in [-127, 127] and `scale` = max|row| / 127;
 activations and all other parameters stay as they are, and the math stays float32
 (`layers.linear`). Decoding reads 1 byte per weight instead of 2 (bf16) or 4 (f32), and the C++
-kernel keeps it bandwidth-bound. Modes:
+kernel keeps it bandwidth-bound; int4 reads 0.56 (group size 128). Modes:
 
 - "int8": every `layers.Linear` and the tied `layers.Embedding` (input lookup and output
   projection: 18% of PaliGemma 3B's weights).
 - "int8-linear": every `layers.Linear`; the tied embedding keeps its stored dtype. For models
   whose `<loc>` rows differ from their neighbours by less than int8's per-row rounding (the
   demo model), this keeps greedy boxes identical to bf16's, for a slightly slower decode.
+- "int4", "int4-linear": the same matrices as int8 / int8-linear, as int4 where the matrix's
+  width is a multiple of the group size and as int8 where it is not (`quantize_weight`).
+
+`load_pretrained(..., quantize=mode)` quantizes while loading; `paligemma-convert --quantize`
+writes a quantized checkpoint once (`formats.writers.write_ours`), which then loads memory-mapped
+with nothing to compute.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
+from . import int4
 from .layers import Embedding, Linear
 
-MODES = ("int8", "int8-linear")
+MODES = ("int8", "int8-linear", "int4", "int4-linear")
 CHUNK_ELEMENTS = 1 << 20  # rows quantized at a time: bounds the f32 temporaries to 4 MB
 
 
@@ -27,7 +38,88 @@ def quantized_types(mode: str) -> tuple[type[nn.Module], ...]:
     """The module types a mode quantizes."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
-    return (Linear, Embedding) if mode == "int8" else (Linear,)
+    return (Linear,) if mode.endswith("-linear") else (Linear, Embedding)
+
+
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a checkpoint is quantized: its config.json's "quantization" object,
+    {"mode": "int4", "group_size": 128} (group_size for int4 modes only)."""
+
+    mode: str
+    group_size: int = int4.DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        quantized_types(self.mode)  # raise ValueError for an unknown mode or group size
+        int4.check_group_size(self.group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.mode.startswith("int4"):
+            return {"mode": self.mode, "group_size": self.group_size}
+        return {"mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, d: object) -> Quantization:
+        """Raises ValueError naming what is wrong."""
+        if not isinstance(d, dict) or set(d) - {"mode", "group_size"}:
+            raise ValueError(f'expected {{"mode": ..., "group_size": ...}}, got {d!r}')
+        mode = d.get("mode")
+        if mode not in MODES:
+            raise ValueError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
+        if not mode.startswith("int4"):
+            if "group_size" in d:
+                raise ValueError(f"group_size is for int4 modes, not {mode}")
+            return cls(mode)
+        if type(d.get("group_size")) is not int:
+            raise ValueError(f"{mode} needs an integer group_size, got {d.get('group_size')!r}")
+        return cls(mode, d["group_size"])
+
+
+def quantized_modules(model: nn.Module, mode: str) -> set[str]:
+    """Names of the modules whose weight `mode` quantizes (`model` may be on the meta device)."""
+    types = quantized_types(mode)
+    return {name for name, m in model.named_modules() if isinstance(m, types)}
+
+
+def quantized_specs(model: nn.Module, specs: Specs, q: Quantization) -> Specs:
+    """The unquantized state `specs` ({name: (shape, dtype)}) as `q` stores it: each quantized
+    weight's entry replaced by `stored_specs`' weight, its scale following it."""
+    modules = quantized_modules(model, q.mode)
+    out: Specs = {}
+    for name, (shape, dtype) in specs.items():
+        module, _, kind = name.rpartition(".")
+        if module in modules and kind == "weight":
+            stored = stored_specs(shape, q.mode, q.group_size)
+            out[name], out[f"{module}.scale"] = stored["weight"], stored["scale"]
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
+def quantize_weight(
+    weight: torch.Tensor, mode: str, group_size: int = int4.DEFAULT_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weight, scale) a mode stores for one matrix [N, K]: int4 modes give packed int4
+    (uint8 [N, K / 2], float32 [N, K / G, 2]) where K is a multiple of the group size, and
+    per-row int8 (int8 [N, K], float32 [N]) otherwise, as the int8 modes always do."""
+    if mode.startswith("int4") and int4.supported(weight.shape, group_size):
+        return int4.quantize_int4(weight, group_size)
+    return quantize_int8(weight)
+
+
+def stored_specs(
+    shape: tuple[int, ...], mode: str, group_size: int = int4.DEFAULT_GROUP_SIZE
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{"weight": (shape, dtype), "scale": (shape, dtype)} that `quantize_weight` returns for a
+    matrix of this shape, without computing it (planning and checking checkpoints)."""
+    n, k = shape
+    if mode.startswith("int4") and int4.supported(shape, group_size):
+        return {"weight": ((n, k // 2), torch.uint8),
+                "scale": ((n, k // group_size, 2), torch.float32)}
+    return {"weight": ((n, k), torch.int8), "scale": ((n,), torch.float32)}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,19 +141,22 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, mode: str = "int8") -> nn.Module:
+def quantize_(
+    model: nn.Module, mode: str = "int8", group_size: int = int4.DEFAULT_GROUP_SIZE
+) -> nn.Module:
     """Quantizes `model`'s Linear and Embedding weights in place, one matrix at a time; returns
-    the model. The other parameters are copied, so that nothing refers to the original storage
-    any more: a memory-mapped checkpoint (`load_pretrained`) is unmapped. `load_pretrained(...,
+    the model (group_size: int4 modes only). The other parameters are copied, so that nothing
+    refers to the original storage any more: a memory-mapped checkpoint (`load_pretrained`) is
+    unmapped. `load_pretrained(...,
     quantize=mode)` avoids mapping the whole checkpoint in the first place."""
     types = quantized_types(mode)
     for module in model.modules():
         if isinstance(module, types) and module.scale is None:
-            q, scale = quantize_int8(module.weight)
+            q, scale = quantize_weight(module.weight, mode, group_size)
             module.weight = nn.Parameter(q, requires_grad=False)
             module.scale = scale
     for p in model.parameters():
-        if p.dtype != torch.int8:
+        if p.dtype not in (torch.int8, torch.uint8):
             p.data = p.data.clone()
     return model
 

@@ -274,6 +274,9 @@ def load_tensor_parallel(
         raise ValueError(f"{checkpoint}: tensor parallelism reads our converted directories "
                          "(slices of their safetensors); convert it first with "
                          "paligemma-convert")
+    if source.quantization is not None:
+        raise ValueError(f"{checkpoint}: tensor parallelism reads unquantized checkpoints "
+                         f"(this one is {source.quantization.mode})")
     directory = source.directory
     config = PaliGemmaConfig.from_dict(read_config(directory))
     plan = Plan(config.text, dist.get_rank(), dist.get_world_size())

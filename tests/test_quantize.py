@@ -37,7 +37,7 @@ def test_int8_linear_keeps_the_tied_embedding_as_stored():
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="int8-linear"):
-        load_pretrained(tiny_checkpoint(), quantize="int4")
+        load_pretrained(tiny_checkpoint(), quantize="int3")
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")

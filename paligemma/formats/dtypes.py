@@ -14,7 +14,18 @@ NUMPY_DTYPES = {
     torch.float16: np.dtype("<f2"),
     torch.bfloat16: np.dtype("V2"),
 }
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# Quantized checkpoints (paligemma.quantize) also hold int8 weights and packed int4 bytes.
+QUANTIZED_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int8: "I8", torch.uint8: "U8",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Our name of a stored dtype, float or quantized (manifests, error messages)."""
+    quantized = {d: n for n, d in QUANTIZED_DTYPES.items()}
+    return TORCH_DTYPE_NAMES.get(dtype) or quantized[dtype]
 
 
 def from_numpy(dtype: np.dtype) -> torch.dtype | None:

@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import heap
 from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
-from ..quantize import quantize_int8, quantized_types
+from ..quantize import (
+    Quantization,
+    quantize_weight,
+    quantized_modules,
+    stored_specs,
+)
 from .errors import CheckpointError
 from .open import NoProgress, OfficialSource, Source, open_checkpoint
 
@@ -25,9 +31,11 @@ def load_model(
     The model is created on the meta device and each parameter is assigned as it is read, so
     peak memory is the model plus one stored tensor (an official array is read one layer at a
     time). dtype None keeps the stored dtype: a safetensors directory's tensors then stay
-    memory-mapped (one copy of the weights, never two). quantize ("int8", "int8-linear",
-    `quantize.MODES`) quantizes each matrix as it is read (dtype is then ignored): about 0.5x
-    the bf16 checkpoint's memory for a 3B model instead of 1.5x.
+    memory-mapped (one copy of the weights, never two). quantize (`quantize.MODES`: "int8",
+    "int8-linear", "int4", "int4-linear") quantizes each matrix as it is read (dtype is then
+    ignored): about 0.5x the bf16 checkpoint's memory for a 3B model with int8 instead of 1.5x.
+    A quantized checkpoint (`paligemma-convert --quantize`) is mapped as stored, its quantized
+    tensors never copied or computed again; quantize, if given, must name its mode.
     """
     if source.config is None:
         raise CheckpointError(
@@ -35,20 +43,37 @@ def load_model(
             "(load it with paligemma.segmentation.load_mask_decoder)"
         )
     heap.map_large_allocations()  # activations freed later are returned to the OS (see `heap`)
-    types = quantized_types(quantize) if quantize else ()
+    stored = source.quantization
+    if stored is not None and quantize not in (None, stored.mode):
+        raise CheckpointError(
+            f"{source.files[0]}: the checkpoint is already quantized ({stored.mode}); "
+            f"--quantize {quantize} needs the unquantized checkpoint it was written from"
+        )
+    plan = stored or (Quantization(quantize) if quantize else None)
     with torch.device("meta"):
-        model = PaliGemmaModel(source.config).requires_grad_(not quantize)
-    quantized = {name for name, m in model.named_modules() if isinstance(m, types)}
+        model = PaliGemmaModel(source.config).requires_grad_(plan is None)
+    quantized = quantized_modules(model, plan.mode) if plan else set()
     state = {}
     for name, chunks in source.tensors(NoProgress()):
         pieces = list(chunks)
         tensor = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(device)
         module, _, kind = name.rpartition(".")
         if module in quantized and kind == "weight":
-            state[name], state[f"{module}.scale"] = quantize_int8(tensor)
             layer = model.get_submodule(module)
-            layer.scale = torch.empty(layer.weight.shape[0], device="meta")  # now a state key
-        elif quantize:  # own memory: a file mapping goes with `tensor`
+            if stored is None:
+                state[name], state[f"{module}.scale"] = quantize_weight(
+                    tensor, plan.mode, plan.group_size)
+            else:  # as mapped: its scale comes as a tensor of its own
+                state[name] = tensor
+            # Placeholders of the stored shapes and dtypes (int4 packs two weights per byte).
+            specs = stored_specs(tuple(layer.weight.shape), plan.mode, plan.group_size)
+            (w_shape, w_dtype), (s_shape, _) = specs["weight"], specs["scale"]
+            layer.weight = nn.Parameter(
+                torch.empty(w_shape, dtype=w_dtype, device="meta"), requires_grad=False)
+            layer.scale = torch.empty(s_shape, device="meta")  # now a state key
+        elif stored is not None and kind == "scale" and module in quantized:
+            state[name] = tensor
+        elif quantize and stored is None:  # own memory: a file mapping goes with `tensor`
             state[name] = tensor.clone(memory_format=torch.contiguous_format)
         else:
             state[name] = tensor.to(dtype=dtype or tensor.dtype).contiguous()

@@ -24,8 +24,9 @@ import torch
 
 from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
+from ..quantize import Quantization, quantized_specs
 from . import hf_import, ours, vae
-from .dtypes import TORCH_DTYPE_NAMES
+from .dtypes import DTYPES, TORCH_DTYPE_NAMES, dtype_name
 from .errors import CheckpointError, check_layout
 from .mapping import (
     IDENTITY,
@@ -64,6 +65,7 @@ class Source:
     official: dict[str, dict[str, Any]] = field(default_factory=dict)
     check_finite: bool = True
     tokenizer: Path | None = None  # the SentencePiece file next to the weights, if any
+    quantization: Quantization | None = None  # a quantized checkpoint of ours (config.json)
 
     @property
     def nbytes(self) -> int:
@@ -151,17 +153,16 @@ class ConvertedSource(Source):
         self.directory = Path(directory)
         raw = ours.read_config(self.directory)
         self.weight_map = ours.weight_map(self.directory)
-        specs = ours.tensor_specs(self.directory)
+        specs = ours.tensor_specs(self.directory, quantized=ours.QUANTIZATION_KEY in raw)
         manifest_path = self.directory / ours.MANIFEST_FILE
         official = {}
         if manifest_path.is_file():
             official = ours.read_json(manifest_path).get("official_arrays", {})
+        quantization = None
         if raw.get("model_type", ours.MODEL_TYPE) == vae.VARIANT:
             config, vae_config = None, raw
-            expected = dict(vae.SHAPES)
-            expected.update(
-                {k: s for k, (s, _) in specs.items() if k.startswith(vae.ENCODER_PREFIX)}
-            )
+            expected = {k: (s, None) for k, s in vae.SHAPES.items()}
+            expected.update({k: v for k, v in specs.items() if k.startswith(vae.ENCODER_PREFIX)})
         elif raw.get("model_type", ours.MODEL_TYPE) != ours.MODEL_TYPE:
             raise CheckpointError(
                 f"{self.directory / ours.CONFIG_FILE}: model_type {raw['model_type']!r} is "
@@ -174,16 +175,34 @@ class ConvertedSource(Source):
                 raise CheckpointError(
                     f"{self.directory / ours.CONFIG_FILE}: invalid config: {e}"
                 ) from e
+            quantization = ours.read_quantization(raw, self.directory)
             with torch.device("meta"):
-                expected = {
-                    k: tuple(v.shape) for k, v in PaliGemmaModel(config).state_dict().items()
-                }
-        check_layout(self.directory, expected, {k: s for k, (s, _) in specs.items()})
+                model = PaliGemmaModel(config)
+            expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items()}
+            if quantization is not None:
+                expected = quantized_specs(model, expected, quantization)
+        check_layout(self.directory, {k: s for k, (s, _) in expected.items()},
+                     {k: s for k, (s, _) in specs.items()}, files=self.weight_map)
+        self._check_dtypes(expected, specs, quantization)
         files = sorted(set(self.weight_map.values()))
         super().__init__(
             files, specs, config, vae_config, official, check_finite,
-            _find_tokenizer(self.directory),
+            _find_tokenizer(self.directory), quantization,
         )
+
+    def _check_dtypes(self, expected: Specs, specs: Specs, q: Quantization | None) -> None:
+        """Quantized tensors must have exactly the dtype their mode stores, the others a float
+        dtype: a mismatch names the file and key."""
+        for name, (_, dtype) in specs.items():
+            want = expected.get(name, (None, None))[1]
+            if dtype == want or (want is None and dtype in DTYPES.values()):
+                continue
+            record = f"quantization {q.to_dict()}" if q else "no quantization"
+            wanted = dtype_name(want) if want is not None else "a float dtype"
+            raise CheckpointError(
+                f"{self.weight_map[name]}: {name!r} has dtype {dtype_name(dtype)}, expected "
+                f"{wanted} ({self.directory / ours.CONFIG_FILE} records {record})"
+            )
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor (our name), memory-mapped; checked for NaN/Inf if asked."""

@@ -2,12 +2,19 @@
 
     config.json                    {"model_type": "paligemma", "vision": {...}, "text": {...},
                                     "name": ...} (PaliGemmaConfig.to_dict()), or another
-                                    model_type such as "vae-oid" (see convert/)
+                                    model_type such as "vae-oid" (see convert/); a quantized
+                                    checkpoint adds "quantization": {"mode": "int4",
+                                    "group_size": 128} (`quantize.Quantization`)
     model.safetensors              every tensor, PaliGemmaModel.state_dict() names, or when
                                    larger than the shard limit:
     model-00001-of-0000N.safetensors ... + model.safetensors.index.json
                                    {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
     manifest.json                  optional (written by the converter): sources and versions
+
+A quantized checkpoint (`paligemma-convert --quantize`) stores each quantized weight as
+`quantize_(model, mode)` holds it: `<module>.weight` int8 [N, K] with `<module>.scale` float32
+[N], or packed int4 uint8 [N, K / 2] with `<module>.scale` float32 [N, K / G, 2] (`paligemma.int4`
+documents the layout). Loading maps these as they are: nothing is quantized again.
 
 Reading is header-first (`tensor_specs`) and then one memory-mapped tensor at a time
 (`read_tensor`; `formats.load` builds the model from them without a second copy). Writing plans
@@ -29,7 +36,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..model import PaliGemmaModel
-from .dtypes import SAFETENSORS_DTYPES, from_safetensors
+from ..quantize import Quantization
+from .dtypes import QUANTIZED_DTYPES, SAFETENSORS_DTYPES, from_safetensors
 from .errors import CheckpointError
 from .npz import tensor_bytes
 
@@ -38,6 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
 MODEL_TYPE = "paligemma"
+QUANTIZATION_KEY = "quantization"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; the Hugging Face default ("5GB")
 CHUNK_BYTES = 64 << 20  # tensors are converted and written in pieces of about this size
 _FINITE_CHECK_ELEMENTS = 1 << 24  # bounds the temporary bool mask that locates a NaN/Inf
@@ -63,6 +72,18 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return obj
+
+
+def read_quantization(raw: dict[str, Any], directory: str | Path) -> Quantization | None:
+    """The quantization a checkpoint's config records (None: not quantized)."""
+    if QUANTIZATION_KEY not in raw:
+        return None
+    try:
+        return Quantization.from_dict(raw[QUANTIZATION_KEY])
+    except ValueError as e:
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_FILE}: invalid {QUANTIZATION_KEY!r}: {e}"
+        ) from None
 
 
 def weight_map(directory: str | Path) -> dict[str, Path]:
@@ -94,8 +115,11 @@ def shards(directory: str | Path) -> dict[Path, list[str]]:
     return by_file
 
 
-def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} of every stored tensor, from the headers only."""
+def tensor_specs(
+    directory: str | Path, quantized: bool = False
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of every stored tensor, from the headers only. Float dtypes only,
+    unless the checkpoint is `quantized` (then int8 and uint8 too)."""
     specs = {}
     for path, names in shards(directory).items():
         with _open_safetensors(path) as f:
@@ -105,7 +129,7 @@ def tensor_specs(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torc
                     raise CheckpointError(f"{path}: no tensor {name!r} (listed in the index)")
                 sl = f.get_slice(name)
                 dtype = from_safetensors(sl.get_dtype())
-                if dtype is None:
+                if dtype is None or (dtype in QUANTIZED_DTYPES.values() and not quantized):
                     raise CheckpointError(
                         f"{path}: {name!r} has unsupported dtype {sl.get_dtype()}"
                     )
@@ -122,8 +146,9 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
 
 def check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
     """Raises CheckpointError naming the first NaN/Inf of `t` and its index (rows counted from
-    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask."""
-    if t.numel() == 0 or torch.isfinite(t.sum(dtype=torch.float32)):
+    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask.
+    Integer tensors (quantized weights) hold no NaN/Inf and are not read."""
+    if t.numel() == 0 or not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)):
         return
     flat = t.reshape(-1)
     for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
@@ -300,7 +325,13 @@ def save_pretrained(
 ) -> None:
     """Writes `model` into `directory` (created if needed) as a checkpoint that
     `load_pretrained` reads. Files there are overwritten: commands write through
-    `paligemma.outputs.atomic` (see `finetune.save_model`)."""
+    `paligemma.outputs.atomic` (see `finetune.save_model`). Quantized checkpoints are written
+    from an unquantized one by `formats.writers.write_ours` (`paligemma-convert --quantize`)."""
+    if any(p.dtype in (torch.int8, torch.uint8) for p in model.parameters()):
+        raise ValueError(
+            "save_pretrained writes unquantized models; write a quantized checkpoint from the "
+            "unquantized one with paligemma-convert SRC -o OUT --quantize MODE"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

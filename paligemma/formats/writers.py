@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__, outputs
+from ..model import PaliGemmaModel
+from ..quantize import Quantization, quantize_weight, quantized_modules, quantized_specs
 from ..tokenizer import Tokenizer
 from . import hf, hf_serve, ours, vae
-from .dtypes import DTYPES, TORCH_DTYPE_NAMES
+from .dtypes import DTYPES, dtype_name
 from .errors import CheckpointError
 from .mapping import WeightRule, official_shapes, weight_rules
 from .npz import PARAMS_PREFIX, NpzWriter
@@ -37,18 +39,56 @@ def write_ours(
     force: bool = False,
     hash_sources: bool = False,
     quiet: bool = False,
+    quantization: Quantization | None = None,
 ) -> None:
     """Our checkpoint directory: config.json, safetensors (sharded if large), manifest.json.
 
-    dtype None keeps each tensor's stored dtype.
+    dtype None keeps each tensor's stored dtype (of the tensors left unquantized).
+    quantization: write a quantized checkpoint (`formats.ours`), each matrix quantized from
+    the source's stored values exactly as `load_pretrained(..., quantize=mode)` would, one
+    matrix (the embedding: a row chunk) at a time; it then loads memory-mapped, with nothing
+    left to compute.
     """
     specs = {k: (shape, dtype or d) for k, (shape, d) in source.specs.items()}
     config = source.vae_config or {"model_type": ours.MODEL_TYPE, **source.config.to_dict()}
+    split = None
+    if quantization is not None:
+        if source.config is None or source.quantization is not None:
+            what = vae.VARIANT if source.config is None else "an already quantized checkpoint"
+            raise CheckpointError(f"{source.files[0]}: --quantize cannot apply to {what}")
+        with torch.device("meta"):
+            model = PaliGemmaModel(source.config)
+        specs = quantized_specs(model, specs, quantization)
+        config[ours.QUANTIZATION_KEY] = quantization.to_dict()
+        split = functools.partial(
+            _quantized_tensors, quantized_modules(model, quantization.mode), quantization
+        )
     with outputs.atomic(out_dir, "checkpoint", force) as tmp:
         manifest = _manifest(source, "paligemma", specs, hash_sources, quiet)
-        _stream(source, tmp, specs, {k: k for k in specs}, max_shard_size, quiet)
+        _stream(source, tmp, specs, {k: k for k in specs}, max_shard_size, quiet, split=split)
         ours.write_json(tmp / ours.CONFIG_FILE, config)
         ours.write_json(tmp / ours.MANIFEST_FILE, manifest)
+
+
+def _quantized_tensors(
+    modules: set[str], q: Quantization, name: str, chunks: Iterator[torch.Tensor]
+) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+    """(name, pieces) to write for one source tensor: itself, or its quantized weight then its
+    scale. Both int8 and int4 quantize rows independently, so row pieces quantize one by one."""
+    module, _, kind = name.rpartition(".")
+    if module not in modules or kind != "weight":
+        yield name, chunks
+        return
+    scales: list[torch.Tensor] = []
+
+    def weights() -> Iterator[torch.Tensor]:
+        for piece in chunks:
+            weight, scale = quantize_weight(piece, q.mode, q.group_size)
+            scales.append(scale)
+            yield weight
+
+    yield name, weights()
+    yield f"{module}.scale", iter([torch.cat(scales)])
 
 
 def write_hf(
@@ -68,6 +108,7 @@ def write_hf(
         raise CheckpointError(
             f"{vae.VARIANT} has no transformers equivalent; --to hf is for PaliGemma checkpoints"
         )
+    _refuse_quantized(source, "hf")
     stored = {d for _, d in source.specs.values()}
     if dtype is None and len(stored) > 1:
         raise CheckpointError(f"mixed stored dtypes {sorted(map(str, stored))}: pass --dtype")
@@ -92,6 +133,14 @@ def write_hf(
         (tmp / "README.md").write_text(hf.hf_readme(source.config, out_dtype, tok is not None))
 
 
+def _refuse_quantized(source: Source, to: str) -> None:
+    if source.quantization is not None:
+        raise CheckpointError(
+            f"{source.files[0]}: a quantized checkpoint ({source.quantization.mode}) cannot be "
+            f"written --to {to}; convert the unquantized checkpoint it was written from"
+        )
+
+
 def _open_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer(path)
@@ -113,6 +162,7 @@ def write_npz(
     """
     if not isinstance(source, ConvertedSource):
         raise CheckpointError("--to npz reads a converted directory (SRC must be one directory)")
+    _refuse_quantized(source, "npz")
 
     def out_dtype(key: str, stored: torch.dtype) -> torch.dtype:
         original = source.official.get(key, {}).get("dtype")
@@ -159,13 +209,17 @@ def _stream(
     max_shard_size: int,
     quiet: bool,
     transform: Callable[[str, Iterator[torch.Tensor]], Iterator[torch.Tensor]] | None = None,
+    split: Callable[[str, Iterator[torch.Tensor]], Iterable[tuple[str, Iterator[torch.Tensor]]]]
+    | None = None,
 ) -> None:
+    """Writes every source tensor (chunks: `transform`'s; `split`: the tensors it becomes)."""
     bar = _progress(source.nbytes, quiet, "converting")
     with ours.SafetensorsWriter(directory, specs, max_shard_size) as writer:
         for name, chunks in source.tensors(bar):
             if transform is not None:
                 chunks = transform(name, chunks)
-            writer.write(names[name], chunks)
+            for out, pieces in split(name, chunks) if split else [(name, chunks)]:
+                writer.write(names[out], pieces)
     bar.close()
 
 
@@ -176,7 +230,7 @@ def _manifest(
     hash_sources: bool,
     quiet: bool,
 ) -> dict[str, Any]:
-    dtypes = sorted({TORCH_DTYPE_NAMES[d] for _, d in specs.values()})
+    dtypes = sorted({dtype_name(d) for _, d in specs.values()})
     return {
         "format": fmt,
         "converter": "paligemma-convert",

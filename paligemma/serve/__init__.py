@@ -111,7 +111,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 weights (see `caption -h`)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="int8 / int4 weights (see `caption -h`)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -1,0 +1,199 @@
+"""Weight-only int4 with group-wise scales and offsets (`--quantize int4`, `paligemma.quantize`).
+
+A matrix w [N, K] is stored as
+
+    weight  uint8 [N, K / 2]       two 4-bit codes q in [0, 15] per byte: within each run of 32
+                                   columns, byte j holds column j in its low nibble and column
+                                   j + 16 in its high nibble (llama.cpp's Q4_0 order)
+    scale   float32 [N, K / G, 2]  (scale, offset) of each group of G columns of a row:
+                                   w ~ q * scale + offset, with offset = the group's minimum and
+                                   scale = (maximum - minimum) / 15 (asymmetric min-max)
+
+G is the group size (`GROUP_SIZES`, default `DEFAULT_GROUP_SIZE`); a matrix whose width K is
+not a multiple of G (SigLIP's MLP output, K = 4304) is quantized per row to int8 instead
+(`quantize.quantize_weight`). The layout is fixed here, not by a library or CPU: checkpoints
+written on one machine load on any other.
+
+Math stays float32 (`layers.linear` calls `linear` here for uint8 weights):
+- a few rows (decode steps): the C++ kernel `csrc/int4.cpp` reads the packed weights directly,
+  at memory bandwidth (0.56 bytes per weight at G = 128, against int8's 1.0);
+- many rows (prefill, vision): weights are dequantized to float32 a few MB at a time into one
+  cached buffer, each piece feeding an f32 GEMM on its output columns (as `layers._widening_mm`).
+PyTorch's own int4 kernel (`aten._weight_int4pack_mm_for_cpu`) is not used: with float32
+activations it measured 7-10x slower than the int8 kernel (0.12 s vs 0.016 s for a
+16384 x 2048 matrix, one row; bf16 activations 0.036 s, and rounding them changes the model's
+numerics), and its packed layout depends on the CPU (64-row blocks on AVX-512, 32 on AVX2).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+
+GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's 32-column runs; int32 sums safe
+DEFAULT_GROUP_SIZE = 128
+GEMV_MAX_ROWS = 16  # above this a GEMM on dequantized weights beats the kernel (RESULTS.md)
+CHUNK_BYTES = 4 << 20  # f32 bytes of weights dequantized at a time (fits in L2/L3 with room)
+_RUN = 32  # columns per packed run of 16 bytes
+_QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: bounds the f32 temporaries
+
+_SOURCE = Path(__file__).parent / "csrc" / "int4.cpp"
+logger = logging.getLogger("paligemma")
+_available: bool | None = None  # a plain global (not functools.cache): torch.compile reads it
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size!r}")
+
+
+def supported(shape: tuple[int, ...] | torch.Size, group_size: int) -> bool:
+    """Whether a weight matrix of this shape can be stored as int4 with this group size."""
+    check_group_size(group_size)
+    return len(shape) == 2 and shape[1] % group_size == 0
+
+
+def group_size(weight: torch.Tensor, scale: torch.Tensor) -> int:
+    """G of a packed weight [N, K / 2] and its scales [N, K / G, 2]."""
+    return 2 * weight.shape[1] // scale.shape[1]
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] (any float dtype) -> (uint8 [N, K / 2], float32 [N, K / G, 2]).
+
+    Rows are quantized a few at a time, so the float32 temporaries stay about 4 MB. A constant
+    group gets scale 1 (every code 0, the offset carries the value exactly).
+    """
+    if not supported(weight.shape, group_size):
+        raise ValueError(
+            f"int4 needs a 2-D weight whose width is a multiple of {group_size}, "
+            f"got shape {list(weight.shape)}"
+        )
+    n, k = weight.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
+    scale = torch.empty(n, k // group_size, 2, dtype=torch.float32, device=weight.device)
+    step = max(1, _QUANTIZE_CHUNK // k)
+    for start in range(0, n, step):
+        w = weight[start : start + step].to(torch.float32).view(-1, k // group_size, group_size)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        s = (high - low) / 15
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q = ((w - low) / s).round_().clamp_(0, 15).to(torch.uint8)  # clamp: f32 rounding at 15
+        packed[start : start + step] = pack(q.view(-1, k))
+        scale[start : start + step] = torch.cat([s, low], -1)
+    return packed, scale
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (uint8, 0..15) -> [N, K / 2] in the layout of the module docstring."""
+    n, k = q.shape
+    runs = q.view(n, k // _RUN, 2, _RUN // 2)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).view(n, k // 2)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K / 2] uint8 -> codes [N, K] (uint8, 0..15); the inverse of `pack`."""
+    n, half = packed.shape
+    runs = packed.view(n, 2 * half // _RUN, 1, _RUN // 2)
+    return torch.cat([runs & 15, runs >> 4], 2).view(n, 2 * half)
+
+
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """weight [N, K / 2] uint8, scale [N, K / G, 2] -> [N, K] in `dtype` (q * scale + offset)."""
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    if weight.is_cpu and available():
+        out = torch.empty(n, k, dtype=torch.float32)
+        torch.ops.paligemma_int4.dequantize(weight.contiguous(), scale.contiguous(), out)
+        return out.to(dtype)
+    groups = scale.shape[1]
+    q = unpack(weight).view(n, groups, k // groups).to(torch.float32)
+    return torch.addcmul(scale[..., 1:], q, scale[..., :1]).view(n, k).to(dtype)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
+) -> torch.Tensor:
+    """x [..., K] -> [..., N]: x @ dequantize(weight, scale).T + bias, in x's dtype."""
+    bias = None if bias is None else bias.to(x.dtype)
+    if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != torch.float32 or not x.is_cpu:
+        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, -1)
+    if rows <= GEMV_MAX_ROWS and available():
+        y = torch.ops.paligemma_int4.gemv(x2.contiguous(), weight, scale)
+    else:
+        y = _dequantizing_mm(x2, weight, scale)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], -1)
+
+
+def embedding(tokens: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """tokens [...] -> [..., K] float32: the dequantized rows of a packed embedding."""
+    flat = tokens.reshape(-1)
+    rows = dequantize(weight[flat], scale[flat])
+    return rows.view(*tokens.shape, -1)
+
+
+def _dequantizing_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] f32 @ dequantize(weight, scale).T, dequantizing weight rows chunk by chunk into
+    one buffer that stays in cache (a whole f32 copy would go through main memory twice)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    step = max(1, CHUNK_BYTES // (4 * k))
+    out = x.new_empty(m, n)
+    buf = x.new_empty(min(step, n), k)
+    for start in range(0, n, step):
+        rows = weight[start : start + step]
+        w = buf[: rows.shape[0]]
+        if available():
+            torch.ops.paligemma_int4.dequantize(rows, scale[start : start + step], w)
+        else:
+            w.copy_(dequantize(rows, scale[start : start + step]))
+        torch.mm(x, w.T, out=out[:, start : start + step])  # a column block: BLAS ldc = n
+    return out
+
+
+def available() -> bool:
+    """Builds (first time, ~30 s) and loads the int4 kernel; False if that is not possible here
+    (no compiler, a CPU without AVX2, or PALIGEMMA_DISABLE=kernel: PyTorch ops are used then)."""
+    global _available
+    if _available is None:
+        _available = _load()
+    return _available
+
+
+def _load() -> bool:
+    if "kernel" in dispatch.disabled_switches():
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    logger.info("loading the C++ int4 kernel (built once, about 30 s, then cached by torch)")
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name="paligemma_int4",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # see kernels._load
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no headers, build error: fall back, but say so
+        warnings.warn(f"paligemma: C++ int4 kernel unavailable, using PyTorch ops ({e})",
+                      stacklevel=3)
+        return False
+    torch.library.register_fake("paligemma_int4::gemv")(
+        lambda x, w, s: x.new_empty(x.shape[0], w.shape[0])  # lets torch.compile trace it
+    )
+    return True

@@ -1,0 +1,111 @@
+"""int4 weights (paligemma/int4.py): the packed layout, quantization error, and every matmul
+path (C++ kernel, dequantizing GEMM, PyTorch fallback) against a float64 reference. No timings."""
+
+import pytest
+import torch
+
+from paligemma import int4
+from paligemma.demo.command import DEMO_MODEL
+from paligemma.formats import load_model, open_checkpoint
+from paligemma.layers import Embedding, Linear, dequantize, linear
+from paligemma.quantize import quantize_, quantize_weight
+
+
+@pytest.fixture(params=["kernel", "pytorch"])
+def path(request, monkeypatch):
+    """Runs a test with the C++ kernel (where it builds here) and with PyTorch ops only."""
+    if request.param == "kernel":
+        if not int4.available():
+            pytest.skip("the int4 kernel does not build on this machine")
+    else:
+        monkeypatch.setattr(int4, "_available", False)
+    return request.param
+
+
+def test_layout_is_q4_0_order():
+    codes = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)  # two runs of 32
+    packed = int4.pack(codes)
+    for run in range(2):
+        for j in range(16):
+            byte = int(packed[0, run * 16 + j])
+            assert byte & 15 == int(codes[0, run * 32 + j])
+            assert byte >> 4 == int(codes[0, run * 32 + j + 16])
+    assert torch.equal(int4.unpack(packed), codes)
+
+
+@pytest.mark.parametrize("group", int4.GROUP_SIZES)
+def test_quantization_error_is_half_a_step(group, path):
+    torch.manual_seed(0)
+    w = torch.randn(48, 512) * torch.rand(48, 1) * 3
+    w[0, :group] = 0.25  # a constant group: exact
+    packed, scale = int4.quantize_int4(w.bfloat16(), group)
+    assert packed.shape == (48, 256) and scale.shape == (48, 512 // group, 2)
+    restored = int4.dequantize(packed, scale)
+    step = scale[..., 0].repeat_interleave(group, 1)
+    assert ((restored - w.bfloat16().float()).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    assert torch.equal(restored[0, :group], w[0, :group])
+
+
+def reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float64 x @ W.T, W dequantized from the codes independently of int4.dequantize."""
+    groups = scale.shape[1]
+    q = int4.unpack(packed).double().view(packed.shape[0], groups, -1)
+    w = (q * scale[..., :1].double() + scale[..., 1:].double()).view(packed.shape[0], -1)
+    return x.double() @ w.T
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 40])
+def test_linear_matches_float64(rows, path):
+    torch.manual_seed(rows)
+    packed, scale = int4.quantize_int4(torch.randn(80, 256), 64)
+    x, bias = torch.randn(2, rows, 256), torch.randn(80)
+    y = linear(x, packed, bias, scale)
+    expected = reference(x.view(-1, 256), packed, scale).view(2, rows, 80) + bias.double()
+    # The kernel rounds x to int16 per group (2^-16 of the group's largest |x|); the GEMM
+    # paths are f32 throughout.
+    tolerance = 2e-4 if path == "kernel" and 2 * rows <= int4.GEMV_MAX_ROWS else 2e-5
+    assert y.dtype == torch.float32 and y.shape == (2, rows, 80)
+    assert (y.double() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_gradients_flow_through_the_dequantized_weights():
+    packed, scale = int4.quantize_int4(torch.randn(32, 64), 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    linear(x, packed, None, scale).sum().backward()
+    assert torch.allclose(x.grad, dequantize(packed, scale).sum(0).expand(3, -1), atol=1e-5)
+
+
+def test_embedding_rows_and_tied_output(path):
+    torch.manual_seed(0)
+    table = Embedding(96, 64)
+    table.weight = torch.nn.Parameter(table.weight.detach(), requires_grad=False)
+    quantize_(table, "int4", group_size=32)
+    assert table.weight.dtype == torch.uint8
+    full = dequantize(table.weight, table.scale)
+    tokens = torch.tensor([[3, 95, 0], [7, 7, 50]])
+    assert torch.equal(table(tokens), full[tokens])
+    x = torch.randn(2, 64)
+    assert torch.allclose(table.attend(x), x @ full.T, rtol=1e-3, atol=1e-3)
+
+
+def test_widths_that_are_not_a_multiple_of_the_group_fall_back_to_int8():
+    layer = Linear(48, 16)
+    weight, scale = quantize_weight(layer.weight.detach(), "int4", 32)
+    assert weight.dtype == torch.int8 and scale.shape == (16,)
+    with pytest.raises(ValueError, match="group size"):
+        quantize_weight(layer.weight.detach(), "int4", 48)
+
+
+def test_demo_model_int4_at_load_equals_quantizing_in_place():
+    def source():
+        return open_checkpoint(DEMO_MODEL / "paligemma-demo.npz",
+                               config_file=DEMO_MODEL / "config.json")
+
+    streamed = load_model(source(), quantize="int4")
+    in_place = quantize_(load_model(source()), "int4").state_dict()
+    packed = [m for m in streamed.modules() if getattr(m, "weight", None) is not None
+              and m.weight.dtype == torch.uint8]
+    # The demo's widths (128, 512) are multiples of 128: every Linear and the embedding.
+    assert len(packed) == sum(isinstance(m, (Linear, Embedding)) for m in streamed.modules())
+    for name, tensor in streamed.state_dict().items():
+        assert tensor.dtype == in_place[name].dtype and torch.equal(tensor, in_place[name]), name
