@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, layers  # layers imports this module too: used at call time only
 
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's 32-column runs; int32 sums safe
 DEFAULT_GROUP_SIZE = 128
 GEMV_MAX_ROWS = 16  # above this a GEMM on dequantized weights beats the kernel (RESULTS.md)
-CHUNK_BYTES = 4 << 20  # f32 bytes of weights dequantized at a time (fits in L2/L3 with room)
 _RUN = 32  # columns per packed run of 16 bytes
 _QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: bounds the f32 temporaries
 
@@ -147,21 +146,15 @@ def embedding(tokens: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
 
 def _dequantizing_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] f32 @ dequantize(weight, scale).T, dequantizing weight rows chunk by chunk into
-    one buffer that stays in cache (a whole f32 copy would go through main memory twice)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    step = max(1, CHUNK_BYTES // (4 * k))
-    out = x.new_empty(m, n)
-    buf = x.new_empty(min(step, n), k)
-    for start in range(0, n, step):
-        rows = weight[start : start + step]
-        w = buf[: rows.shape[0]]
+    one buffer that stays in cache (`layers.chunked_weight_mm`)."""
+
+    def fill(start: int, stop: int, buf: torch.Tensor) -> None:
         if available():
-            torch.ops.paligemma_int4.dequantize(rows, scale[start : start + step], w)
+            torch.ops.paligemma_int4.dequantize(weight[start:stop], scale[start:stop], buf)
         else:
-            w.copy_(dequantize(rows, scale[start : start + step]))
-        torch.mm(x, w.T, out=out[:, start : start + step])  # a column block: BLAS ldc = n
-    return out
+            buf.copy_(dequantize(weight[start:stop], scale[start:stop]))
+
+    return layers.chunked_weight_mm(x, weight.shape[0], fill)
 
 
 def available() -> bool:

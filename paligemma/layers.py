@@ -19,6 +19,8 @@ capabilities, per weight dtype and row count:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,21 +74,33 @@ def linear(
 
 
 def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] f32 @ weight [N, K] (any dtype).T * scale, widening weight rows chunk by chunk.
+    """x [M, K] f32 @ weight [N, K] (any dtype).T * scale, widening weight rows chunk by chunk."""
+    def widen(start: int, stop: int, buf: torch.Tensor) -> None:
+        buf.copy_(weight[start:stop])
+
+    out = chunked_weight_mm(x, weight.shape[0], widen)
+    return out if scale is None else out.mul_(scale)
+
+
+def chunked_weight_mm(
+    x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor], None]
+) -> torch.Tensor:
+    """x [M, K] f32 @ W.T -> [M, N] for weights W [N, K] stored in another form (bf16, int8, packed
+    int4): `fill(start, stop, buf)` writes rows [start, stop) of W as float32 into buf.
 
     Widening the whole matrix at once would write and re-read 4 bytes per weight through main
     memory (and page-fault a fresh buffer); one cached chunk buffer keeps the GEMM compute-bound.
     """
     m, k = x.shape
-    n = weight.shape[0]
     step = max(1, CHUNK_BYTES // (4 * k))
     out = x.new_empty(m, n)
     buf = x.new_empty(min(step, n), k)
     for start in range(0, n, step):
-        chunk = weight[start : start + step]
-        w = buf[: chunk.shape[0]].copy_(chunk)
-        torch.mm(x, w.T, out=out[:, start : start + step])  # a column block: BLAS ldc = n
-    return out if scale is None else out.mul_(scale)
+        stop = min(start + step, n)
+        w = buf[: stop - start]
+        fill(start, stop, w)
+        torch.mm(x, w.T, out=out[:, start:stop])  # a column block: BLAS ldc = n
+    return out
 
 
 class Linear(nn.Linear):
