@@ -12,8 +12,9 @@ setting, and prints side by side the prefill's peak RSS (the kernel's high-water
 through /proc/self/clear_refs once the model is loaded), the whole process's peak (load
 included), the prefill time, and how far the settings' logits are apart:
 
-    "one piece"   attention and MLP each in one piece, glibc's default mmap threshold: the
-                  behaviour before issue 15
+    "one piece"   attention and MLP each in one piece, glibc's default mmap threshold (the
+                  in-place residual stream, RoPE and attention output are not switchable:
+                  before issue 15, see RESULTS.md's figures from that code)
     "chunked"     the defaults
 
     python benchmarks/bench_long_prefill.py --workdir /tmp/pg896 [--variant pg2-3b-896] [--json F]

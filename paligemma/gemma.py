@@ -75,19 +75,20 @@ def rope_angles(
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [B, heads, T, H], sin/cos from `rope_angles` -> [B, heads, T, H].
-
-    Without autograd the two halves are written into one output buffer (the same operations
-    and values; two [B, heads, T, H / 2] temporaries at a time instead of five).
-    """
+    """Rotate-half RoPE. x: [B, heads, T, H], sin/cos from `rope_angles` -> [B, heads, T, H]."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    if torch.is_grad_enabled():
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    first, second = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=first).sub_(x2 * sin)
-    torch.mul(x2, cos, out=second).add_(x1 * sin)
-    return out.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def apply_rope_(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in place on a float32 x, no autograd: the same operations and values, with
+    a copy of one half instead of a new [B, heads, T, H] tensor (34 MB of queries for 3B at
+    896 px). Returns x."""
+    first, second = x.chunk(2, dim=-1)
+    first_before = first.clone()
+    first.mul_(cos).sub_(second * sin)
+    second.mul_(cos).add_(first_before.mul_(sin))
+    return x
 
 
 ATTENTION_CHUNK_SCORES = 1 << 22  # f32 scores per query chunk (16 MB): bounds prefill memory
@@ -132,26 +133,36 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         kv_heads, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
+        grad = torch.is_grad_enabled()
+        # Without autograd q and k are the projections' own float32 outputs: rotated in place,
+        # each before the next projection runs (fewer [B, T, N, H] buffers alive at once).
+        rotate = apply_rope if grad else apply_rope_
+        q = rotate(self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2), *rope)
+        k = rotate(self.k_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2), *rope)
         v = self.v_proj(x).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rope(q, *rope).mul_(cfg.query_scale)  # a fresh tensor: in place is safe
-        k = apply_rope(k, *rope)
+        if grad:
+            out = q.new_empty(b, t, cfg.num_heads, cfg.head_dim)  # o_proj's input, per chunk
+        else:
+            # q is a view of q_proj's [B, T, N, H] output, o_proj's input layout: each query
+            # chunk's result overwrites the queries it was computed from (one buffer, not two).
+            out = q.transpose(1, 2)
+        q = q.mul_(cfg.query_scale)  # a fresh tensor: in place is safe
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_index, k, v)
+        else:  # rotated in place, k is a strided view; as the cache's are, keep keys contiguous,
+            k = k.contiguous()  # which gives every query chunk the same sums as one chunk
         # Query head n reads kv head n // groups: view q as [B, K, G, T, H], no kv copies.
         q = q.view(b, kv_heads, groups, t, cfg.head_dim)
         # Scores take [B, N, T, S] floats: at 896 px (T = S > 4096) gigabytes per layer. Query
         # rows are independent, so they run in chunks; one chunk while probs are observed.
         observed = bool(self.probs._forward_hooks)
         rows = t if observed else max(1, ATTENTION_CHUNK_SCORES // (b * cfg.num_heads * k.shape[2]))
-        out = q.new_empty(b, t, cfg.num_heads, cfg.head_dim)  # o_proj's input, filled per chunk
         for start in range(0, t, rows):
             stop = start + rows
             chunk = self._attend(q[:, :, :, start:stop], k, v, mask[:, start:stop])
             out[:, start:stop] = chunk.flatten(1, 2).transpose(1, 2)  # [B, C, N, H]
         del q, k, v  # before o_proj allocates its output
-        return self.o_proj(out.view(b, t, -1))
+        return self.o_proj(out.reshape(b, t, -1))
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
@@ -187,26 +198,29 @@ class GeGLU(nn.Module):
         self.up_proj = Linear(cfg.width, cfg.mlp_dim, bias=False)
         self.down_proj = Linear(cfg.mlp_dim, cfg.width, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D].
+    def row_chunks(self, rows: int) -> list[slice]:
+        """Slices of `rows` rows, each with at most MLP_CHUNK_ELEMENTS hidden activations.
 
-        The hidden activations are [B * T, mlp_dim] float32, four of them at once if computed
-        in one piece: 0.6 GB for 3B at 896 px. Rows are independent, so they run in a few
-        equal chunks of at most MLP_CHUNK_ELEMENTS, and without autograd gelu and the product
-        are taken in place (two buffers per chunk, not four).
+        The hidden activations are [rows, mlp_dim] float32, four of them at once if computed in
+        one piece: 0.6 GB for 3B at 896 px. Rows are independent, so they run in a few chunks.
+        Equal chunks, not a fixed size with a remainder: a few-row remainder would take the
+        decode kernel, and BLAS may order sums differently for very different row counts.
         """
-        rows = x.reshape(-1, x.shape[-1])
-        pieces = -(-rows.shape[0] * self.gate_proj.out_features // MLP_CHUNK_ELEMENTS)
-        if pieces <= 1:
-            return self._hidden_to_out(rows).view_as(x)
-        # Equal chunks, not a fixed size with a remainder: a few-row remainder would take the
-        # decode kernel, and BLAS may order sums differently for very different row counts.
-        bounds = [round(i * rows.shape[0] / pieces) for i in range(pieces + 1)]
-        out = [self._hidden_to_out(rows[a:b]) for a, b in itertools.pairwise(bounds)]
-        return torch.cat(out).view_as(x)
+        pieces = max(1, -(-rows * self.gate_proj.out_features // MLP_CHUNK_ELEMENTS))
+        bounds = [round(i * rows / pieces) for i in range(pieces + 1)]
+        return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
-    def _hidden_to_out(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, D] -> [M, D]: down(gelu(gate(x)) * up(x))."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D], in `row_chunks`."""
+        rows = x.reshape(-1, x.shape[-1])
+        chunks = self.row_chunks(rows.shape[0])
+        if len(chunks) == 1:
+            return self.hidden_to_out(rows).view_as(x)
+        return torch.cat([self.hidden_to_out(rows[c]) for c in chunks]).view_as(x)
+
+    def hidden_to_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, D] -> [M, D]: down(gelu(gate(x)) * up(x)); without autograd gelu and the
+        product are taken in place (two hidden buffers, not four)."""
         gate = self.gate_proj(x)
         if torch.is_grad_enabled():  # autograd needs gelu's input: no in-place ops
             return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))
@@ -233,14 +247,44 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor,
         cache_index: int = 0,
     ) -> torch.Tensor:
-        h = self.attn(self.pre_attention_norm(x), rope, mask, cache_index)
-        if self.post_norms:
-            h = self.post_attention_norm(h)
-        x = x + h
-        h = self.mlp(self.pre_ffw_norm(x))
-        if self.post_norms:
-            h = self.post_ffw_norm(h)
-        return x + h
+        """x [B, T, D] -> [B, T, D]; see `Attention.forward` for the other arguments.
+
+        Without autograd, and unless a forward hook observes this layer or its MLP (the parity
+        tool records their outputs), x is updated in place and returned: `GemmaDecoder` passes
+        its own residual buffer.
+        """
+        if torch.is_grad_enabled() or self._forward_hooks or self.mlp._forward_hooks:
+            h = self.attn(self.pre_attention_norm(x), rope, mask, cache_index)
+            x = x + self._post_attention(h)
+            return x + self._post_ffw(self.mlp(self.pre_ffw_norm(x)))
+        return self._forward_in_place(x, rope, mask, cache_index)
+
+    def _forward_in_place(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache_index: int,
+    ) -> torch.Tensor:
+        """`forward`'s values with the residual stream updated in place, and everything after
+        attention in the MLP's row chunks: RMSNorm and the MLP are per row, so at 896 px the
+        [B * T, D] norms, MLP input and output and residual sums (38 MB each for 3B) exist one
+        chunk at a time instead of whole."""
+        rows = x.view(-1, x.shape[-1])
+        h = self.attn(self.pre_attention_norm(x), rope, mask, cache_index).view_as(rows)
+        chunks = self.mlp.row_chunks(rows.shape[0])
+        for c in chunks:
+            rows[c].add_(self._post_attention(h[c]))
+        del h
+        for c in chunks:
+            rows[c].add_(self._post_ffw(self.mlp.hidden_to_out(self.pre_ffw_norm(rows[c]))))
+        return x
+
+    def _post_attention(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_norm(h) if self.post_norms else h
+
+    def _post_ffw(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post_ffw_norm(h) if self.post_norms else h
 
 
 class GemmaDecoder(nn.Module):
@@ -260,11 +304,23 @@ class GemmaDecoder(nn.Module):
         return x * self.cfg.embed_scale
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_index: int = 0
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache_index: int = 0,
+        *,
+        overwrite_input: bool = False,
     ) -> torch.Tensor:
         """Input embeddings [B, T, D]; positions [B, T]; mask [B, T, S] bool (True = may attend)
-        -> final-normed hidden states [B, T, D]. See `Attention.forward` for S and the cache."""
+        -> final-normed hidden states [B, T, D]. See `Attention.forward` for S and the cache.
+
+        Without autograd the layers update the residual stream in place, in a copy of x, or in
+        x itself if `overwrite_input` (one [B, T, D] buffer fewer: 38 MB for 3B at 896 px).
+        """
         cfg = self.cfg
+        if not torch.is_grad_enabled():
+            x = x.contiguous() if overwrite_input else x.clone(memory_format=torch.contiguous_format)
         rope = rope_angles(positions, cfg.head_dim, cfg.rope_max_wavelength)
         for layer in self.layers:
             x = layer(x, rope, mask, cache_index)

@@ -123,7 +123,9 @@ def prefill(
     x, valid, ar = (right_align(a, lengths) for a in (x, valid, ar))
     positions = (torch.cumsum(valid, 1) - 1).clamp(min=0)
     model.decoder.setup_kv_cache(b, p + max_new_tokens, cache_dtype)
-    hidden = model.decoder(x, positions, make_attn_mask(valid, ar), cache_index=0)
+    hidden = model.decoder(
+        x, positions, make_attn_mask(valid, ar), cache_index=0, overwrite_input=True
+    )
     key_valid = torch.cat([valid, valid.new_zeros(b, max_new_tokens)], dim=1)
     return DecodeState(key_valid, lengths, p, model.decoder.logits(hidden[:, -1]))
 
@@ -136,7 +138,11 @@ def decode_step(model: PaliGemmaModel, state: DecodeState, tokens: torch.Tensor)
     key_valid[:, index] = True
     x = model.decoder.embed_tokens(tokens[:, None])
     hidden = model.decoder(
-        x, state.next_position[:, None], key_valid[:, None, : index + 1], cache_index=index
+        x,
+        state.next_position[:, None],
+        key_valid[:, None, : index + 1],
+        cache_index=index,
+        overwrite_input=True,
     )
     return DecodeState(
         key_valid, state.next_position + 1, index + 1, model.decoder.logits(hidden[:, -1])

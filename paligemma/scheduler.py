@@ -337,7 +337,7 @@ class Scheduler:
         x = decoder.embed_tokens(tokens[:, None])
         with self._swapped_caches(self._caches):
             hidden = decoder(x, self._position[:n, None], self._valid[:n, None, :end],
-                             cache_index=RowSlots(slot, end))
+                             cache_index=RowSlots(slot, end), overwrite_input=True)
         self._logits[:n] = decoder.logits(hidden[:, -1])
         self._slot[:n] += 1
         self._position[:n] += 1

@@ -151,3 +151,45 @@ def test_mlp_in_place_without_autograd_equals_autograd_path():
     with torch.no_grad():
         in_place = mlp(x)
     torch.testing.assert_close(mlp(x).detach(), in_place, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("text", [{}, dict(post_norms=False, attn_logits_softcap=None)])
+def test_decoder_in_place_equals_observed_layers(monkeypatch, text):
+    """Unobserved, the layers update the residual stream in place, rotate q/k in place, write
+    attention into q's buffer and run norms + MLP in row chunks; a forward hook on a layer (as
+    the parity tool's) takes the out-of-place path. Both give the same values."""
+    model = tiny_model(**text)
+    decoder = model.decoder
+    rows = 9
+    monkeypatch.setattr(gemma, "MLP_CHUNK_ELEMENTS", decoder.cfg.mlp_dim * 4)  # 3 chunks
+    monkeypatch.setattr(gemma, "ATTENTION_CHUNK_SCORES", 4 * 4 * rows)  # 4 query rows a chunk
+    x = torch.randn(1, rows, decoder.cfg.width)
+    positions = torch.arange(rows)[None]
+    mask = torch.ones(1, rows, rows, dtype=torch.bool).tril()
+    with torch.no_grad():
+        in_place = decoder(x, positions, mask)
+        hooks = [layer.register_forward_hook(lambda *args: None) for layer in decoder.layers]
+        observed = decoder(x, positions, mask)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(in_place, observed, atol=0, rtol=0)
+
+
+def test_decoder_overwrites_its_input_only_when_asked():
+    decoder = tiny_model().decoder
+    x = torch.randn(2, 5, decoder.cfg.width)
+    kept = x.clone()
+    args = torch.arange(5)[None].expand(2, -1), torch.ones(2, 5, 5, dtype=torch.bool)
+    with torch.no_grad():
+        out = decoder(x, *args)
+        assert torch.equal(x, kept)
+        torch.testing.assert_close(decoder(x, *args, overwrite_input=True), out, atol=0, rtol=0)
+    assert not torch.equal(x, kept)  # the residual stream lived in x
+
+
+def test_rope_in_place_equals_rope():
+    x = torch.randn(2, 7, 3, 16).transpose(1, 2)  # strided, as projections' outputs are viewed
+    sin, cos = rope_angles(torch.arange(7)[None].expand(2, -1), 16, 10_000.0)
+    expected = gemma.apply_rope(x, sin, cos)
+    assert gemma.apply_rope_(x, sin, cos) is x
+    torch.testing.assert_close(x, expected, atol=0, rtol=0)
