@@ -319,8 +319,9 @@ class GemmaDecoder(nn.Module):
         x itself if `overwrite_input` (one [B, T, D] buffer fewer: 38 MB for 3B at 896 px).
         """
         cfg = self.cfg
-        if not torch.is_grad_enabled():
-            x = x.contiguous() if overwrite_input else x.clone(memory_format=torch.contiguous_format)
+        if not torch.is_grad_enabled():  # the layers' residual buffer: x, or a copy of it
+            keep = torch.contiguous_format
+            x = x.contiguous() if overwrite_input else x.clone(memory_format=keep)
         rope = rope_angles(positions, cfg.head_dim, cfg.rope_max_wavelength)
         for layer in self.layers:
             x = layer(x, rope, mask, cache_index)
