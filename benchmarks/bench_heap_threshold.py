@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_inference import machine  # noqa: E402
-from benchmarks.bench_long_prefill import cpu_flags  # noqa: E402
 from paligemma import heap  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
 from paligemma.gemma import GemmaDecoder  # noqa: E402
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"rows": rows, "seconds": times, "ratio_of_best": ratio}
         print(f"{name} ({rows} rows): best {min(times['glibc default']):.3f} s default, "
               f"{min(times['mapped >= 4 MB']):.3f} s mapped: ratio {ratio:.3f}", flush=True)
-    report = {"machine": {**machine(), "flags": cpu_flags(), "load_avg": os.getloadavg()},
+    report = {"machine": {**machine(), "load_avg": os.getloadavg()},
               "results": results}
     print(f"{report['machine']['cpu']}, {report['machine']['isa']}, "
           f"load average {report['machine']['load_avg'][0]:.1f}")

@@ -54,19 +54,6 @@ CONFIGS = [
     ("int4 saved", "int4", None),
     ("int4 at load", "bf16", "int4"),
 ]
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-         "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that select kernels (vector widths, bf16 / int8 dot products)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return [f for f in FLAGS if f in present]
-    return []
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import resource
 
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16, _ = prepare_checkpoints(args.workdir, config, hf=False)
     dirs = {"bf16": bf16, **{m: quantized_checkpoint(bf16, m) for m in ("int8", "int4")}}
     sizes = {k: sum(f.stat().st_size for f in d.glob("*.safetensors")) for k, d in dirs.items()}
-    info: dict[str, Any] = {"machine": {**machine(), "flags": cpu_flags()},
+    info: dict[str, Any] = {"machine": machine(),
                             "threads": args.threads, "model": config.name,
                             "load_avg_before": os.getloadavg(), "files_bytes": sizes}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in CONFIGS}

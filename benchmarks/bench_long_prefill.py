@@ -57,14 +57,6 @@ SETTINGS = {
 }
 
 
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            wanted = ("avx", "amx", "vnni", "fma", "f16c")
-            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(wanted))
-    return []
-
-
 def child(npz: Path, variant: str, setting: str, logits_path: Path) -> dict[str, float]:
     """Loads the checkpoint (bf16 storage) and runs one prefill; returns time and peak RSS and
     writes the last position's logits to `logits_path`."""
@@ -148,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         logits[name] = load_file(logits_path)["logits"]
-    report = {"machine": {**machine(), "flags": cpu_flags(),
-                          "load_avg": os.getloadavg()},
+    report = {"machine": {**machine(), "load_avg": os.getloadavg()},
               "variant": args.variant,
               "settings": {name: dict(zip(("attention_chunk_scores", "mlp_chunk_elements",
                                            "map_large_allocations"), v, strict=True))

@@ -36,7 +36,6 @@
 
 namespace {
 
-
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
