@@ -16,7 +16,10 @@ float32 and bfloat16 load the same bf16 file into that dtype; int8, int8-linear 
 only, each loaded from the quantized checkpoint `python -m convert --quantize MODE` wrote once
 from the bf16 one (memory-mapped, nothing computed at load; int8-linear leaves the tied
 embedding in bf16; int4 is group-wise, 128 columns per group; `bench_load.py` compares with
-quantizing at load), compared against transformers float32 and bfloat16. The record names the
+quantizing at load), compared against transformers float32 and bfloat16. On CPUs with native
+bf16 dot products (AMX, AVX512-BF16), float32, bfloat16 and int8 of ours also run at
+`--matmul-precision medium` ("bfloat16@medium": prefill and vision GEMMs with bf16 inputs, as
+transformers' bf16 model computes them; decode unchanged). The record names the
 CPU (model, the /proc/cpuinfo flags that matter for matmuls, PyTorch's capability) and, per
 configuration of ours, the matmul path `paligemma.dispatch` chose for each (weight dtype, few /
 many rows).
@@ -72,7 +75,16 @@ CONFIGS = [
     ("ours", "int8"),
     ("ours", "int8-linear"),
     ("ours", "int4"),
+    ("ours", "bfloat16@medium"),
+    ("ours", "float32@medium"),
+    ("ours", "int8@medium"),
 ]
+
+
+def split(dtype: str) -> tuple[str, str]:
+    """"bfloat16@medium" -> ("bfloat16", "medium"); "int8" -> ("int8", "highest")."""
+    base, _, precision = dtype.partition("@")
+    return base, precision or "highest"
 
 
 def quick_config() -> PaliGemmaConfig:
@@ -181,6 +193,9 @@ class Runner:
     """Loads one model and generates from it; `stream` returns the time of each new token."""
 
     def __init__(self, framework: str, dtype: str, directory: Path, config: PaliGemmaConfig):
+        dtype, precision = split(dtype)
+        if precision != "highest":
+            dispatch.set_matmul_precision(precision)
         self.framework, self.dtype, self.config = framework, dtype, config
         if framework == "ours" and dtype in MODES:  # a quantized checkpoint of this mode
             self.model = load_pretrained(directory, quantize=dtype)
@@ -370,17 +385,18 @@ METRICS = [
 def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
     """One block per dtype: ours, transformers, ours/theirs (int8: against float32 and bf16)."""
     lines = []
-    for dtype in DTYPES:
-        ours = results.get(f"ours/{dtype}")
+    for name in [dtype for framework, dtype in CONFIGS if framework == "ours"]:
+        ours = results.get(f"ours/{name}")
         if ours is None:
             continue
+        dtype = split(name)[0]
         theirs = (
             [("hf f32", results.get("hf/float32")), ("hf bf16", results.get("hf/bfloat16"))]
             if dtype in MODES
             else [("transformers", results.get(f"hf/{dtype}"))]
         )
         theirs = [(name, r) for name, r in theirs if r and "error" not in r]
-        header = f"{dtype:<34}{'ours':>10}" + "".join(
+        header = f"{name:<34}{'ours':>10}" + "".join(
             f"{name:>14}{'ours/theirs':>13}" for name, _ in theirs
         )
         lines += [header, "-" * len(header)]
@@ -423,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = quick_config() if args.quick else VARIANTS["pg1-3b-224"]
     configs = [c for c in CONFIGS if args.only is None or "/".join(c) in args.only.split(",")]
+    if not dispatch.Cpu.detect().native_bf16:  # "medium" would change nothing
+        configs = [c for c in configs if split(c[1])[1] == "highest"]
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -431,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_dir, hf_dir = prepare_checkpoints(
         args.workdir, config, hf=any(fw == "hf" for fw, _ in configs)
     )
-    directories = {f"ours/{d}": quantized_checkpoint(ours_dir, d) if d in MODES else ours_dir
-                   for fw, d in configs if fw == "ours"}
+    directories = {f"ours/{d}": quantized_checkpoint(ours_dir, split(d)[0])
+                   if split(d)[0] in MODES else ours_dir for fw, d in configs if fw == "ours"}
     steps = args.steps or (32 if args.quick else 10)
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f}: other processes compete for the "

@@ -16,15 +16,21 @@ in bf16), int4 and int4-linear (group size 128, `--group-size`) on freshly drawn
 as the demo draws them) for every task prompt (identical texts), and the task scores of each
 (`paligemma.demo.scenes.score`).
 
+On CPUs with native bf16 dot products (`dispatch.Cpu.native_bf16`) the bf16 model is also run at
+`--matmul-precision medium` ("bf16-medium": prefill and vision GEMMs with bf16 inputs), the same
+measurements against f32 and bf16.
+
     python benchmarks/quant_accuracy.py [--demo DIR] [--scenes N] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paligemma import dispatch  # noqa: E402
 from paligemma.config import PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_official  # noqa: E402
 from paligemma.generate import generate  # noqa: E402
@@ -46,6 +53,25 @@ from paligemma.quantize import quantize_  # noqa: E402
 CASES = ROOT / "parity_tests" / "data"
 DEMO_SCENE_SIZE = 224
 GOLD_GROUP_SIZE = 32
+
+
+MEDIUM = dispatch.Cpu.detect().native_bf16  # else "medium" changes nothing: not measured
+
+
+@contextlib.contextmanager
+def precision(name: str) -> Iterator[None]:
+    """Runs the block at float32 matmul precision `name` ("bf16-medium": medium)."""
+    before = torch.get_float32_matmul_precision()
+    dispatch.set_matmul_precision("medium" if name.endswith("-medium") else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def runs(models: dict[str, PaliGemmaModel]) -> list[tuple[str, PaliGemmaModel]]:
+    """(name, model) of every measured configuration: each model, and bf16 at medium."""
+    return [*models.items(), *([("bf16-medium", models["bf16"])] if MEDIUM else [])]
 
 
 def variants(npz: Path, config: PaliGemmaConfig, group_size: int) -> dict[str, PaliGemmaModel]:
@@ -74,23 +100,28 @@ def gold_case(case: Path) -> dict[str, Any]:
               vec["prompt_input_mask"].bool())
     steps = vec["decode_tokens"].shape[1]
     models = variants(case / "params.npz", config, GOLD_GROUP_SIZE)
-    tokens = {name: generate(m, images, *prompt, max_new_tokens=steps,
-                             cache_dtype=torch.float32)[0] for name, m in models.items()}
+    tokens = {}
+    for name, m in runs(models):
+        with precision(name):
+            tokens[name] = generate(m, images, *prompt, max_new_tokens=steps,
+                                    cache_dtype=torch.float32)[0]
     # Teacher-forced logits on identical inputs: row 0's prompt + bf16's greedy continuation.
     n = int(prompt[2][0].sum())
     text = torch.cat([prompt[0][0, :n], tokens["bf16"][0]])[None]
     ar = torch.cat([prompt[1][0, :n], torch.ones(steps, dtype=torch.long)])[None]
-    with torch.no_grad():
-        logits = {name: m(images[:1], text, ar)[0, n - 1 :] for name, m in models.items()}
+    logits = {}
+    for name, m in runs(models):
+        with torch.no_grad(), precision(name):
+            logits[name] = m(images[:1], text, ar)[0, n - 1 :]
     out: dict[str, Any] = {"case": case.name, "int4_group_size": GOLD_GROUP_SIZE,
                            "int4_share": int4_share(models["int4"]),
                            "logit_range": float(logits["f32"].abs().max()),
                            "official_tokens_equal_f32": bool(
                                torch.equal(tokens["f32"], vec["decode_tokens"].long()))}
-    for name in ("bf16", "int8", "int4"):
+    for name in ("bf16", "int8", "int4", *(["bf16-medium"] if MEDIUM else [])):
         out[f"{name}_max_logit_err"] = float((logits[name] - logits["f32"]).abs().max())
     for a, b in (("bf16", "f32"), ("int8", "bf16"), ("int8", "f32"), ("int4", "bf16"),
-                 ("int4", "f32")):
+                 ("int4", "f32"), *([("bf16-medium", "bf16")] if MEDIUM else [])):
         same = tokens[a] == tokens[b]
         out[f"{a}_vs_{b}_tokens"] = float(same.float().mean())
         out[f"{a}_vs_{b}_sequences"] = f"{int(same.all(1).sum())}/{len(same)}"
@@ -115,13 +146,15 @@ def demo_model(directory: Path, n_scenes: int, group_size: int, seed: int = 0) -
     out: dict[str, Any] = {"model": str(directory), "scenes": n_scenes, "prompts": len(pairs),
                            "int4_group_size": group_size,
                            "int4_share": int4_share(models["int4"])}
-    quantized = ("int8", "int8-linear", "int4", "int4-linear")
-    for name in ("bf16", *quantized):
-        pg = PaliGemma(models[name], tokenizer)
-        results = pg.generate([p[0] for p in pairs], [p[1] for p in pairs], max_new_tokens=24)
+    others = ("int8", "int8-linear", "int4", "int4-linear", *(["bf16-medium"] if MEDIUM else []))
+    for name in ("bf16", *others):
+        pg = PaliGemma(models[name.removesuffix("-medium")], tokenizer)
+        with precision(name):
+            results = pg.generate([p[0] for p in pairs], [p[1] for p in pairs],
+                                  max_new_tokens=24)
+            out[f"{name}_scores"] = scenes.score(pg, drawn)
         texts[name] = [r.text for r in results]
-        out[f"{name}_scores"] = scenes.score(pg, drawn)
-    for name in quantized:
+    for name in others:
         same = sum(a == b for a, b in zip(texts["bf16"], texts[name], strict=True))
         out[f"{name}_vs_bf16_identical_outputs"] = f"{same}/{len(pairs)}"
     return out
@@ -153,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['int8_vs_bf16_sequences']}; {r['int8_vs_f32_sequences']}; "
               f"{r['int4_vs_bf16_sequences']}; {r['int4_vs_f32_sequences']}; int4 share "
               f"{r['int4_share']:.0%})")
+        if MEDIUM:
+            print(f"{'  bf16 at medium precision':<38}{r['bf16-medium_max_logit_err']:>10.3g}"
+                  f"  tokens = bf16 {r['bf16-medium_vs_bf16_tokens']:.0%} "
+                  f"({r['bf16-medium_vs_bf16_sequences']})")
     if (args.demo / "paligemma-demo.npz").is_file():
         report["demo"] = demo_model(args.demo, args.scenes, args.group_size)
         print(json.dumps(report["demo"], indent=2))

@@ -21,9 +21,19 @@ at few rows (`F.linear` in f32 ties the kernel at 1 row and is about 2x slower a
 bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN gained at most 1.2x over "widen" at
 one thread, so they are not paths.
 
-The choice is made from the CPU's flags (/proc/cpuinfo) and PyTorch's capability
-(`torch.backends.cpu.get_cpu_capability()`), the first time `plan()` is called (the first
-forward, or a loader or benchmark calling it), and logged. `PALIGEMMA_DISABLE` turns paths off,
+Faster prefill at lower precision, on request: `torch.set_float32_matmul_precision("medium")`
+(the CLI's `--matmul-precision medium`, `set_matmul_precision`) lets PyTorch run float32 GEMMs
+through oneDNN with bfloat16 inputs and float32 accumulation and output. On CPUs with native
+bf16 dot products (AMX-BF16 or AVX512-BF16) that makes "aten" and "widen" 2.4-3x faster
+(prefill, vision) at the price of rounding x and the weights to bf16 (logits move by ~1e-2, as
+in transformers' bf16 model); int8 weights at many rows then take "widen" too. Decode steps keep
+the float32 kernel (bandwidth-bound: rounding would buy nothing). The default, "highest", is
+big_vision's numerics.
+
+The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
+(`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
+`plan()` is called (the first forward, or a loader or benchmark calling it), and logged; again
+only if the precision changes. `PALIGEMMA_DISABLE` turns paths off,
 a comma-separated list of `SWITCHES`: `kernel` (no C++ kernel), `avx512` (the AVX2 build even on
 AVX-512 CPUs). `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
 """
@@ -69,6 +79,11 @@ class Cpu:
                     flags = frozenset(value.split())
         return cls(model, flags, torch.backends.cpu.get_cpu_capability())
 
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 dot products in hardware: oneDNN's bf16 GEMM beats f32 sgemm (x86 AMX / AVX512)."""
+        return bool({"amx_bf16", "avx512_bf16"} & self.flags)
+
     def matmul_flags(self) -> list[str]:
         """The flags that matter for the matmul paths (for logs and benchmark records)."""
         wanted = ("avx2", "fma", "f16c", "avx512", "amx", "vnni", "bf16", "fp16", "neon", "sve")
@@ -83,6 +98,7 @@ class Plan:
     disabled: frozenset[str]
     kernel: str | None  # the instruction set the C++ kernel was built for, None without it
     paths: dict[tuple[torch.dtype, bool], str]
+    precision: str = "highest"  # torch.get_float32_matmul_precision() when chosen
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the CPU, the switches, and e.g. {"bfloat16/few": "kernel-avx512"}."""
@@ -91,6 +107,7 @@ class Plan:
             "capability": self.cpu.capability,
             "flags": self.cpu.matmul_flags(),
             "disabled": sorted(self.disabled),
+            "precision": self.precision,
             "paths": {
                 f"{str(dtype).removeprefix('torch.')}/{'few' if few else 'many'}": path
                 for (dtype, few), path in self.paths.items()
@@ -111,8 +128,9 @@ def disabled_switches() -> frozenset[str]:
     return frozenset(names)
 
 
-def choose(cpu: Cpu, disabled: frozenset[str]) -> Plan:
-    """The plan for `cpu` with `disabled` paths off (builds the kernel it picks)."""
+def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Plan:
+    """The plan for `cpu` with `disabled` paths off at a float32 matmul `precision` (builds the
+    kernel it picks)."""
     kernel = None
     if "kernel" not in disabled:
         for isa, (needs, _) in kernels.ISAS.items():
@@ -132,19 +150,50 @@ def choose(cpu: Cpu, disabled: frozenset[str]) -> Plan:
         # 140-165 ms on one AMX Xeon core); x is rounded to int16 as at decode, far below the
         # int8 weights' own rounding.
         paths[torch.int8, False] = "kernel-avx512"
-    return Plan(cpu, disabled, kernel, paths)
+    if precision == "medium" and cpu.native_bf16:
+        # oneDNN's bf16 GEMM, reached through the f32 GEMM of "widen": 2.5x the VNNI kernel on
+        # one AMX Xeon core (benchmarks/RESULTS.md); the int8 weights widen exactly.
+        paths[torch.int8, False] = "widen"
+    return Plan(cpu, disabled, kernel, paths, precision)
 
 
 _plan: Plan | None = None  # a plain global (not functools.cache): torch.compile reads it
 
 
 def plan() -> Plan:
-    """This process's plan: chosen and logged on the first call, the same afterwards."""
+    """This process's plan: chosen and logged on the first call, the same afterwards unless the
+    float32 matmul precision changed."""
     global _plan
-    if _plan is None:
-        _plan = choose(Cpu.detect(), disabled_switches())
+    if torch.compiler.is_compiling() and _plan is not None:  # the precision getter breaks graphs
+        return _plan
+    precision = torch.get_float32_matmul_precision()
+    if _plan is None or _plan.precision != precision:
+        cpu = _plan.cpu if _plan is not None else Cpu.detect()
+        _plan = choose(cpu, disabled_switches(), precision)
         logger.info("matmul paths: %s", _plan.describe())
     return _plan
+
+
+PRECISIONS = ("highest", "medium")
+
+
+def set_matmul_precision(precision: str) -> str:
+    """Sets PyTorch's float32 matmul precision for this process, and returns the one in effect.
+
+    "medium" rounds matmul inputs to bf16 (see the module docstring); it is only worth it with
+    native bf16 dot products: elsewhere oneDNN would emulate them, slower than float32, so the
+    precision stays "highest" (with a warning).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"matmul precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    cpu = plan().cpu
+    if precision == "medium" and not cpu.native_bf16:
+        logger.warning("--matmul-precision medium: this CPU (%s) has no native bf16 dot products "
+                       "(amx_bf16 / avx512_bf16), where bf16 GEMMs are slower than float32: "
+                       "keeping float32 (highest)", cpu.model)
+        precision = "highest"
+    torch.set_float32_matmul_precision(precision)
+    return plan().precision
 
 
 def replan() -> Plan:

@@ -45,6 +45,19 @@ def test_caption_prints_one_line_per_image(capsys, image):
     assert [line.split(":")[0] for line in out.splitlines()] == [str(image)] * 2
 
 
+def test_matmul_precision_is_set_before_the_command_runs(capsys, image, monkeypatch):
+    import torch
+
+    from paligemma import dispatch
+
+    chosen = []
+    monkeypatch.setattr(dispatch, "set_matmul_precision", chosen.append)
+    code, out, _ = run(capsys, "caption", image, "--model", tiny_checkpoint(),
+                       "--max-new-tokens", "2", "--matmul-precision", "medium")
+    assert code == 0 and out.startswith(str(image)) and chosen == ["medium"]
+    assert torch.get_float32_matmul_precision() == "highest"  # the stand-in set nothing
+
+
 def test_json_output(capsys, image):
     code, out, _ = run(capsys, "ask", image, "-q", "what is it?", "--model", tiny_checkpoint(),
                        "--max-new-tokens", "3", "--json")

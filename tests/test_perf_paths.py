@@ -131,6 +131,67 @@ def test_old_and_new_switches(replan, monkeypatch):
         dispatch.disabled_switches()
 
 
+@pytest.fixture
+def precision():
+    """Restores PyTorch's float32 matmul precision (and the plan) after the test."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+    dispatch.replan()
+
+
+AMX = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "amx_bf16"}), "AVX2")
+NO_BF16 = dispatch.Cpu("an EPYC", frozenset({"avx2", "fma", "f16c"}), "AVX2")
+
+
+@pytest.mark.parametrize("cpu", [AMX, NO_BF16], ids=["native-bf16", "no-bf16"])
+def test_medium_precision_moves_int8_prefill_to_the_gemm_only_with_native_bf16(cpu):
+    highest = dispatch.choose(cpu, frozenset({"kernel"}), "highest")
+    medium = dispatch.choose(cpu, frozenset({"kernel"}), "medium")
+    assert medium.precision == "medium" and medium.describe()["precision"] == "medium"
+    assert medium.paths == highest.paths  # without the AVX-512 kernel int8 widens either way
+    if "avx512" in KERNEL_ISAS:  # with it, int8 prefill leaves the kernel only for bf16 GEMMs
+        avx512 = dispatch.Cpu(cpu.model, cpu.flags | kernels.ISAS["avx512"][0], cpu.capability)
+        expected = "widen" if cpu.native_bf16 else "kernel-avx512"
+        assert dispatch.choose(avx512, frozenset(), "medium").paths[torch.int8, False] == expected
+
+
+def test_plan_follows_the_matmul_precision(precision):
+    assert dispatch.plan().precision == torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    assert dispatch.plan().precision == "medium"
+    torch.set_float32_matmul_precision("highest")
+    assert dispatch.plan().precision == "highest"
+
+
+def test_medium_is_refused_without_native_bf16(precision, monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_plan", dispatch.choose(NO_BF16, frozenset({"kernel"})))
+    assert dispatch.set_matmul_precision("medium") == "highest"
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert "no native bf16" in caplog.text
+    with pytest.raises(ValueError, match="'low': expected one of highest, medium"):
+        dispatch.set_matmul_precision("low")
+
+
+@pytest.mark.skipif(not CPU.native_bf16, reason="needs native bf16 dot products (AMX/AVX512-BF16)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, precision):
+    """At many rows, medium = an f32-accumulated product of the bf16-rounded x and weights; at
+    few rows (decode) nothing changes."""
+    w, scale = weights(dtype, 64, 256)
+    x = torch.randn(40, 256)
+    exact = linear(x, w, None, scale)
+    assert dispatch.set_matmul_precision("medium") == "medium"
+    # f32 weights are rounded; bf16 ones are already; int8 values are exact in bf16 (the scale
+    # multiplies the f32 output).
+    rounded = w.bfloat16() if dtype == torch.float32 else dequantize(w, scale, torch.float64)
+    bf16_inputs = (x.bfloat16().double() @ rounded.double().T).float()
+    torch.testing.assert_close(linear(x, w, None, scale), bf16_inputs, rtol=1e-5, atol=1e-4)
+    assert (linear(x, w, None, scale) - exact).abs().max() > 1e-3  # it did round
+    torch.testing.assert_close(linear(x[:2], w, None, scale), exact[:2], rtol=1e-5,
+                               atol=2e-3 if dtype == torch.int8 else 1e-5)
+
+
 def tiny_model(softcap: float | None = None, seed: int = 0) -> PaliGemmaModel:
     torch.manual_seed(seed)
     config = PaliGemmaConfig(
