@@ -4,7 +4,7 @@
   ours int8         int8 weights + per-row scales (`layers.linear`, the reference to beat)
   ours int4         packed int4, group 128 (`int4.linear`: the kernel up to GEMV_MAX_ROWS rows,
                     the dequantizing GEMM above)
-  int4 kernel       the C++ kernel at every row count (`csrc/int4.cpp`)
+  int4 kernel       the C++ decode kernel at every row count (`csrc/gemv.cpp`, the dispatched build)
   int4 dequant-mm   dequantize 4 MB of rows at a time + f32 GEMM, at every row count
   aten int4 f32     torch.ops.aten._weight_int4pack_mm_for_cpu with float32 activations
   aten int4 bf16    the same with bf16 activations (rounds the activations: not our numerics)
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paligemma import int4  # noqa: E402
+from paligemma import dispatch, int4, kernels  # noqa: E402
 from paligemma.layers import linear  # noqa: E402
 from paligemma.quantize import quantize_int8  # noqa: E402
 
@@ -52,17 +52,18 @@ def main() -> None:
     q8, s8 = quantize_int8(w)
     q4, s4 = int4.quantize_int4(w, GROUP)
     aten, aten_scale = aten_int4(w)
+    plan = dispatch.plan()
     ways = {
         "ours int8": lambda x: linear(x, q8, None, s8),
         "ours int4": lambda x: linear(x, q4, None, s4),
-        "int4 kernel": lambda x: torch.ops.paligemma_int4.gemv(x, q4, s4),
+        "int4 kernel": lambda x: kernels.gemv(plan.kernel, x, q4, s4),
         "int4 dequant-mm": lambda x: int4._dequantizing_mm(x, q4, s4),
         "aten int4 f32": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, aten, GROUP, aten_scale),
         "aten int4 bf16": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.bfloat16(), aten, GROUP, aten_scale.bfloat16()),
     }
-    if not int4.available():
+    if not plan.kernel:
         del ways["int4 kernel"]
     print(f"{torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, weight "
           f"16384 x 2048 (int8 {q8.nbytes / 1e6:.1f} MB, int4 {(q4.nbytes + s4.nbytes) / 1e6:.1f}"

@@ -15,8 +15,9 @@ not a multiple of G (SigLIP's MLP output, K = 4304) is quantized per row to int8
 written on one machine load on any other.
 
 Math stays float32 (`layers.linear` calls `linear` here for uint8 weights):
-- a few rows (decode steps): the C++ kernel `csrc/int4.cpp` reads the packed weights directly,
-  at memory bandwidth (0.56 bytes per weight at G = 128, against int8's 1.0);
+- a few rows (decode steps): the C++ decode kernel (`csrc/gemv.cpp`, `paligemma.kernels`, the
+  instruction set `paligemma.dispatch` chose) reads the packed weights directly, at memory
+  bandwidth (0.56 bytes per weight at G = 128, against int8's 1.0);
 - many rows (prefill, vision): weights are dequantized to float32 a few MB at a time into one
   cached buffer, each piece feeding an f32 GEMM on its output columns (as `layers._widening_mm`).
 PyTorch's own int4 kernel (`aten._weight_int4pack_mm_for_cpu`) is not used: with float32
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, layers  # layers imports this module too: used at call time only
+from . import dispatch, kernels, layers  # layers imports this module too: used at call time only
 
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's 32-column runs; int32 sums safe
 DEFAULT_GROUP_SIZE = 128
@@ -128,8 +129,9 @@ def linear(
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
     x2 = x.reshape(rows, -1)
-    if rows <= GEMV_MAX_ROWS and available():
-        y = torch.ops.paligemma_int4.gemv(x2.contiguous(), weight, scale)
+    plan = dispatch.plan()
+    if rows <= GEMV_MAX_ROWS and plan.kernel:
+        y = kernels.gemv(plan.kernel, x2, weight, scale)
     else:
         y = _dequantizing_mm(x2, weight, scale)
     if bias is not None:
@@ -158,7 +160,8 @@ def _dequantizing_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor)
 
 
 def available() -> bool:
-    """Builds (first time, ~30 s) and loads the int4 kernel; False if that is not possible here
+    """Builds (first time, ~30 s) and loads the int4 dequantization kernel (`csrc/int4.cpp`, for
+    the GEMM of many rows); False if that is not possible here
     (no compiler, a CPU without AVX2, or PALIGEMMA_DISABLE=kernel: PyTorch ops are used then)."""
     global _available
     if _available is None:
@@ -171,7 +174,8 @@ def _load() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    logger.info("loading the C++ int4 kernel (built once, about 30 s, then cached by torch)")
+    logger.info("loading the C++ int4 dequantization kernel (built once, about 30 s, then "
+                "cached by torch)")
     try:
         from torch.utils.cpp_extension import load
 
@@ -186,7 +190,4 @@ def _load() -> bool:
         warnings.warn(f"paligemma: C++ int4 kernel unavailable, using PyTorch ops ({e})",
                       stacklevel=3)
         return False
-    torch.library.register_fake("paligemma_int4::gemv")(
-        lambda x, w, s: x.new_empty(x.shape[0], w.shape[0])  # lets torch.compile trace it
-    )
     return True

@@ -4,7 +4,7 @@ path (C++ kernel, dequantizing GEMM, PyTorch fallback) against a float64 referen
 import pytest
 import torch
 
-from paligemma import int4
+from paligemma import dispatch, int4
 from paligemma.demo.command import DEMO_MODEL
 from paligemma.formats import load_model, open_checkpoint
 from paligemma.layers import Embedding, Linear, dequantize, linear
@@ -13,13 +13,18 @@ from paligemma.quantize import quantize_, quantize_weight
 
 @pytest.fixture(params=["kernel", "pytorch"])
 def path(request, monkeypatch):
-    """Runs a test with the C++ kernel (where it builds here) and with PyTorch ops only."""
+    """Runs a test with the C++ kernels (where they build here: decode and dequantization) and
+    with PyTorch ops only."""
     if request.param == "kernel":
-        if not int4.available():
-            pytest.skip("the int4 kernel does not build on this machine")
+        if not (int4.available() and dispatch.plan().kernel):
+            pytest.skip("the C++ kernels do not build on this machine")
     else:
         monkeypatch.setattr(int4, "_available", False)
-    return request.param
+        monkeypatch.setenv("PALIGEMMA_DISABLE", "kernel")
+        dispatch.replan()
+    yield request.param
+    monkeypatch.undo()
+    dispatch.replan()
 
 
 def test_layout_is_q4_0_order():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paligemma import dispatch, kernels, layers
+from paligemma import dispatch, int4, kernels, layers
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma.generate import generate
 from paligemma.layers import dequantize, linear
@@ -78,6 +78,23 @@ def test_gemv_kernel_matches_float64(isa, dtype, k, m):
     atol = 1e-3 if dtype == torch.int8 else 1e-4  # an x/step tie may round the other way
     torch.testing.assert_close(kernels.gemv(isa, x, w, scale), reference(xr, w, scale),
                                rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("group", [32, 128, 256])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
+def test_gemv_kernel_int4_matches_float64(isa, group, m):
+    """Packed int4 (6 rows: a block of 4 and a tail): the codes' products take x rounded to
+    int16 per group of G, the offsets' the group sums of x itself."""
+    w, scale = int4.quantize_int4(torch.randn(6, 2 * group) * torch.rand(6, 1), group)
+    x = torch.randn(m, 2 * group) * 3
+    codes = int4.unpack(w).double() * scale[..., 0].double().repeat_interleave(group, 1)
+    offsets = scale[..., 1].double()  # [6, 2]
+    group_sums = x.double().view(m, 2, group).sum(-1)  # [m, 2]
+    expected = int16_rounded(x, group, group).double() @ codes.T + group_sums @ offsets.T
+    # atol: an x/step tie may round the other way (one int16 step of one element)
+    torch.testing.assert_close(kernels.gemv(isa, x, w, scale), expected.float(), rtol=1e-5,
+                               atol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])

@@ -16,6 +16,13 @@
 // products per instruction) against x rounded to int16 per group of 256 elements (relative
 // error <= 2^-16 of the group's largest |x|, far below the int8 weights' own rounding); each
 // group's int32 sums are scaled back and accumulated in f32.
+//
+// Packed int4 weights (uint8 [N, K / 2], `paligemma/int4.py`'s layout: per run of 32 columns, byte
+// j holds column j in its low nibble and column j + 16 in its high one; w = q * scale + offset
+// per group of G columns) take the int8 path's int16 products on their codes q in [0, 15], x
+// rounded per group of G; per group
+//   y[n] += scale[n, g] * xscale[g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k x[k],
+// the last sum taken in f32 from x itself.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -71,6 +78,14 @@ inline vi dot_i16(vi acc, vi a, vi b) {  // acc[j] += a[2j] b[2j] + a[2j+1] b[2j
 }
 inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
+// 16 packed bytes = 32 int4 columns in order (low nibbles 0..15, high 16..31) -> 32 int16.
+constexpr int kI4Vectors = 1;
+inline void widen_i4(const uint8_t* p, vi* out) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  out[0] = _mm512_cvtepu8_epi16(
+      _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)));
+}
 constexpr int kI16Lanes = 32;
 constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
 // Software prefetch distance along the weight stream (bytes), for float and int8 weights.
@@ -106,6 +121,13 @@ inline vi widen_i8(const int8_t* p) {
 inline vi dot_i16(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
+constexpr int kI4Vectors = 2;  // 32 int4 columns -> two vectors of 16 int16
+inline void widen_i4(const uint8_t* p, vi* out) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  out[0] = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+  out[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+}
 constexpr int kI16Lanes = 16;
 constexpr int kRowBlock = 2;  // weight rows per block: 4 x 2 accumulators of 16 registers
 // 4 KB for float weights: measured on an AVX2-only EPYC (`benchmarks/RESULTS.md`), decode of the
@@ -161,22 +183,26 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, 
 constexpr int64_t kGroup = 256;  // int16 rounding group of x (multiple of 2 * kI16Lanes)
 constexpr int64_t kI8Step = 2 * kI16Lanes;  // int8 weights per step: two int16 vectors
 
-// x rows rounded to int16 per group: x ~ q * group_scale.
+// x rows rounded to int16 per group: x ~ q * group_scale; and each group's f32 sum.
 struct QuantizedRows {
   std::vector<int16_t> q;     // [M, K]
   std::vector<float> scales;  // [M, groups]
+  std::vector<float> sums;    // [M, groups]
   int64_t groups;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  QuantizedRows r{std::vector<int16_t>(M * K), {}, (K + kGroup - 1) / kGroup};
-  r.scales.resize(M * r.groups);
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * groups),
+                  std::vector<float>(M * groups), groups};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < r.groups; ++g) {
-      const int64_t begin = g * kGroup, end = std::min(K, begin + kGroup);
-      float amax = 0.0f;
-      for (int64_t k = begin; k < end; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
+      const int64_t begin = g * group, end = std::min(K, begin + group);
+      float amax = 0.0f, sum = 0.0f;
+      for (int64_t k = begin; k < end; ++k)
+        amax = std::max(amax, std::abs(x[m * K + k])), sum += x[m * K + k];
       r.scales[m * r.groups + g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
+      r.sums[m * r.groups + g] = sum;
       // x * (32767 / amax) rounded to nearest (even): within one f32 ulp of x / scale, so a
       // tie may round the other way; clamped to int16 against that ulp.
       const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
@@ -231,6 +257,48 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
   }
 }
 
+// int4 weights: NR packed rows (row stride K / 2 bytes, scales [groups, 2] per row) against XR
+// rows of x, 32 columns (16 bytes of each row) per step. Each int32 lane adds at most
+// 256 / 32 * 2 * 15 * 32767 < 2^31 per group (G <= 256).
+template <int XR, int NR>
+inline void dot_rows_int4(const QuantizedRows& xq, int64_t row0, const uint8_t* w, int64_t K,
+                          int64_t G, const float* s, float* y, int64_t N) {
+  const int64_t groups = K / G;
+  vf acc[XR][NR];
+  float offsets[XR][NR] = {};
+  for (int i = 0; i < XR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    vi sum[XR][NR];
+    for (int i = 0; i < XR; ++i)
+      for (int r = 0; r < NR; ++r) sum[i][r] = izero();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      vi wv[NR][kI4Vectors];
+      for (int r = 0; r < NR; ++r) {
+        if (k % 128 == 0) prefetch(w + r * (K / 2) + k / 2 + kPrefetchInt8);  // once a line
+        widen_i4(w + r * (K / 2) + k / 2, wv[r]);
+      }
+      for (int v = 0; v < kI4Vectors; ++v) {
+        for (int i = 0; i < XR; ++i) {
+          const vi xv = load_i16(xq.q.data() + (row0 + i) * K + k + v * kI16Lanes);
+          for (int r = 0; r < NR; ++r) sum[i][r] = dot_i16(sum[i][r], wv[r][v], xv);
+        }
+      }
+    }
+    for (int i = 0; i < XR; ++i) {
+      const float xscale = xq.scales[(row0 + i) * groups + g];
+      const float xsum = xq.sums[(row0 + i) * groups + g];
+      for (int r = 0; r < NR; ++r) {
+        const float* sg = s + (r * groups + g) * 2;  // (scale, offset)
+        acc[i][r] = fmadd(to_float(sum[i][r]), set1(sg[0] * xscale), acc[i][r]);
+        offsets[i][r] += sg[1] * xsum;
+      }
+    }
+  }
+  for (int i = 0; i < XR; ++i)
+    for (int r = 0; r < NR; ++r) y[i * N + r] = hsum(acc[i][r]) + offsets[i][r];
+}
+
 // Weight rows [begin, end) in blocks of kRowBlock (then single rows), and for each block the rows
 // of x in blocks of 4, 2, 1: `block(NR, n, XR, m)` handles weight rows [n, n + NR) against x rows
 // [m, m + XR). A block's weight lines stay in L1 while the next x rows use them.
@@ -262,7 +330,7 @@ void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int6
 void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t N,
                       int64_t K, float* y) {
   TORCH_CHECK(scale != nullptr, "gemv: int8 weights need their float32 scale");
-  const QuantizedRows xq = quantize_rows(x, M, K);
+  const QuantizedRows xq = quantize_rows(x, M, K, kGroup);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
       dot_rows_int8<decltype(xr)::value, decltype(nr)::value>(xq, x, m, w + n * K, K, scale + n,
@@ -271,8 +339,40 @@ void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* s
   });
 }
 
+// x [M, K], packed w [N, K / 2], s [N, K / G, 2] (checked by the caller) -> y [M, N].
+void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* s, int64_t N,
+                      int64_t K, int64_t G, float* y) {
+  const QuantizedRows xq = quantize_rows(x, M, K, G);
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+      dot_rows_int4<decltype(xr)::value, decltype(nr)::value>(
+          xq, m, w + n * (K / 2), K, G, s + n * (K / G) * 2, y + m * N + n, N);
+    });
+  });
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.size(1) == 2 * w.size(1),
+              "gemv: packed int4 w must be contiguous uint8 [N, K / 2] with K = x.size(1)");
+  TORCH_CHECK(s.dim() == 3 && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                  s.size(0) == w.size(0) && s.size(2) == 2,
+              "gemv: int4 scales must be contiguous float32 [N, K / G, 2]");
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  const int64_t G = s.size(1) > 0 ? K / s.size(1) : 0;
+  TORCH_CHECK(G > 0 && G * s.size(1) == K && G % 32 == 0 && G <= 256,
+              "gemv: int4 group size K / s.size(1) must be a multiple of 32, at most 256");
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemv_kernel_int4(x.data_ptr<float>(), M, w.data_ptr<uint8_t>(), s.data_ptr<float>(), N, K, G,
+                   y.data_ptr<float>());
+  return y;
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemv: x must be 2-D float32");
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(x.is_contiguous() && scale.has_value(), "gemv: int4 needs contiguous x, scales");
+    return gemv_int4(x, w, *scale);
+  }
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "gemv: x and w must be contiguous");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
