@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import paligemma.formats.mapping
 import paligemma.formats.open
 import paligemma.formats.ours
 from convert.cli import main
 from paligemma.config import PaliGemmaConfig
+from paligemma.formats.errors import CheckpointError
+from paligemma.formats.ours import check_finite
 
 GOLD = Path(__file__).parents[1] / "parity_tests" / "data"
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -159,6 +162,25 @@ def test_nan_is_converted_with_no_check_finite(tmp_path):
     np.savez(tmp_path / "params.npz", **arrays)
     argv = [str(tmp_path / "params.npz"), "--config", str(CONFIGS / "pg1_tiny.json")]
     assert main([*argv, "-o", str(tmp_path / "out"), "-q", "--no-check-finite"]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_check_finite_finds_each_nan_and_inf_in_each_float_dtype(dtype):
+    for bad, shown in ((torch.nan, "nan"), (torch.inf, "inf"), (-torch.inf, "-inf")):
+        t = torch.randn(64, 33).to(dtype)
+        t[40, 17] = bad
+        with pytest.raises(CheckpointError, match=rf"'w' has {shown} at index \[50, 17\]"):
+            check_finite(t, "'w'", row_offset=10)
+    t[40, 17], t[3, 3] = torch.inf, -torch.inf  # their sum is NaN: still found, the first one
+    with pytest.raises(CheckpointError, match=r"has -inf at index \[3, 3\]"):
+        check_finite(t, "'w'")
+
+
+def test_check_finite_passes_finite_weights_whose_sum_overflows():
+    # The fast test sums in the stored dtype: 60000 * 4 overflows float16, which must send the
+    # check to the exact scan, not refuse the tensor.
+    check_finite(torch.full((4,), 60000.0, dtype=torch.float16), "'w'")
+    check_finite(torch.full((4,), 3e38).to(torch.bfloat16), "'w'")
 
 
 def test_unknown_variant_name(fails):

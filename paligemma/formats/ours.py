@@ -146,9 +146,14 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
 
 def check_finite(t: torch.Tensor, where: str, row_offset: int = 0) -> None:
     """Raises CheckpointError naming the first NaN/Inf of `t` and its index (rows counted from
-    `row_offset`). Cheap when all is well: one float32-accumulated sum, no temporary mask.
-    Integer tensors (quantized weights) hold no NaN/Inf and are not read."""
-    if t.numel() == 0 or not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)):
+    `row_offset`). Cheap when all is well: one sum, no temporary mask. Integer tensors
+    (quantized weights) hold no NaN/Inf and are not read."""
+    # A sum is NaN/Inf whenever an element is, so a finite sum clears the tensor. It is taken in
+    # the stored dtype: torch accumulates bf16/f16 in float32 anyway, while sum(dtype=float32)
+    # converts element by element first, about 9x slower on bf16 (measured 1.0 vs 9 GB/s on 2
+    # cores: that conversion was most of a checkpoint's load time, warm or cold). A sum that
+    # overflows the stored dtype (f16 past 65504) only sends us to the exact scan below.
+    if t.numel() == 0 or not t.is_floating_point() or torch.isfinite(t.sum()):
         return
     flat = t.reshape(-1)
     for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
