@@ -7,28 +7,30 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
   instruction set this CPU has (AVX-512 F/BW/VL/VNNI, else AVX2 + FMA + F16C);
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
-  GEMM (`layers._widening_mm`); also what few rows take without the kernel.
+  GEMM (`layers._widening_mm`); also what few rows take without the kernel;
+- "bf16-gemm" (only at `--matmul-precision medium`, below): PyTorch's bf16 GEMM on the
+  bf16-rounded x and weights (`layers._bf16_mm`).
 
-int8 weights at many rows take the AVX-512 kernel too (its int16 products beat or tie an f32
-GEMM).
-
-Every path computes in float32 (big_vision's numerics); they differ only in f32 summation
-order (int8 weights on the kernel: x rounded to int16 steps of 2^-15 of its group's largest
-value, see `csrc/gemv.cpp`). Library kernels were measured against ours on an AVX-512 + AMX Xeon
-(`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`): none keeps float32 activations as fast
-at few rows (`F.linear` in f32 ties the kernel at 1 row and is about 2x slower at 4 and 8,
-`torch._weight_int8pack_mm` with f32 activations is 7-24x slower, bf16 `F.linear` rounds x to
-bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN gained at most 1.2x over "widen" at
-one thread, so they are not paths.
+At the default precision every path computes in float32 (big_vision's numerics); they differ
+only in f32 summation order (int8 and int4 weights on the kernel: x rounded to int16 steps of
+2^-15 of its group's largest value, see `csrc/gemv.cpp`). Library kernels were measured
+against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`):
+none keeps float32 activations as fast at few rows (`F.linear` in f32 ties the kernel at 1 row
+and is about 2x slower at 4 and 8, `torch._weight_int8pack_mm` with f32 activations is 7-24x
+slower, bf16 `F.linear` rounds x to bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN
+gained at most 1.2x over "widen" at one thread, so they are not paths. At many rows MKL's
+sgemm on widened weights ("widen") ties or beats the kernel's int16 products for int8 weights
+with two threads on that Xeon, so int8 widens too.
 
 Faster prefill at lower precision, on request: `torch.set_float32_matmul_precision("medium")`
-(the CLI's `--matmul-precision medium`, `set_matmul_precision`) lets PyTorch run float32 GEMMs
-through oneDNN with bfloat16 inputs and float32 accumulation and output. On CPUs with native
-bf16 dot products (AMX-BF16 or AVX512-BF16) that makes "aten" and "widen" 2.4-3x faster
-(prefill, vision) at the price of rounding x and the weights to bf16 (logits move by ~1e-2, as
-in transformers' bf16 model); int8 weights at many rows then take "widen" too. Decode steps keep
-the float32 kernel (bandwidth-bound: rounding would buy nothing). The default, "highest", is
-big_vision's numerics.
+(the CLI's `--matmul-precision medium`, `set_matmul_precision`) lets the GEMMs of many rows
+round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or AVX512-BF16):
+bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
+computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
+AMX Xeon), float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
+output. Decode steps keep the float32 kernel (bandwidth-bound: rounding would buy nothing);
+norms, attention, the residual stream stay float32. The default, "highest", is big_vision's
+numerics.
 
 The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
@@ -144,16 +146,9 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
         paths[dtype, True] = f"kernel-{kernel}" if kernel else (
             "aten" if dtype == torch.float32 else "widen")
         paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
-    if kernel == "avx512":
-        # int8 at many rows: VNNI's int16 pair products (32 per instruction, twice an f32 FMA's)
-        # beat or tie widening to f32 for sgemm (benchmarks/bf16_matmul.py, 262 rows: 131-140 vs
-        # 140-165 ms on one AMX Xeon core); x is rounded to int16 as at decode, far below the
-        # int8 weights' own rounding.
-        paths[torch.int8, False] = "kernel-avx512"
     if precision == "medium" and cpu.native_bf16:
-        # oneDNN's bf16 GEMM, reached through the f32 GEMM of "widen": 2.5x the VNNI kernel on
-        # one AMX Xeon core (benchmarks/RESULTS.md); the int8 weights widen exactly.
-        paths[torch.int8, False] = "widen"
+        for dtype in (torch.bfloat16, torch.float16, torch.int8):
+            paths[dtype, False] = "bf16-gemm"
     return Plan(cpu, disabled, kernel, paths, precision)
 
 

@@ -13,7 +13,7 @@ capabilities, per weight dtype and row count:
   bandwidth (`paligemma.kernels`, built for AVX-512 or AVX2);
 - many rows (prefill, vision) with non-f32 weights: the weights are widened to f32 a few MB at a
   time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
-  (int8 weights on AVX-512 VNNI CPUs: the kernel again, its int16 products are faster);
+  (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead);
 - f32 weights otherwise: `F.linear`.
 """
 
@@ -66,6 +66,8 @@ def linear(
         y = kernels.gemv(plan.kernel, x.reshape(rows, -1), weight, scale)
     elif path == "aten" and scale is None:
         return F.linear(x, weight, bias)
+    elif path == "bf16-gemm":
+        y = _bf16_mm(x.reshape(rows, -1), weight, scale)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
@@ -79,6 +81,23 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
         buf.copy_(weight[start:stop])
 
     out = chunked_weight_mm(x, weight.shape[0], widen)
+    return out if scale is None else out.mul_(scale)
+
+
+def _bf16_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] f32 @ weight [N, K].T * scale through PyTorch's bf16 GEMM (oneDNN; AMX where the
+    CPU has it): x and the products rounded to bf16, accumulated in f32 (`--matmul-precision
+    medium`). f16 / int8 weights are converted a few MB at a time (int8 values are exact in bf16:
+    the scale multiplies the f32 output)."""
+    xb = x.bfloat16()
+    if weight.dtype == torch.bfloat16:
+        out = F.linear(xb, weight).float()
+    else:
+        (m, k), n = x.shape, weight.shape[0]
+        out = x.new_empty(m, n)
+        step = max(1, CHUNK_BYTES // (2 * k))
+        for start in range(0, n, step):
+            out[:, start : start + step] = F.linear(xb, weight[start : start + step].bfloat16())
     return out if scale is None else out.mul_(scale)
 
 
