@@ -28,6 +28,9 @@ from torch import nn
 from . import dispatch, int4, kernels
 
 CHUNK_BYTES = 4 << 20  # f32 bytes of weights widened at a time (fits in L2/L3 with room)
+# bf16 bytes of f16 / int8 weights converted at a time for the bf16 GEMM: larger pieces keep
+# oneDNN's per-call packing cheap (16384 x 2048 int8 on the AMX Xeon: 17.8 ms vs 20.1 at 4 MB).
+BF16_CHUNK_BYTES = 16 << 20
 
 
 def dequantize(
@@ -95,9 +98,12 @@ def _bf16_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) 
     else:
         (m, k), n = x.shape, weight.shape[0]
         out = x.new_empty(m, n)
-        step = max(1, CHUNK_BYTES // (2 * k))
+        step = max(1, BF16_CHUNK_BYTES // (2 * k))
+        buf = x.new_empty(min(step, n), k, dtype=torch.bfloat16)  # reused: no fresh pages
         for start in range(0, n, step):
-            out[:, start : start + step] = F.linear(xb, weight[start : start + step].bfloat16())
+            w = buf[: min(step, n - start)]
+            w.copy_(weight[start : start + step])
+            out[:, start : start + step] = F.linear(xb, w)
     return out if scale is None else out.mul_(scale)
 
 
