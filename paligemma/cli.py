@@ -332,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--matmul-precision", choices=dispatch.PRECISIONS, default="highest",
             help="highest (default): float32 matmuls, big_vision's numerics; medium: prefill and "
-            "vision matmuls with bf16 inputs on CPUs with native bf16 (AMX, AVX512-BF16), 2-3x "
-            "faster there, logits move by ~1e-2 (ignored, with a warning, on other CPUs)")
+            "vision matmuls as bf16 GEMMs (bf16 inputs and outputs, float32 sums, as "
+            "transformers' bf16 model) on CPUs with native bf16 (AMX, AVX512-BF16), about 3x "
+            "faster prefill there (ignored, with a warning, on other CPUs)")
     return parser
 
 
