@@ -6,6 +6,7 @@ bytes of each rank.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,3 +31,8 @@ for case in map(Path, sys.argv[2:]):
         (out / f"{case.name}.json").write_text(json.dumps({"rank_weight_bytes": sizes}))
 dist.barrier()  # every rank done before the group goes
 dist.destroy_process_group()
+# torch 2.13's gloo backend sometimes aborts in interpreter teardown, after all of the above
+# ("terminate called without an active exception", no Python frame: about 1 run in 4 on an
+# AMX Xeon, before and after issue 18's changes). Everything is written and the group is gone,
+# so the rank leaves without that teardown; any failure before this line still fails the test.
+os._exit(0)
