@@ -366,4 +366,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # torch 2.13's gloo backend sometimes aborts in interpreter teardown after the group is
+    # destroyed ("terminate called without an active exception"), turning a finished command
+    # into a crash; its output is complete, so flush it and leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -347,7 +347,8 @@ def test_full_queue_gives_429_and_frees_up(demo_pg):
 
 
 def test_timeout_gives_504_and_drops_the_work(demo_pg):
-    with TestClient(create_app(demo_pg, ServeConfig(timeout=0.5))) as client:
+    # long enough for the second request to finish on a busy 2-core machine
+    with TestClient(create_app(demo_pg, ServeConfig(timeout=2.0))) as client:
         url = data_url(scene_image(1))
         with blocked_engine(client) as engine:
             assert "timed out" in error_of(client.post(

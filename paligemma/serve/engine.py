@@ -211,19 +211,19 @@ class Engine:
                     self._deliver(event)
 
     def _run_call(self, call: _Call) -> None:
+        outcome: Done | Failed | None = None
         try:
             if call.ticket.cancelled:
                 self.stats["cancelled"] += 1
             else:
-                call.ticket._emit(Done([], "stop", call.fn()))
+                outcome = Done([], "stop", call.fn())
                 self.stats["done"] += 1
         except Exception as e:  # noqa: BLE001 - reported to the request, not the server
             logger.exception("request failed")
-            call.ticket._emit(Failed(e))
+            outcome = Failed(e)
             self.stats["failed"] += 1
         finally:
-            with self._lock:
-                self._admitted -= 1
+            self._finish(call.ticket, outcome)
 
     def _deliver(self, event: Event) -> None:
         ticket: Ticket = event.handle.id
@@ -233,14 +233,20 @@ class Engine:
             return
         reason = event.handle.finish_reason
         if reason in FINISH_REASONS:
-            ticket._emit(Done(list(event.handle.tokens), FINISH_REASONS[reason]))
             self.stats["done"] += 1
+            self._finish(ticket, Done(list(event.handle.tokens), FINISH_REASONS[reason]))
         else:  # cancelled: the client is gone, or the server is shutting down
-            ticket._emit(Failed(ShuttingDown("request cancelled")))
             self.stats["cancelled"] += 1
+            self._finish(ticket, Failed(ShuttingDown("request cancelled")))
+
+    def _finish(self, ticket: Ticket, outcome: Done | Failed | None) -> None:
+        """Stops counting the job, then hands over its outcome: whoever receives it sees the
+        load without it."""
         with self._lock:
             self._live.discard(ticket)
             self._admitted -= 1
+        if outcome is not None:
+            ticket._emit(outcome)
 
     def _fail_all(self, error: BaseException) -> None:
         """(lock held) Fails every admitted job and starts over with an empty scheduler."""
