@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TextConfig
 from .kv_cache import KVCache
-from .layers import Embedding, Linear
+from .layers import Embedding, Linear, matmul_dtype
 
 RMS_NORM_EPS = 1e-6  # hard-coded in big_vision; config.norm_eps is never read
 MASK_FILL = -2.3819763e38  # big_vision's K_MASK; a finite fill keeps fully masked rows NaN-free
@@ -220,7 +220,9 @@ class GeGLU(nn.Module):
 
     def hidden_to_out(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, D] -> [M, D]: down(gelu(gate(x)) * up(x)); without autograd gelu and the
-        product are taken in place (two hidden buffers, not four)."""
+        product are taken in place (two hidden buffers, not four). bf16 at
+        `--matmul-precision medium` (see `matmul_dtype`)."""
+        x = x.to(matmul_dtype(x, self.gate_proj.weight))
         gate = self.gate_proj(x)
         if torch.is_grad_enabled():  # autograd needs gelu's input: no in-place ops
             return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))

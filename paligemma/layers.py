@@ -53,24 +53,29 @@ def linear(
     """x [..., K] -> [..., N]: x @ (weight * scale[:, None]).T + bias, in x's dtype.
 
     weight [N, K] is f32, bf16, f16 or int8; scale [N] float32 or None. Results agree across the
-    three paths up to float32 summation order. Packed int4 weights (uint8) go to `int4.linear`.
+    float32 paths up to summation order; "bf16-gemm" (`--matmul-precision medium`) rounds x and
+    the output to bf16, and also takes bf16 x (from `matmul_dtype`). Packed int4 weights (uint8)
+    go to `int4.linear`.
     """
     if weight.dtype == torch.uint8:
         return int4.linear(x, weight, bias, scale)
     bias = None if bias is None else bias.to(x.dtype)
     # The kernel and the chunked GEMM (mm with out=) have no autograd: training takes F.linear.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad or x.dtype != torch.float32 or not x.is_cpu:
+    if needs_grad or not x.is_cpu:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
     plan = dispatch.plan()
     path = plan.paths.get((weight.dtype, rows <= dispatch.FEW_ROWS), "widen")
+    if path == "bf16-gemm" and x.dtype in (torch.bfloat16, torch.float32):
+        y = _bf16_mm(x.reshape(rows, -1).bfloat16(), weight, bias, scale)  # bf16 x: `matmul_dtype`
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+    if x.dtype != torch.float32:
+        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     if path.startswith("kernel"):
         y = kernels.gemv(plan.kernel, x.reshape(rows, -1), weight, scale)
     elif path == "aten" and scale is None:
         return F.linear(x, weight, bias)
-    elif path == "bf16-gemm":
-        y = _bf16_mm(x.reshape(rows, -1), weight, scale)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
@@ -87,24 +92,40 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     return out if scale is None else out.mul_(scale)
 
 
-def _bf16_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] f32 @ weight [N, K].T * scale through PyTorch's bf16 GEMM (oneDNN; AMX where the
-    CPU has it): x and the products rounded to bf16, accumulated in f32 (`--matmul-precision
-    medium`). f16 / int8 weights are converted a few MB at a time (int8 values are exact in bf16:
-    the scale multiplies the f32 output)."""
-    xb = x.bfloat16()
-    if weight.dtype == torch.bfloat16:
-        out = F.linear(xb, weight).float()
-    else:
-        (m, k), n = x.shape, weight.shape[0]
-        out = x.new_empty(m, n)
-        step = max(1, BF16_CHUNK_BYTES // (2 * k))
-        buf = x.new_empty(min(step, n), k, dtype=torch.bfloat16)  # reused: no fresh pages
-        for start in range(0, n, step):
-            w = buf[: min(step, n - start)]
-            w.copy_(weight[start : start + step])
-            out[:, start : start + step] = F.linear(xb, w)
-    return out if scale is None else out.mul_(scale)
+def _bf16_mm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] bf16 @ weight [N, K].T * scale + bias -> [M, N] bf16, through PyTorch's bf16
+    GEMM (oneDNN; AMX where the CPU has it): products accumulated in f32, the output rounded to
+    bf16 (`--matmul-precision medium`). f16 / int8 weights are converted a few MB at a time (int8
+    values are exact in bf16; the scale multiplies the output)."""
+    bias = None if bias is None else bias.bfloat16()
+    if weight.dtype == torch.bfloat16 and scale is None:
+        return F.linear(x, weight, bias)  # one addmm: the bias add is fused
+    (m, k), n = x.shape, weight.shape[0]
+    out = x.new_empty(m, n)
+    step = max(1, BF16_CHUNK_BYTES // (2 * k))
+    buf = x.new_empty(min(step, n), k)  # reused: no fresh pages
+    for start in range(0, n, step):
+        w = buf[: min(step, n - start)]
+        w.copy_(weight[start : start + step])
+        out[:, start : start + step] = F.linear(x, w)
+    if scale is not None:
+        out.mul_(scale)
+    return out if bias is None else out.add_(bias)
+
+
+def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype for x [..., K] entering a run of matmuls on weights like `weight` (a block's
+    projections and what lies between them: GELU, attention): bfloat16 where `linear` rounds x
+    and its output to bf16 anyway ("bf16-gemm", `--matmul-precision medium`), so the activations
+    in between stay bf16 instead of being widened to f32 and rounded again at the next matmul
+    (as transformers' bf16 model computes them); x's own dtype otherwise."""
+    if x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled():
+        return x.dtype
+    few = x.numel() // x.shape[-1] <= dispatch.FEW_ROWS
+    bf16 = dispatch.plan().paths.get((weight.dtype, few)) == "bf16-gemm"
+    return torch.bfloat16 if bf16 else x.dtype
 
 
 def chunked_weight_mm(

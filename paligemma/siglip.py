@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .layers import Conv2d, LayerNorm, Linear
+from .layers import Conv2d, LayerNorm, Linear, matmul_dtype
 
 LAYER_NORM_EPS = 1e-6  # flax nn.LayerNorm default
 
@@ -28,13 +28,14 @@ class SiglipAttention(nn.Module):
         self.out_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
+        """x: [B, N, D] -> [B, N, D] (bf16 at `--matmul-precision medium`, see `matmul_dtype`)."""
         b, n, _ = x.shape
+        x = x.to(matmul_dtype(x, self.q_proj.weight))
         q, k, v = (
             proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # f32 softmax
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -45,6 +46,8 @@ class SiglipMLP(nn.Module):
         self.fc2 = Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D] (bf16 at `--matmul-precision medium`)."""
+        x = x.to(matmul_dtype(x, self.fc1.weight))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 

@@ -2,16 +2,20 @@
 this CPU can run), chunk-widened GEMMs, the dispatch between them, SDPA attention, low-precision
 weight storage and int8 quantization. No timings here."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from paligemma import dispatch, int4, kernels, layers
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.gemma import GeGLU
 from paligemma.generate import generate
 from paligemma.layers import dequantize, linear
 from paligemma.model import PaliGemmaModel
 from paligemma.quantize import quantize_, quantize_int8
+from paligemma.siglip import SiglipVisionEncoder
 
 # The kernel builds this CPU can run (each is built on first use, then cached by torch).
 CPU = dispatch.Cpu.detect()
@@ -212,6 +216,60 @@ def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, p
     assert (linear(x, w, None, scale) - exact).abs().max() > 1e-3  # it did round
     torch.testing.assert_close(linear(x[:2], w, None, scale), exact[:2], rtol=1e-5,
                                atol=2e-3 if dtype == torch.int8 else 1e-5)
+
+
+@pytest.fixture
+def medium_plan(monkeypatch, precision):
+    """Plans as an AMX CPU at medium precision (bf16 weights at many rows: "bf16-gemm") on any
+    machine: PyTorch's bf16 GEMM runs everywhere, natively or not, and these are tiny."""
+    torch.set_float32_matmul_precision("medium")
+    monkeypatch.setattr(dispatch, "_plan", dispatch.choose(AMX, frozenset({"kernel"}), "medium"))
+
+
+def test_matmul_dtype_is_bf16_only_where_linear_rounds_to_bf16(medium_plan):
+    w16, w32 = torch.zeros(8, 32, dtype=torch.bfloat16), torch.zeros(8, 32)
+    many, few = torch.randn(dispatch.FEW_ROWS + 1, 32), torch.randn(dispatch.FEW_ROWS, 32)
+    assert layers.matmul_dtype(many, w16) == torch.float32  # autograd on: training is f32
+    with torch.no_grad():
+        assert layers.matmul_dtype(many, w16) == torch.bfloat16
+        assert layers.matmul_dtype(few, w16) == torch.float32  # decode keeps the f32 kernel
+        assert layers.matmul_dtype(many, w32) == torch.float32  # "aten": oneDNN rounds inside
+        torch.set_float32_matmul_precision("highest")
+        assert layers.matmul_dtype(many, w16) == torch.float32
+
+
+def test_medium_keeps_activations_bf16_between_matmuls_and_close_to_highest(medium_plan):
+    """At medium the projections of a vision block and of the Gemma MLP take bf16 inputs (GELU
+    and attention in between run in bf16, as transformers' bf16 model); the residual stream and
+    the blocks' outputs stay f32, within bf16 rounding of the default precision's."""
+    vision = SiglipVisionEncoder(VisionConfig(width=32, depth=2, mlp_dim=64, num_heads=2,
+                                              patch_size=14, image_size=56))
+    mlp = GeGLU(TextConfig(width=48, depth=1, mlp_dim=64, num_heads=4, num_kv_heads=2,
+                           head_dim=16, vocab_size=97))
+    with torch.no_grad():
+        for p in itertools.chain(vision.parameters(), mlp.parameters()):
+            p.normal_(0, 0.3)
+    vision, mlp = vision.bfloat16().eval(), mlp.bfloat16().eval()
+    seen = set()
+    for module in itertools.chain(vision.blocks.modules(), mlp.modules()):
+        if isinstance(module, layers.Linear):
+            module.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype))
+    images, x = torch.rand(1, 3, 56, 56) * 2 - 1, torch.randn(20, 48)
+
+    def run():
+        seen.clear()
+        with torch.inference_mode():
+            return vision(images), mlp(x)
+
+    medium = run()
+    assert seen == {torch.bfloat16}
+    torch.set_float32_matmul_precision("highest")
+    highest = run()
+    assert seen == {torch.float32}
+    assert medium[0].dtype == torch.float32  # the residual stream
+    for m, h in zip(medium, highest, strict=True):
+        error = (m.float() - h).abs().max() / h.abs().max()
+        assert 0 < error < 2**-6  # a few bf16 roundings (2^-9 each) through two layers
 
 
 def tiny_model(softcap: float | None = None, seed: int = 0) -> PaliGemmaModel:
