@@ -28,9 +28,11 @@ round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or A
 bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
 computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
 AMX Xeon), float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
-output. Decode steps keep the float32 kernel (bandwidth-bound: rounding would buy nothing);
-norms, attention, the residual stream stay float32. The default, "highest", is big_vision's
-numerics.
+output. Between the projections of a block (the vision tower's attention and MLP, the Gemma
+MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
+widening and rounding again at the next GEMM). Decode steps keep the float32 kernel
+(bandwidth-bound: rounding would buy nothing); norms, the residual stream and the decoder's
+attention stay float32. The default, "highest", is big_vision's numerics.
 
 The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time

@@ -13,7 +13,8 @@ capabilities, per weight dtype and row count:
   bandwidth (`paligemma.kernels`, built for AVX-512 or AVX2);
 - many rows (prefill, vision) with non-f32 weights: the weights are widened to f32 a few MB at a
   time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
-  (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead);
+  (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, and
+  the activations between a block's projections stay bf16: `matmul_dtype`);
 - f32 weights otherwise: `F.linear`.
 """
 
