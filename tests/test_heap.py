@@ -11,8 +11,9 @@ from paligemma import heap
 pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="needs glibc (Linux)")
 
 # A fresh interpreter: glibc's dynamic threshold depends on what the process freed before.
-# mallinfo2().hblkhd is the number of bytes in memory-mapped blocks.
-PROBE = textwrap.dedent("""
+# mallinfo2().hblkhd is the number of bytes in memory-mapped blocks, keepcost the free bytes at
+# the top of the heap.
+MALLINFO = """
     import ctypes, torch
     from paligemma import heap
 
@@ -23,6 +24,8 @@ PROBE = textwrap.dedent("""
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
+"""
+PROBE = textwrap.dedent(MALLINFO + """
 
     def mapped_by(nbytes):
         before = libc.mallinfo2().hblkhd
@@ -45,3 +48,31 @@ def test_large_allocations_mapped_after_the_call():
     before, after = out.stdout.splitlines()
     assert before == "False"  # glibc's dynamic threshold: an 8 MB tensor comes from the heap
     assert after == "True"  # then new large blocks get their own mapping, not more heap
+
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+
+
+@pytest.mark.parametrize("user_set", [None, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
+def test_the_trim_threshold_is_fixed_with_the_mmap_threshold(user_set, monkeypatch):
+    """A fixed mmap threshold freezes glibc's trim threshold at 128 KB unless it is set too: then
+    every block of 128 KB to 4 MB freed at the top of the heap goes back to the OS and is faulted
+    in again by the next allocation (RESULTS.md: 20950 page faults per vision tower). What glibc
+    does with the values is its business; that both are set, unless the user set one, is ours."""
+    libc = FakeLibc()
+    monkeypatch.setattr(heap, "_glibc", lambda: libc)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    if user_set:
+        monkeypatch.setenv(user_set, "65536")
+    heap.map_large_allocations()
+    expected = {"MALLOC_MMAP_THRESHOLD_": (heap._M_MMAP_THRESHOLD, heap.LARGE_ALLOCATION_BYTES),
+                "MALLOC_TRIM_THRESHOLD_": (heap._M_TRIM_THRESHOLD, heap.KEPT_FREE_TOP_BYTES)}
+    assert libc.calls == [call for name, call in expected.items() if name != user_set]
+    assert heap.KEPT_FREE_TOP_BYTES == 2 * heap.LARGE_ALLOCATION_BYTES  # glibc's own pairing
