@@ -98,22 +98,26 @@ def _bf16_mm(
 ) -> torch.Tensor:
     """x [M, K] bf16 @ weight [N, K].T * scale + bias -> [M, N] bf16, through PyTorch's bf16
     GEMM (oneDNN; AMX where the CPU has it): products accumulated in f32, the output rounded to
-    bf16 (`--matmul-precision medium`). f16 / int8 weights are converted a few MB at a time (int8
-    values are exact in bf16; the scale multiplies the output)."""
-    bias = None if bias is None else bias.bfloat16()
+    bf16 (`--matmul-precision medium`). f16 / int8 weights are converted a few MB at a time;
+    int8 codes are exact in bf16, and the scale and bias are applied to each piece's output in
+    f32 before its one rounding (an in-place bf16 * f32 multiply would widen the whole output
+    twice)."""
     if weight.dtype == torch.bfloat16 and scale is None:
-        return F.linear(x, weight, bias)  # one addmm: the bias add is fused
+        return F.linear(x, weight, None if bias is None else bias.bfloat16())  # bias fused
     (m, k), n = x.shape, weight.shape[0]
     out = x.new_empty(m, n)
     step = max(1, BF16_CHUNK_BYTES // (2 * k))
     buf = x.new_empty(min(step, n), k)  # reused: no fresh pages
     for start in range(0, n, step):
+        cols = slice(start, start + step)
         w = buf[: min(step, n - start)]
-        w.copy_(weight[start : start + step])
-        out[:, start : start + step] = F.linear(x, w)
-    if scale is not None:
-        out.mul_(scale)
-    return out if bias is None else out.add_(bias)
+        w.copy_(weight[cols])
+        if scale is None:
+            out[:, cols] = F.linear(x, w, None if bias is None else bias[cols].bfloat16())
+        else:
+            y = F.linear(x, w).float().mul_(scale[cols])
+            out[:, cols] = y if bias is None else y.add_(bias[cols])
+    return out
 
 
 def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
