@@ -332,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--matmul-precision", choices=dispatch.PRECISIONS, default="highest",
             help="highest (default): float32 matmuls, big_vision's numerics; medium: prefill and "
-            "vision matmuls as bf16 GEMMs (bf16 inputs and outputs, float32 sums, as "
-            "transformers' bf16 model) on CPUs with native bf16 (AMX, AVX512-BF16), about 3x "
-            "faster prefill there (ignored, with a warning, on other CPUs)")
+            "vision matmuls as bf16 GEMMs (bf16 inputs and outputs, float32 sums) with bf16 "
+            "activations inside each block, as transformers' bf16 model, on CPUs with native "
+            "bf16 (AMX, AVX512-BF16): 3-5x faster prefill there (ignored, with a warning, "
+            "on other CPUs)")
     return parser
 
 
