@@ -467,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
             "config": config.to_dict(),
             "threads": args.threads,
             "steps": steps,
-            "steps_b4": max(3, steps // 3),
+            # as many steps as batch 1: with a third of them (3 at the default 10) the batch-4
+            # figure was the mean of two intervals, and moved 20-30% between runs
+            "steps_b4": steps,
             "repeats": args.repeats,
         }
         print(f"running {framework}/{dtype} ...", file=sys.stderr)
