@@ -85,11 +85,12 @@ def test_gemv_kernel_matches_float64(isa, dtype, k, m):
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
-@pytest.mark.parametrize("group", [32, 128, 256])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
 def test_gemv_kernel_int4_matches_float64(isa, group, m):
     """Packed int4 (6 rows: a block of 4 and a tail): the codes' products take x rounded to
-    int16 per group of G, the offsets' the group sums of x itself."""
+    int16 per group of G, the offsets' the group sums of x itself. Groups of whole nibble blocks
+    (64 columns on AVX2, 128 on AVX-512) take the nibble path, the others the widening one."""
     w, scale = int4.quantize_int4(torch.randn(6, 2 * group) * torch.rand(6, 1), group)
     x = torch.randn(m, 2 * group) * 3
     codes = int4.unpack(w).double() * scale[..., 0].double().repeat_interleave(group, 1)

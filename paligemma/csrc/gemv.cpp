@@ -77,6 +77,9 @@ inline vi dot_i16(vi acc, vi a, vi b) {  // acc[j] += a[2j] b[2j] + a[2j+1] b[2j
 #endif
 }
 inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
+inline vi and_i(vi a, vi b) { return _mm512_and_si512(a, b); }
+inline vi set1_i16(int16_t v) { return _mm512_set1_epi16(v); }
+template <int S> inline vi srli_i16(vi v) { return S ? _mm512_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
 // 16 packed bytes = 32 int4 columns in order (low nibbles 0..15, high 16..31) -> 32 int16.
 constexpr int kI4Vectors = 1;
@@ -88,6 +91,9 @@ inline void widen_i4(const uint8_t* p, vi* out) {
 }
 constexpr int kI16Lanes = 32;
 constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
+// x rows up to which int4 takes the nibble path; at 4 it was no faster in a decode step of the 3B
+// model (197-214 ms either way), while at 1 it is 12-16% faster (benchmarks/RESULTS.md)
+constexpr int kNibbleMaxXRows = 2;
 // Software prefetch distance along the weight stream (bytes), for float and int8 weights.
 constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048;
 #else
@@ -120,6 +126,9 @@ inline vi widen_i8(const int8_t* p) {
 }
 inline vi dot_i16(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
+inline vi and_i(vi a, vi b) { return _mm256_and_si256(a, b); }
+inline vi set1_i16(int16_t v) { return _mm256_set1_epi16(v); }
+template <int S> inline vi srli_i16(vi v) { return S ? _mm256_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
 constexpr int kI4Vectors = 2;  // 32 int4 columns -> two vectors of 16 int16
 inline void widen_i4(const uint8_t* p, vi* out) {
@@ -130,6 +139,9 @@ inline void widen_i4(const uint8_t* p, vi* out) {
 }
 constexpr int kI16Lanes = 16;
 constexpr int kRowBlock = 2;  // weight rows per block: 4 x 2 accumulators of 16 registers
+// With 16 registers the nibble path loses from 2 x rows on (2: 7-16% slower than widening, 4:
+// up to 20%) and wins at 1 (6-21% faster; the AVX2 build on the AMX Xeon, benchmarks/RESULTS.md).
+constexpr int kNibbleMaxXRows = 1;
 // 4 KB for float weights: measured on an AVX2-only EPYC (`benchmarks/RESULTS.md`), decode of the
 // bf16 3B model 19% faster than with 2 KB; int8 was 7% slower with 4 KB, so it keeps 2 KB.
 constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048;
@@ -257,13 +269,51 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
   }
 }
 
+// int4 columns per step of the nibble path: one vector of packed bytes per weight row, read as
+// kI16Lanes int16 words of 4 nibbles each.
+constexpr int64_t kI4Block = 4 * kI16Lanes;
+
+// The nibble path reads a vector of packed bytes as int16 words and takes nibble V of every word
+// with one shift and one mask, so x must come in the matching column order: word j of a block
+// (bytes 2j, 2j + 1 of 16-byte chunk c = j / 8; a chunk holds columns 32c .. 32c + 31, low
+// nibbles first) holds the columns 32c + b, 32c + 16 + b, 32c + b + 1, 32c + 16 + b + 1 for
+// V = 0..3, with b = 2 (j % 8).
+std::vector<int16_t> nibble_order(const std::vector<int16_t>& q, int64_t M, int64_t K) {
+  std::vector<int16_t> out(q.size());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += kI4Block)
+      for (int v = 0; v < 4; ++v)
+        for (int j = 0; j < kI16Lanes; ++j) {
+          const int64_t col = k0 + 32 * (j / 8) + 2 * (j % 8) + (v % 2) * 16 + v / 2;
+          out[m * K + k0 + v * kI16Lanes + j] = q[m * K + col];
+        }
+  return out;
+}
+
+// Nibble V of NR rows' packed words against XR rows of x in nibble order (`nibble_order`).
+template <int V, int XR, int NR>
+inline void nibble_products(const vi* words, const int16_t* xq, int64_t K, vi (&sum)[XR][NR]) {
+  vi wv[NR];
+  for (int r = 0; r < NR; ++r)
+    wv[r] = V == 3 ? srli_i16<12>(words[r]) : and_i(srli_i16<4 * V>(words[r]), set1_i16(0x0F));
+  for (int i = 0; i < XR; ++i) {
+    const vi xv = load_i16(xq + i * K + V * kI16Lanes);
+    for (int r = 0; r < NR; ++r) sum[i][r] = dot_i16(sum[i][r], wv[r], xv);
+  }
+}
+
 // int4 weights: NR packed rows (row stride K / 2 bytes, scales [groups, 2] per row) against XR
-// rows of x, 32 columns (16 bytes of each row) per step. Each int32 lane adds at most
-// 256 / 32 * 2 * 15 * 32767 < 2^31 per group (G <= 256).
+// rows of x. Where a group is whole blocks of kI4Block columns (and XR <= kNibbleMaxXRows), a
+// step is one vector of packed bytes per row taken nibble by nibble (`nibble_products`: at most
+// 2 integer ops per nibble vector, x in `xq4`'s order; 17-35% faster than widening at one x row
+// on AVX-512); otherwise 32 columns (16 bytes) per step, widened to int16 in column order. Each
+// int32 lane adds at most 256 / 32 * 2 * 15 * 32767 < 2^31 per group (G <= 256).
 template <int XR, int NR>
-inline void dot_rows_int4(const QuantizedRows& xq, int64_t row0, const uint8_t* w, int64_t K,
-                          int64_t G, const float* s, float* y, int64_t N) {
+inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& xq4, int64_t row0,
+                          const uint8_t* w, int64_t K, int64_t G, const float* s, float* y,
+                          int64_t N) {
   const int64_t groups = K / G;
+  const bool nibbles = G % kI4Block == 0 && XR <= kNibbleMaxXRows;
   vf acc[XR][NR];
   float offsets[XR][NR] = {};
   for (int i = 0; i < XR; ++i)
@@ -272,7 +322,21 @@ inline void dot_rows_int4(const QuantizedRows& xq, int64_t row0, const uint8_t* 
     vi sum[XR][NR];
     for (int i = 0; i < XR; ++i)
       for (int r = 0; r < NR; ++r) sum[i][r] = izero();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+    if (nibbles) {
+      for (int64_t k = g * G; k < (g + 1) * G; k += kI4Block) {
+        vi words[NR];
+        for (int r = 0; r < NR; ++r) {
+          if (k % 128 == 0) prefetch(w + r * (K / 2) + k / 2 + kPrefetchInt8);  // once a line
+          words[r] = load_i16(reinterpret_cast<const int16_t*>(w + r * (K / 2) + k / 2));
+        }
+        const int16_t* xk = xq4.data() + row0 * K + k;
+        nibble_products<0>(words, xk, K, sum);
+        nibble_products<1>(words, xk, K, sum);
+        nibble_products<2>(words, xk, K, sum);
+        nibble_products<3>(words, xk, K, sum);
+      }
+    }
+    for (int64_t k = g * G; !nibbles && k < (g + 1) * G; k += 32) {
       vi wv[NR][kI4Vectors];
       for (int r = 0; r < NR; ++r) {
         if (k % 128 == 0) prefetch(w + r * (K / 2) + k / 2 + kPrefetchInt8);  // once a line
@@ -343,10 +407,12 @@ void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* s
 void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* s, int64_t N,
                       int64_t K, int64_t G, float* y) {
   const QuantizedRows xq = quantize_rows(x, M, K, G);
+  const std::vector<int16_t> xq4 = G % kI4Block == 0 ? nibble_order(xq.q, M, K)
+                                                     : std::vector<int16_t>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
       dot_rows_int4<decltype(xr)::value, decltype(nr)::value>(
-          xq, m, w + n * (K / 2), K, G, s + n * (K / G) * 2, y + m * N + n, N);
+          xq, xq4, m, w + n * (K / 2), K, G, s + n * (K / G) * 2, y + m * N + n, N);
     });
   });
 }
