@@ -66,15 +66,14 @@ def linear(
     if needs_grad or not x.is_cpu:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
-    plan = dispatch.plan()
-    path = plan.paths.get((weight.dtype, rows <= dispatch.FEW_ROWS), "widen")
+    path = _path(weight, rows)
     if path == "bf16-gemm" and x.dtype in (torch.bfloat16, torch.float32):
         y = _bf16_mm(x.reshape(rows, -1).bfloat16(), weight, bias, scale)  # bf16 x: `matmul_dtype`
         return y.view(*x.shape[:-1], -1).to(x.dtype)
     if x.dtype != torch.float32:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     if path.startswith("kernel"):
-        y = kernels.gemv(plan.kernel, x.reshape(rows, -1), weight, scale)
+        y = kernels.gemv(dispatch.plan().kernel, x.reshape(rows, -1), weight, scale)
     elif path == "aten" and scale is None:
         return F.linear(x, weight, bias)
     else:
@@ -82,6 +81,11 @@ def linear(
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], -1)
+
+
+def _path(weight: torch.Tensor, rows: int) -> str:
+    """The path `dispatch` chose for a matmul of `rows` rows on this weight's dtype."""
+    return dispatch.plan().paths.get((weight.dtype, rows <= dispatch.FEW_ROWS), "widen")
 
 
 def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -128,8 +132,7 @@ def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     (as transformers' bf16 model computes them); x's own dtype otherwise."""
     if x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled():
         return x.dtype
-    few = x.numel() // x.shape[-1] <= dispatch.FEW_ROWS
-    bf16 = dispatch.plan().paths.get((weight.dtype, few)) == "bf16-gemm"
+    bf16 = _path(weight, x.numel() // x.shape[-1]) == "bf16-gemm"
     return torch.bfloat16 if bf16 else x.dtype
 
 

@@ -11,9 +11,8 @@ from paligemma import heap
 pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="needs glibc (Linux)")
 
 # A fresh interpreter: glibc's dynamic threshold depends on what the process freed before.
-# mallinfo2().hblkhd is the number of bytes in memory-mapped blocks, keepcost the free bytes at
-# the top of the heap.
-MALLINFO = """
+# mallinfo2().hblkhd is the number of bytes in memory-mapped blocks.
+PROBE = textwrap.dedent("""
     import ctypes, torch
     from paligemma import heap
 
@@ -24,8 +23,6 @@ MALLINFO = """
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-"""
-PROBE = textwrap.dedent(MALLINFO + """
 
     def mapped_by(nbytes):
         before = libc.mallinfo2().hblkhd
@@ -48,7 +45,6 @@ def test_large_allocations_mapped_after_the_call():
     before, after = out.stdout.splitlines()
     assert before == "False"  # glibc's dynamic threshold: an 8 MB tensor comes from the heap
     assert after == "True"  # then new large blocks get their own mapping, not more heap
-
 
 
 class FakeLibc:
