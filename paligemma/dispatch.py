@@ -8,26 +8,32 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel;
+- "int8-gemm": int8 weights at many rows on CPUs with int8 dot products (AMX-INT8 or AVX512
+  VNNI): x rounded to int16 steps per row and split into two int8 halves, both multiplied by
+  one exact int8 GEMM, `torch._int_mm` (oneDNN; `layers._int8_mm`). 2-4x faster than "widen"
+  on one AMX Xeon;
 - "bf16-gemm" (only at `--matmul-precision medium`, below): PyTorch's bf16 GEMM on the
   bf16-rounded x and weights (`layers._bf16_mm`).
 
 At the default precision every path computes in float32 (big_vision's numerics); they differ
-only in f32 summation order (int8 and int4 weights on the kernel: x rounded to int16 steps of
-2^-15 of its group's largest value, see `csrc/gemv.cpp`). Library kernels were measured
+only in f32 summation order, except that int8 and int4 weights on the kernel and int8 weights on
+"int8-gemm" take x rounded to int16 steps of 2^-15 of its group's (row's) largest value, see
+`csrc/gemv.cpp`: an error about 100x below that of the int8 weights themselves. Library kernels were measured
 against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`):
 none keeps float32 activations as fast at few rows (`F.linear` in f32 ties the kernel at 1 row
 and is about 2x slower at 4 and 8, `torch._weight_int8pack_mm` with f32 activations is 7-24x
 slower, bf16 `F.linear` rounds x to bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN
 gained at most 1.2x over "widen" at one thread, so they are not paths. At many rows MKL's
 sgemm on widened weights ("widen") ties or beats the kernel's int16 products for int8 weights
-with two threads on that Xeon, so int8 widens too.
+with two threads on that Xeon; oneDNN's int8 GEMM on the two halves of int16-rounded x beats
+both ("int8-gemm").
 
 Faster prefill at lower precision, on request: `torch.set_float32_matmul_precision("medium")`
 (the CLI's `--matmul-precision medium`, `set_matmul_precision`) lets the GEMMs of many rows
 round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or AVX512-BF16):
-bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
+bf16 and f16 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
 computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
-AMX Xeon), float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
+AMX Xeon), int8 weights too where "int8-gemm" is not a path, float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
 output. Between the projections of a block (the vision tower's attention and MLP, the Gemma
 MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
 widening and rounding again at the next GEMM). Decode steps keep the float32 kernel
@@ -37,9 +43,10 @@ attention stay float32. The default, "highest", is big_vision's numerics.
 The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
 `plan()` is called (the first forward, or a loader or benchmark calling it), and logged; again
-only if the precision changes. `PALIGEMMA_DISABLE` turns paths off,
-a comma-separated list of `SWITCHES`: `kernel` (no C++ kernel), `avx512` (the AVX2 build even on
-AVX-512 CPUs). `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
+only if the precision changes. `PALIGEMMA_DISABLE` turns paths off, a comma-separated list of
+`SWITCHES`: `kernel` (no C++ kernel), `avx512` (the AVX2 build even on AVX-512 CPUs),
+`int8-gemm` (int8 weights at many rows widen, or take "bf16-gemm" at medium).
+`PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from . import kernels
 logger = logging.getLogger("paligemma")
 
 FEW_ROWS = 8  # up to this many rows a matmul is bandwidth-bound: the kernel beats a GEMM
-SWITCHES = ("kernel", "avx512")
+SWITCHES = ("kernel", "avx512", "int8-gemm")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
@@ -87,6 +94,12 @@ class Cpu:
     def native_bf16(self) -> bool:
         """bf16 dot products in hardware: oneDNN's bf16 GEMM beats f32 sgemm (x86 AMX / AVX512)."""
         return bool({"amx_bf16", "avx512_bf16"} & self.flags)
+
+    @property
+    def native_int8(self) -> bool:
+        """int8 dot products with int32 sums (AMX-INT8, AVX512-VNNI): oneDNN's int8 GEMM
+        (`torch._int_mm`) is several times faster than f32 sgemm."""
+        return bool({"amx_int8", "avx512_vnni"} & self.flags)
 
     def matmul_flags(self) -> list[str]:
         """The flags that matter for the matmul paths (for logs and benchmark records)."""
@@ -151,6 +164,8 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
     if precision == "medium" and cpu.native_bf16:
         for dtype in (torch.bfloat16, torch.float16, torch.int8):
             paths[dtype, False] = "bf16-gemm"
+    if cpu.native_int8 and "int8-gemm" not in disabled:
+        paths[torch.int8, False] = "int8-gemm"
     return Plan(cpu, disabled, kernel, paths, precision)
 
 

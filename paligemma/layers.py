@@ -76,6 +76,8 @@ def linear(
         y = kernels.gemv(dispatch.plan().kernel, x.reshape(rows, -1), weight, scale)
     elif path == "aten" and scale is None:
         return F.linear(x, weight, bias)
+    elif path == "int8-gemm":
+        y = _int8_mm(x.reshape(rows, -1), weight, scale)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
@@ -95,6 +97,40 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
 
     out = chunked_weight_mm(x, weight.shape[0], widen)
     return out if scale is None else out.mul_(scale)
+
+
+X_INT16_LEVELS = 127 * 256 + 127  # |x| / step of `_int8_mm`: its high half stays within int8
+INT32_PIECE_BYTES = 4 << 20  # int32 products of `_int8_mm` per piece of output columns
+
+
+def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] f32 @ int8 weight [N, K].T * scale -> [M, N] f32 through exact int8 GEMMs
+    (`torch._int_mm`: oneDNN, AMX-INT8 / VNNI where the CPU has them; "int8-gemm").
+
+    Each row of x is rounded to int16 steps of max|x_row| / 32639 (as the decode kernel rounds
+    x for int8 weights: 2^-15 of the row's largest value) and split into int8 halves,
+    x / step = 256 hi + lo. Both halves go through one int8 GEMM with int32 sums, which are
+    exact; only the final combination 256 hi.w + lo.w is rounded to f32. The output is made a
+    few MB of columns at a time, so the int32 sums stay in cache."""
+    (m, k), n = x.shape, weight.shape[0]
+    step = x.abs().amax(1, keepdim=True).div_(X_INT16_LEVELS).clamp_(min=torch.finfo(x.dtype).tiny)
+    units = x.div(step).round_().to(torch.int16)
+    high = units.add(128).bitwise_right_shift_(8)  # so that lo = units - 256 hi is in [-128, 127]
+    halves = torch.empty(2 * m, k, dtype=torch.int8)  # hi, then lo
+    halves[:m] = high
+    halves[m:] = units.sub_(high.bitwise_left_shift_(8))
+    out = x.new_empty(m, n)
+    width = min(n, max(256, INT32_PIECE_BYTES // (4 * 2 * m)))
+    sums = torch.empty(2 * m * width, dtype=torch.int32)  # reused: no fresh pages
+    for start in range(0, n, width):
+        stop = min(start + width, n)
+        piece = sums[: 2 * m * (stop - start)].view(2 * m, stop - start)
+        torch._int_mm(halves, weight[start:stop].T, out=piece)
+        y = out[:, start:stop]
+        y.copy_(piece[m:]).add_(piece[:m], alpha=256).mul_(step)
+        if scale is not None:
+            y.mul_(scale[start:stop])
+    return out
 
 
 def _bf16_mm(

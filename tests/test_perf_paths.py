@@ -21,8 +21,10 @@ from paligemma.siglip import SiglipVisionEncoder
 CPU = dispatch.Cpu.detect()
 KERNEL_ISAS = [isa for isa, (needs, _) in kernels.ISAS.items()
                if needs <= CPU.flags and kernels.load(isa)]
-# PALIGEMMA_DISABLE values that give this machine each of its plans: kernel builds, then none.
-PLANS = [",".join(isa for isa in KERNEL_ISAS[:i]) for i in range(len(KERNEL_ISAS))] + ["kernel"]
+# PALIGEMMA_DISABLE values that give this machine each of its plans: kernel builds, then none,
+# then no int8 GEMM either where the CPU has one.
+PLANS = ([",".join(isa for isa in KERNEL_ISAS[:i]) for i in range(len(KERNEL_ISAS))] + ["kernel"]
+         + (["kernel,int8-gemm"] if CPU.native_int8 else []))
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +56,11 @@ def weights(dtype: torch.dtype, n: int, k: int, seed: int = 0):
 def reference(x, w, scale):
     return (x.double() @ dequantize(w, scale, torch.float64).T).float()
 
+
+AMX = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "amx_bf16"}), "AVX2")
+AMX_INT8 = dispatch.Cpu("a Xeon", AMX.flags | {"amx_int8"}, "AVX2")
+VNNI = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "avx512_vnni"}), "AVX2")
+NO_BF16 = dispatch.Cpu("an EPYC", frozenset({"avx2", "fma", "f16c"}), "AVX2")
 
 INT8_STEP = {"avx512": 64, "avx2": 32}  # int8 weights per step of each build (csrc/gemv.cpp)
 
@@ -102,6 +109,31 @@ def test_gemv_kernel_int4_matches_float64(isa, group, m):
                                atol=2e-3)
 
 
+def test_int8_gemm_is_exact_on_x_rounded_to_int16_steps(monkeypatch):
+    """`_int8_mm` = x rounded to int16 steps of max|x_row| / 32639, times the dequantized
+    weights, in pieces of output columns (the last one short); rows whose largest value sits
+    at either end of the int16 range and an all-zero row included."""
+    monkeypatch.setattr(layers, "INT32_PIECE_BYTES", 4 * 2 * 6 * 10)  # 6 rows: 256 columns
+    w, scale = weights(torch.int8, 600, 96)
+    x = torch.randn(6, 96) * torch.tensor([[1.0], [1e-3], [50.0], [1.0], [1.0], [0.0]])
+    x[3, 7], x[4, 9] = 10.0, -10.0  # units +32639 and -32639: high halves 127 and -127
+    unit = (x.abs().amax(1, keepdim=True) / layers.X_INT16_LEVELS).clamp(min=1e-38)
+    rounded = torch.round(x / unit) * unit
+    torch.testing.assert_close(layers._int8_mm(x, w, scale), reference(rounded, w, scale),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu", [AMX_INT8, VNNI, AMX], ids=["amx-int8", "avx512-vnni", "amx-bf16"])
+@pytest.mark.parametrize("matmul_precision", ["highest", "medium"])
+def test_int8_weights_take_the_int8_gemm_only_with_int8_dot_products(cpu, matmul_precision):
+    plan = dispatch.choose(cpu, frozenset({"kernel"}), matmul_precision)
+    off = dispatch.choose(cpu, frozenset({"kernel", "int8-gemm"}), matmul_precision)
+    medium_path = "bf16-gemm" if matmul_precision == "medium" and cpu.native_bf16 else "widen"
+    assert plan.paths[torch.int8, False] == ("int8-gemm" if cpu.native_int8 else medium_path)
+    assert off.paths[torch.int8, False] == medium_path
+    assert plan.paths[torch.int8, True] == off.paths[torch.int8, True] == "widen"  # decode
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_widening_gemm_matches_float64_across_chunks(dtype, monkeypatch):
     monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 96)  # 3 rows per chunk, last one short
@@ -122,9 +154,10 @@ def test_linear_is_the_same_on_every_path(disable, dtype, rows, replan):
     bias = torch.randn(33)
     x = torch.randn(rows, 48)
     expected = F.linear(x, dequantize(w, scale), bias)
-    # int8 on the kernel: x is rounded to int16 steps (error <= sum|w| max|x| / 65534, ~1e-3).
-    on_kernel = plan.paths[dtype, rows <= dispatch.FEW_ROWS].startswith("kernel")
-    atol = 2e-3 if dtype == torch.int8 and on_kernel else 1e-5
+    # int8 on the kernel or the int8 GEMM: x is rounded to int16 steps (error <= sum|w| max|x| /
+    # 65278, ~1e-3).
+    rounds_x = plan.paths[dtype, rows <= dispatch.FEW_ROWS] != "widen"
+    atol = 2e-3 if dtype == torch.int8 and rounds_x else 1e-5
     torch.testing.assert_close(linear(x.view(1, rows, 48), w, bias, scale)[0], expected,
                                rtol=1e-5, atol=atol)
 
@@ -135,7 +168,8 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.kernel == best
     assert plan.paths[torch.bfloat16, True] == (f"kernel-{best}" if best else "widen")
     assert plan.paths[torch.float32, False] == "aten"
-    assert plan.paths[torch.int8, False] == "widen"
+    assert plan.paths[torch.int8, False] == ("int8-gemm" if CPU.native_int8 else "widen")
+    assert replan("int8-gemm").paths[torch.int8, False] == "widen"
     described = plan.describe()
     assert described["capability"] == torch.backends.cpu.get_cpu_capability()
     assert len(described["paths"]) == 2 * len(dispatch.WEIGHT_DTYPES)
@@ -162,8 +196,6 @@ def precision():
     dispatch.replan()
 
 
-AMX = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "amx_bf16"}), "AVX2")
-NO_BF16 = dispatch.Cpu("an EPYC", frozenset({"avx2", "fma", "f16c"}), "AVX2")
 
 
 @pytest.mark.parametrize("cpu", [AMX, NO_BF16], ids=["native-bf16", "no-bf16"])
@@ -198,10 +230,13 @@ def test_medium_is_refused_without_native_bf16(precision, monkeypatch):
 
 @pytest.mark.skipif(not CPU.native_bf16, reason="needs native bf16 dot products (AMX/AVX512-BF16)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, precision):
+def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, precision,
+                                                                        monkeypatch):
     """At many rows, medium = an f32-accumulated product of the bf16-rounded x and weights
     (float32 weights: an f32 output; bf16 / int8 weights: a bf16 output, then the int8 scale); at
     few rows (decode) nothing changes."""
+    monkeypatch.setenv("PALIGEMMA_DISABLE", "int8-gemm")  # int8 weights: the bf16 GEMM too
+    dispatch.replan()
     w, scale = weights(dtype, 64, 256)
     x = torch.randn(40, 256)
     exact = linear(x, w, None, scale)
