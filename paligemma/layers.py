@@ -213,6 +213,12 @@ class Embedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
         self.register_buffer("scale", None)
 
+    def reset_parameters(self) -> None:
+        # Loaders build the model on the meta device, where there is nothing to draw, and
+        # drawing a normal there imports torch._dynamo: about 1 s of every load.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [...] -> [..., D] float32."""
         if self.weight.dtype == torch.uint8:

@@ -3,6 +3,8 @@ this CPU can run), chunk-widened GEMMs, the dispatch between them, SDPA attentio
 weight storage and int8 quantization. No timings here."""
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -414,3 +416,15 @@ def test_training_keeps_autograd_on_every_path():
         x = torch.randn(rows, 16, requires_grad=True)
         linear(x, w, None, scale).sum().backward()
         torch.testing.assert_close(x.grad, w.float().sum(0).expand(rows, -1))
+
+
+def test_building_on_the_meta_device_does_not_import_dynamo():
+    """Loaders build the model on meta; drawing the embedding's normal there imported
+    torch._dynamo, about 1 s of every load."""
+    code = ("import sys, torch\n"
+            "from paligemma.model import PaliGemmaModel\n"
+            "from paligemma.config import VARIANTS\n"
+            "with torch.device('meta'):\n"
+            "    PaliGemmaModel(VARIANTS['pg1-3b-224'])\n"
+            "assert 'torch._dynamo' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
