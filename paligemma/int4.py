@@ -28,10 +28,6 @@ numerics), and its packed layout depends on the CPU (64-row blocks on AVX-512, 3
 
 from __future__ import annotations
 
-import logging
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -43,9 +39,6 @@ GEMV_MAX_ROWS = 16  # above this a GEMM on dequantized weights beats the kernel 
 _RUN = 32  # columns per packed run of 16 bytes
 _QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: bounds the f32 temporaries
 
-_SOURCE = Path(__file__).parent / "csrc" / "int4.cpp"
-logger = logging.getLogger("paligemma")
-_available: bool | None = None  # a plain global (not functools.cache): torch.compile reads it
 
 
 def check_group_size(group_size: int) -> None:
@@ -111,13 +104,21 @@ def dequantize(
 ) -> torch.Tensor:
     """weight [N, K / 2] uint8, scale [N, K / G, 2] -> [N, K] in `dtype` (q * scale + offset)."""
     n, k = weight.shape[0], 2 * weight.shape[1]
-    if weight.is_cpu and available():
-        out = torch.empty(n, k, dtype=torch.float32)
-        torch.ops.paligemma_int4.dequantize(weight.contiguous(), scale.contiguous(), out)
-        return out.to(dtype)
-    groups = scale.shape[1]
-    q = unpack(weight).view(n, groups, k // groups).to(torch.float32)
-    return torch.addcmul(scale[..., 1:], q, scale[..., :1]).view(n, k).to(dtype)
+    out = torch.empty(n, k, dtype=torch.float32, device=weight.device)
+    _dequantize_into(weight, scale, out)
+    return out.to(dtype)
+
+
+def _dequantize_into(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """Writes dequantize(weight, scale) into out [N, K] float32: the C++ kernel where the
+    dispatch chose one (`csrc/gemv.cpp`), PyTorch ops otherwise (the same values)."""
+    kernel = dispatch.plan().kernel if weight.is_cpu else None
+    if kernel:
+        kernels.dequantize_int4(kernel, weight, scale, out)
+        return
+    n, groups = weight.shape[0], scale.shape[1]
+    q = unpack(weight).view(n, groups, -1).to(torch.float32)
+    torch.addcmul(scale[..., 1:], q, scale[..., :1], out=out.view(n, groups, -1))
 
 
 def linear(
@@ -151,43 +152,6 @@ def _dequantizing_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor)
     one buffer that stays in cache (`layers.chunked_weight_mm`)."""
 
     def fill(start: int, stop: int, buf: torch.Tensor) -> None:
-        if available():
-            torch.ops.paligemma_int4.dequantize(weight[start:stop], scale[start:stop], buf)
-        else:
-            buf.copy_(dequantize(weight[start:stop], scale[start:stop]))
+        _dequantize_into(weight[start:stop], scale[start:stop], buf)
 
     return layers.chunked_weight_mm(x, weight.shape[0], fill)
-
-
-def available() -> bool:
-    """Builds (first time, ~30 s) and loads the int4 dequantization kernel (`csrc/int4.cpp`, for
-    the GEMM of many rows); False if that is not possible here
-    (no compiler, a CPU without AVX2, or PALIGEMMA_DISABLE=kernel: PyTorch ops are used then)."""
-    global _available
-    if _available is None:
-        _available = _load()
-    return _available
-
-
-def _load() -> bool:
-    if "kernel" in dispatch.disabled_switches():
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    logger.info("loading the C++ int4 dequantization kernel (built once, about 30 s, then "
-                "cached by torch)")
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(
-            name="paligemma_int4",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # see kernels._load
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as e:  # no compiler, no headers, build error: fall back, but say so
-        warnings.warn(f"paligemma: C++ int4 kernel unavailable, using PyTorch ops ({e})",
-                      stacklevel=3)
-        return False
-    return True

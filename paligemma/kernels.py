@@ -77,3 +77,9 @@ def gemv(
     Only call after `load(isa)` returned True.
     """
     return getattr(torch.ops.paligemma, f"gemv_{isa}")(x.contiguous(), w, scale)
+
+
+def dequantize_int4(isa: str, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:
+    """Packed int4 w [N, K / 2] uint8, s [N, K / G, 2] float32 -> out [N, K] float32 (in place),
+    q * scale + offset (`paligemma.int4`'s layout). Only call after `load(isa)` returned True."""
+    getattr(torch.ops.paligemma, f"int4_dequantize_{isa}")(w.contiguous(), s.contiguous(), out)

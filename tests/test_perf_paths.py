@@ -139,6 +139,18 @@ def test_int8_weights_take_the_int8_gemm_only_with_int8_dot_products(cpu, matmul
     assert plan.paths[torch.int8, True] == off.paths[torch.int8, True] == "widen"  # decode
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("group", int4.GROUP_SIZES)
+def test_int4_dequantize_kernel_is_exact(isa, group):
+    """q * scale + offset of every packed column, on each build (the many-row GEMM's widening)."""
+    w, scale = int4.quantize_int4(torch.randn(5, 4 * group) * torch.rand(5, 1), group)
+    codes, s = int4.unpack(w).double().view(5, 4, group), scale.double()
+    expected = (codes * s[..., :1] + s[..., 1:]).view(5, -1).float()  # one rounding, as an FMA
+    out = torch.empty(5, 4 * group)
+    kernels.dequantize_int4(isa, w, scale, out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_widening_gemm_matches_float64_across_chunks(dtype, monkeypatch):
     monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 96)  # 3 rows per chunk, last one short

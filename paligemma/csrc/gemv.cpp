@@ -22,7 +22,8 @@
 // per group of G columns) take the int8 path's int16 products on their codes q in [0, 15], x
 // rounded per group of G; per group
 //   y[n] += scale[n, g] * xscale[g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k x[k],
-// the last sum taken in f32 from x itself.
+// the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
+// float32 for the GEMM of many rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -81,6 +82,12 @@ inline vi and_i(vi a, vi b) { return _mm512_and_si512(a, b); }
 inline vi set1_i16(int16_t v) { return _mm512_set1_epi16(v); }
 template <int S> inline vi srli_i16(vi v) { return S ? _mm512_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
+inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+// kI16Lanes int16 -> two vectors of f32: the low half, then the high half.
+inline void i16_to_float(vi v, vf* out) {
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+}
 // 16 packed bytes = 32 int4 columns in order (low nibbles 0..15, high 16..31) -> 32 int16.
 constexpr int kI4Vectors = 1;
 inline void widen_i4(const uint8_t* p, vi* out) {
@@ -130,6 +137,11 @@ inline vi and_i(vi a, vi b) { return _mm256_and_si256(a, b); }
 inline vi set1_i16(int16_t v) { return _mm256_set1_epi16(v); }
 template <int S> inline vi srli_i16(vi v) { return S ? _mm256_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
+inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void i16_to_float(vi v, vf* out) {
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+}
 constexpr int kI4Vectors = 2;  // 32 int4 columns -> two vectors of 16 int16
 inline void widen_i4(const uint8_t* p, vi* out) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -417,20 +429,58 @@ void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* 
   });
 }
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.size(1) == 2 * w.size(1),
-              "gemv: packed int4 w must be contiguous uint8 [N, K / 2] with K = x.size(1)");
+// Checks packed int4 weights w [N, K / 2] and their scales s [N, K / G, 2]; returns G.
+int64_t int4_group(const at::Tensor& w, const at::Tensor& s, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), op,
+              ": packed int4 w must be contiguous uint8 [N, K / 2]");
   TORCH_CHECK(s.dim() == 3 && s.scalar_type() == at::kFloat && s.is_contiguous() &&
                   s.size(0) == w.size(0) && s.size(2) == 2,
-              "gemv: int4 scales must be contiguous float32 [N, K / G, 2]");
+              op, ": int4 scales must be contiguous float32 [N, K / G, 2]");
+  const int64_t K = 2 * w.size(1), G = s.size(1) > 0 ? K / s.size(1) : 0;
+  TORCH_CHECK(G > 0 && G * s.size(1) == K && G % 32 == 0 && G <= 256, op,
+              ": int4 group size K / s.size(1) must be a multiple of 32, at most 256");
+  return G;
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
+  const int64_t G = int4_group(w, s, "gemv");
+  TORCH_CHECK(x.size(1) == 2 * w.size(1), "gemv: int4 w must be [N, K / 2] with K = x.size(1)");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  const int64_t G = s.size(1) > 0 ? K / s.size(1) : 0;
-  TORCH_CHECK(G > 0 && G * s.size(1) == K && G % 32 == 0 && G <= 256,
-              "gemv: int4 group size K / s.size(1) must be a multiple of 32, at most 256");
   at::Tensor y = at::empty({M, N}, x.options());
   gemv_kernel_int4(x.data_ptr<float>(), M, w.data_ptr<uint8_t>(), s.data_ptr<float>(), N, K, G,
                    y.data_ptr<float>());
   return y;
+}
+
+// Packed int4 w [N, K / 2], s [N, K / G, 2] -> out [N, K] float32, q * scale + offset (written in
+// place): the GEMM of many rows dequantizes a few MB of rows at a time (`int4.py`).
+void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
+  const int64_t G = int4_group(w, s, "int4_dequantize");
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == N && out.size(1) == K,
+              "int4_dequantize: out must be contiguous float32 [N, K]");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < K / G; ++g) {
+        const float* so = sp + (n * (K / G) + g) * 2;  // (scale, offset)
+        const vf scale = set1(so[0]), offset = set1(so[1]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+          vi q[kI4Vectors];
+          widen_i4(wp + n * (K / 2) + k / 2, q);
+          float* o = op + n * K + k;
+          for (int v = 0; v < kI4Vectors; ++v) {
+            vf f[2];
+            i16_to_float(q[v], f);
+            for (int h = 0; h < 2; ++h) store(o + (2 * v + h) * kLanes, fmadd(f[h], scale, offset));
+          }
+        }
+      }
+    }
+  });
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
@@ -464,10 +514,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 
 }  // namespace
 
-// One op per instruction set (paligemma::gemv_avx2, paligemma::gemv_avx512), so that both
-// builds can be loaded into one process (tests compare them); fragments share the namespace.
+// Ops per instruction set (paligemma::gemv_avx2, paligemma::gemv_avx512, and int4_dequantize_ of
+// each), so that both builds can be loaded into one process (tests compare them); fragments
+// share the namespace.
 TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
+  m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(paligemma, CPU, m) { m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv); }
+TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
+  m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
+  m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
+}
