@@ -3,8 +3,12 @@
 A matmul's path depends on its weight's storage dtype and on whether it has few rows (a decode
 step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound):
 
-- "kernel-avx512" / "kernel-avx2": the C++ kernel (`paligemma.kernels`), built for the widest
-  instruction set this CPU has (AVX-512 F/BW/VL/VNNI, else AVX2 + FMA + F16C);
+- "kernel-amx" / "kernel-avx512" / "kernel-avx2": the C++ kernel (`paligemma.kernels`), built
+  for the widest instruction set this CPU has (AVX-512 F/BW/VL/VNNI with AMX-BF16 tiles, else
+  without, else AVX2 + FMA + F16C; the AMX build decodes as the AVX-512 one);
+- "amx-gemm": bf16 weights at many rows with the AMX build: x split into three bf16 parts whose
+  products with the weights are exact in the tiles' f32 sums (`layers._amx_mm`): float32
+  numerics, 2.2-3x faster than "widen" on one AMX Xeon;
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel;
@@ -24,7 +28,8 @@ kernels were measured against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_ma
 none keeps float32 activations as fast at few rows (`F.linear` in f32 ties the kernel at 1 row
 and is about 2x slower at 4 and 8, `torch._weight_int8pack_mm` with f32 activations is 7-24x
 slower, bf16 `F.linear` rounds x to bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN
-gained at most 1.2x over "widen" at one thread, so they are not paths. At many rows MKL's
+gained at most 1.2x over "widen" at one thread, so they are not paths (our own, on AMX tiles
+with x split once per call and the weights read in place, is: "amx-gemm"). At many rows MKL's
 sgemm on widened weights ("widen") ties or beats the kernel's int16 products for int8 weights
 with two threads on that Xeon; oneDNN's int8 GEMM on the two halves of int16-rounded x beats
 both ("int8-gemm").
@@ -46,7 +51,8 @@ The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
 `plan()` is called (the first forward, or a loader or benchmark calling it), and logged; again
 only if the precision changes. `PALIGEMMA_DISABLE` turns paths off, a comma-separated list of
-`SWITCHES`: `kernel` (no C++ kernel), `avx512` (the AVX2 build even on AVX-512 CPUs),
+`SWITCHES`: `kernel` (no C++ kernel), `amx` (the AVX-512 build even on AMX CPUs: bf16 weights
+at many rows widen), `avx512` (the AVX2 build even on AVX-512 CPUs),
 `int8-gemm` (int8 weights at many rows widen).
 `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
 """
@@ -67,7 +73,7 @@ from . import kernels
 logger = logging.getLogger("paligemma")
 
 FEW_ROWS = 8  # up to this many rows a matmul is bandwidth-bound: the kernel beats a GEMM
-SWITCHES = ("kernel", "avx512", "int8-gemm")
+SWITCHES = ("kernel", "amx", "avx512", "int8-gemm")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
@@ -153,7 +159,8 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
     kernel = None
     if "kernel" not in disabled:
         for isa, (needs, _) in kernels.ISAS.items():
-            if isa in disabled or not needs <= cpu.flags:
+            off = isa in disabled or (isa == "amx" and "avx512" in disabled)  # AVX-512 code too
+            if off or not needs <= cpu.flags:
                 continue
             if kernels.load(isa):
                 kernel = isa
@@ -163,6 +170,8 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
         paths[dtype, True] = f"kernel-{kernel}" if kernel else (
             "aten" if dtype == torch.float32 else "widen")
         paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
+    if kernel == "amx":
+        paths[torch.bfloat16, False] = "amx-gemm"
     if cpu.native_int8 and "int8-gemm" not in disabled:
         paths[torch.int8, False] = "int8-gemm"
     if precision == "medium" and cpu.native_bf16:  # int8 too: 5-20% faster than "int8-gemm"

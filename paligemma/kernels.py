@@ -3,9 +3,10 @@
 `gemv(isa, x, w, scale)` computes `x @ (w * scale[:, None]).T` in float32 for a few rows of x with
 f32 / bf16 / f16 / int8 weights, at memory bandwidth. The source is built once per instruction
 set (`ISAS`), each as its own extension and op (`paligemma::gemv_avx512`, `paligemma::gemv_avx2`),
-so both can live in one process. Which one a process uses, if any, is `paligemma.dispatch`'s
-choice; building needs a C++ compiler, and without one `load` returns False and `linear` uses
-PyTorch ops, with the same results up to f32 rounding.
+so both can live in one process. The AMX build (`amx`: the AVX-512 kernel plus AMX-BF16 tiles)
+also has `gemm_bf16`, an f32-exact GEMM of many rows for bf16 weights. Which build a process
+uses, if any, is `paligemma.dispatch`'s choice; building needs a C++ compiler, and without one
+`load` returns False and `linear` uses PyTorch ops, with the same results up to f32 rounding.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ logger = logging.getLogger("paligemma")
 # instruction set -> (/proc/cpuinfo flags it needs, compiler flags). at::parallel_for is OpenMP
 # in the header: without -fopenmp it runs serially; libgomp.so.1 then resolves to the copy torch
 # already loaded (same soname, one thread pool).
+_AVX512 = (frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}),
+           ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"])
 ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
-    "avx512": (
-        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}),
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
-    ),
+    "amx": (_AVX512[0] | {"amx_tile", "amx_bf16"}, [*_AVX512[1], "-mamx-tile", "-mamx-bf16"]),
+    "avx512": _AVX512,
     "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-mavx2", "-mfma", "-mf16c"]),
 }
 
@@ -83,3 +84,10 @@ def dequantize_int4(isa: str, w: torch.Tensor, s: torch.Tensor, out: torch.Tenso
     """Packed int4 w [N, K / 2] uint8, s [N, K / G, 2] float32 -> out [N, K] float32 (in place),
     q * scale + offset (`paligemma.int4`'s layout). Only call after `load(isa)` returned True."""
     getattr(torch.ops.paligemma, f"int4_dequantize_{isa}")(w.contiguous(), s.contiguous(), out)
+
+
+def gemm_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ w [N, K].T (bf16; both with unit column stride) -> [M, N] float32 on
+    AMX tiles, exact up to f32 summation order; K % 32 == 0, N % 16 == 0. Only after
+    `load("amx")`."""
+    return torch.ops.paligemma.gemm_bf16_amx(x, w)

@@ -10,9 +10,12 @@ than f32.
 How a matmul runs (`linear`) is chosen once per process by `paligemma.dispatch` from the CPU's
 capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
-  bandwidth (`paligemma.kernels`, built for AVX-512 or AVX2);
-- many rows (prefill, vision) with non-f32 weights: the weights are widened to f32 a few MB at a
-  time into one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
+  bandwidth (`paligemma.kernels`, built for AMX, AVX-512 or AVX2);
+- many rows (prefill, vision) with non-f32 weights: bf16 weights on CPUs with AMX take the
+  kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
+  int8 weights on CPUs with int8 dot products oneDNN's int8 GEMM on x in two int8 halves
+  (`_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into one buffer
+  that stays in cache, each piece feeding an f32 GEMM on its output columns
   (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, and
   the activations between a block's projections stay bf16: `matmul_dtype`);
 - f32 weights otherwise: `F.linear`.
@@ -78,6 +81,8 @@ def linear(
         return F.linear(x, weight, bias)
     elif path == "int8-gemm":
         y = _int8_mm(x.reshape(rows, -1), weight, scale)
+    elif path == "amx-gemm" and scale is None:
+        y = _amx_mm(x.reshape(rows, -1), weight)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
@@ -97,6 +102,22 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
 
     out = chunked_weight_mm(x, weight.shape[0], widen)
     return out if scale is None else out.mul_(scale)
+
+
+def _amx_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] f32 @ bf16 weight [N, K].T -> [M, N] f32 on AMX tiles ("amx-gemm",
+    `kernels.gemm_bf16`: x split into three bf16 parts, products exact, f32 sums). The kernel
+    takes whole tiles (32 columns, 16 rows); the last K % 32 columns and N % 16 rows widen."""
+    k, n = x.shape[1], weight.shape[0]
+    k_main, n_main = k // 32 * 32, n // 16 * 16
+    if k_main == 0 or n_main == 0:
+        return x @ weight.float().T
+    y = kernels.gemm_bf16(x[:, :k_main], weight[:n_main, :k_main])
+    if k_main < k:
+        y += x[:, k_main:] @ weight[:n_main, k_main:].float().T
+    if n_main < n:
+        y = torch.cat([y, x @ weight[n_main:].float().T], 1)
+    return y
 
 
 X_INT16_LEVELS = 127 * 256 + 127  # |x| / step of `_int8_mm`: its high half stays within int8

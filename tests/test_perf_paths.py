@@ -64,7 +64,7 @@ AMX_INT8 = dispatch.Cpu("a Xeon", AMX.flags | {"amx_int8"}, "AVX2")
 VNNI = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "avx512_vnni"}), "AVX2")
 NO_BF16 = dispatch.Cpu("an EPYC", frozenset({"avx2", "fma", "f16c"}), "AVX2")
 
-INT8_STEP = {"avx512": 64, "avx2": 32}  # int8 weights per step of each build (csrc/gemv.cpp)
+INT8_STEP = {"amx": 64, "avx512": 64, "avx2": 32}  # int8 weights per step (csrc/gemv.cpp)
 
 
 def int16_rounded(x, step, group=256):
@@ -139,6 +139,29 @@ def test_int8_weights_take_the_int8_gemm_only_with_int8_dot_products(cpu, matmul
     assert plan.paths[torch.int8, True] == off.paths[torch.int8, True] == "widen"  # decode
 
 
+@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+# x rows: one, a block of 16 and one more, past the 256-row chunk; columns: one tile, past the
+# 2048-column chunk with a 16-column tail; weight rows: 16, a tail of 8, an odd number of blocks
+@pytest.mark.parametrize("m", [1, 17, 300])
+@pytest.mark.parametrize("k", [32, 4304])
+@pytest.mark.parametrize("n", [16, 40, 48])
+def test_amx_gemm_matches_float64(m, k, n):
+    """bf16 weights at many rows on AMX tiles: x in three bf16 parts, so products stay exact
+    and only the f32 sums round (about 1e-5 of a row's scale over 4304 terms; two parts would
+    leave ~1e-3, one part ~1e-1)."""
+    w = torch.randn(n, k).bfloat16()
+    x = torch.randn(m, k) * torch.logspace(-3, 3, m)[:, None]  # rows of very different scales
+    row_scale = x.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(layers._amx_mm(x, w) / row_scale, reference(x, w, None) / row_scale,
+                               rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+def test_amx_gemm_refuses_partial_tiles():
+    with pytest.raises(RuntimeError, match="K % 32 and N % 16 must be 0"):
+        kernels.gemm_bf16(torch.randn(4, 48), torch.randn(16, 48).bfloat16())
+
+
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("group", int4.GROUP_SIZES)
 def test_int4_dequantize_kernel_is_exact(isa, group):
@@ -185,6 +208,7 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.kernel == best
     assert plan.paths[torch.bfloat16, True] == (f"kernel-{best}" if best else "widen")
     assert plan.paths[torch.float32, False] == "aten"
+    assert plan.paths[torch.bfloat16, False] == ("amx-gemm" if best == "amx" else "widen")
     assert plan.paths[torch.int8, False] == ("int8-gemm" if CPU.native_int8 else "widen")
     assert replan("int8-gemm").paths[torch.int8, False] == "widen"
     described = plan.describe()
@@ -200,7 +224,7 @@ def test_old_and_new_switches(replan, monkeypatch):
     monkeypatch.setenv("PALIGEMMA_NO_KERNELS", "1")
     assert dispatch.disabled_switches() == {"kernel"}
     monkeypatch.setenv("PALIGEMMA_DISABLE", "avx512, kernal")
-    with pytest.raises(ValueError, match="unknown kernal; known: kernel, avx512"):
+    with pytest.raises(ValueError, match="unknown kernal; known: kernel, amx, avx512, int8-gemm"):
         dispatch.disabled_switches()
 
 

@@ -24,6 +24,11 @@
 //   y[n] += scale[n, g] * xscale[g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k x[k],
 // the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
 // float32 for the GEMM of many rows.
+//
+// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 tiles) adds `gemm_bf16_amx`, the
+// GEMM of many rows for bf16 weights (prefill, vision), float32-exact: x is split into three
+// bf16 parts (x = hi + mid + lo up to f32 rounding), and each part's products with the bf16
+// weights are exact in the tiles' f32 accumulators.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -31,6 +36,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -483,6 +489,165 @@ void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
   });
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+constexpr int kParts = 3;           // bf16 parts of each x value
+constexpr int64_t kTileK = 32;      // bf16 columns per tile row (64 bytes)
+constexpr int64_t kChunkK = 2048;   // columns per pass: a pass's x parts stay in L2/L3
+constexpr int64_t kChunkM = 256;    // x rows split at a time (bounds the parts' memory)
+constexpr int64_t kBlockBytes = 1 << 20;  // bf16 weights per block, reused from L2 by every x row
+
+bool amx_permitted() {  // Linux grants the tile data state only on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: f32 sums of 2 x 2 blocks of 16 weight rows x 16 rows of x; 4-5: weights (16 rows x
+// 32 columns); 6-7: x parts (16 column pairs x 16 rows x 2, the "VNNI" layout tdpbf16ps reads).
+void configure_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// 16 floats v -> v rounded to bf16 (to nearest even) as 16 uint16, and v -= the rounded value.
+inline __m256i take_bf16(__m512& v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  v = _mm512_sub_ps(v, _mm512_castsi512_ps(r));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// x [M, K] (row stride ldx, M <= kChunkM) -> bf16 parts as B tiles in `parts`: tile (part s, x
+// block b of 16 rows, column step c) at ((s * XB + b) * KB + c) * 512 uint16, its row p holding
+// columns 2p, 2p + 1 of the block's 16 x rows (rows past M: 0).
+void split_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t XB, uint16_t* parts) {
+  const int64_t KB = K / kTileK;
+  at::parallel_for(0, XB, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) uint32_t pairs[kParts][16][16];  // [part][x row][column pair]
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t rows = std::clamp<int64_t>(M - b * 16, 0, 16);
+      std::memset(pairs, 0, sizeof(pairs));
+      for (int64_t c = 0; c < KB; ++c) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* xr = x + (b * 16 + r) * ldx + c * kTileK;
+          __m512 lo = _mm512_loadu_ps(xr), hi = _mm512_loadu_ps(xr + 16);
+          for (int s = 0; s < kParts; ++s) {
+            const __m256i a = take_bf16(lo), h = take_bf16(hi);
+            _mm512_store_si512(pairs[s][r], _mm512_inserti64x4(_mm512_castsi256_si512(a), h, 1));
+          }
+        }
+        for (int s = 0; s < kParts; ++s) {
+          uint32_t* tile = reinterpret_cast<uint32_t*>(parts + ((s * XB + b) * KB + c) * 512);
+          for (int64_t p = 0; p < kTileK / 2; ++p)
+            for (int64_t r = 0; r < 16; ++r) tile[p * 16 + r] = pairs[s][r][p];
+        }
+      }
+    }
+  });
+}
+
+// y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over one chunk of columns: x as the
+// parts of `split_x` (XB blocks of 16 rows, KB column steps), w [N, KB * 32] bf16 (row stride
+// ldw). Each thread takes blocks of weight rows (kBlockBytes: reused from L2 by every x row);
+// every pair of x blocks meets every pair of weight-row blocks in 4 tiles of sums, each column
+// step loading 2 weight tiles and, per part, 2 x tiles for 4 tdpbf16ps.
+void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows, const uint16_t* w,
+                   int64_t ldw, int64_t N, bool accumulate, float* y) {
+  auto x_tile = [&](int s, int64_t b, int64_t c) { return parts + ((s * XB + b) * KB + c) * 512; };
+  const int64_t block = std::max<int64_t>(2, kBlockBytes / (2 * KB * kTileK) / 32 * 2);
+  at::parallel_for(0, N / 16, block, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) float sums[16][16];  // [weight row][x row]
+    auto write_sums = [&](int64_t n, int64_t b) {
+      for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r) {
+        float* out = y + (b * 16 + r) * N + n * 16;
+        for (int j = 0; j < 16; ++j) out[j] = accumulate ? out[j] + sums[j][r] : sums[j][r];
+      }
+    };
+    for (int64_t n0 = begin; n0 < end; n0 += block) {
+      const int64_t n1 = std::min(end, n0 + block);
+      for (int64_t b = 0; b < XB; b += 2) {
+        for (int64_t n = n0; n < n1; n += 2) {
+          const bool two = n + 1 < n1;
+          const uint16_t* w0 = w + n * 16 * ldw;
+          const uint16_t* w1 = w0 + 16 * ldw;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t c = 0; c < KB; ++c) {
+            _tile_loadd(4, w0 + c * kTileK, ldw * 2);
+            if (two) _tile_loadd(5, w1 + c * kTileK, ldw * 2);
+            for (int s = 0; s < kParts; ++s) {
+              _tile_loadd(6, x_tile(s, b, c), 64);
+              _tile_loadd(7, x_tile(s, b + 1, c), 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              if (two) {
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+              }
+            }
+          }
+          _tile_stored(0, sums, 64);
+          write_sums(n, b);
+          _tile_stored(1, sums, 64);
+          write_sums(n, b + 1);
+          if (two) {
+            _tile_stored(2, sums, 64);
+            write_sums(n + 1, b);
+            _tile_stored(3, sums, 64);
+            write_sums(n + 1, b + 1);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// x [M, K] f32 @ w [N, K].T (bf16; both with unit column stride) -> y [M, N] f32;
+// K % 32 == 0, N % 16 == 0. x is taken kChunkM rows and kChunkK columns at a time: its parts
+// stay in L2 / L3 while every weight row meets them, and their buffer stays small.
+at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(amx_permitted(), "gemm_bf16_amx: Linux refused the AMX tile state");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "gemm_bf16_amx: x must be float32 [M, K] with unit column stride");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1 &&
+                  w.size(1) == x.size(1),
+              "gemm_bf16_amx: w must be bf16 [N, K] with unit column stride");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % kTileK == 0 && N % 16 == 0, "gemm_bf16_amx: K % 32 and N % 16 must be 0");
+  // Kept by the calling thread: a fresh buffer would be page-faulted in on every call.
+  thread_local std::vector<uint16_t> parts(kParts * (kChunkM / 16) * (kChunkK / kTileK) * 512);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkM) {
+    const int64_t rows = std::min(kChunkM, M - m0), XB = (rows + 31) / 32 * 2;
+    for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+      const int64_t KB = std::min(kChunkK, K - k0) / kTileK;
+      split_x(xp + m0 * x.stride(0) + k0, x.stride(0), rows, KB * kTileK, XB, parts.data());
+      tile_products(parts.data(), XB, KB, rows, wp + k0, w.stride(0), N, k0 > 0,
+                    y.data_ptr<float>() + m0 * N);
+    }
+  }
+  return y;
+}
+#endif
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemv: x must be 2-D float32");
   if (w.scalar_type() == at::kByte) {
@@ -520,9 +685,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  m.def("gemm_bf16_amx(Tensor x, Tensor w) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
   m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  m.impl("gemm_bf16_amx", &gemm_bf16_amx);
+#endif
 }
