@@ -56,14 +56,20 @@ def _build(isa: str) -> bool:
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
+        if isa == "amx":  # the OS must also grant the tile state (Linux 5.16+)
+            torch.ops.paligemma.gemm_bf16_amx(torch.zeros(1, 32), torch.zeros(16, 32).bfloat16())
     except Exception as e:  # no compiler, no headers, build error: fall back, but say so
-        warnings.warn(
-            f"paligemma: C++ decode kernel ({isa}) unavailable, using PyTorch ops ({e})",
-            stacklevel=4,
-        )
+        warnings.warn(f"paligemma: C++ kernel ({isa}) unavailable ({e}); dispatch falls back to "
+                      "the next instruction set or PyTorch ops", stacklevel=4)
         return False
     torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
+    if isa == "amx":
+        torch.library.register_fake("paligemma::gemm_bf16_amx")(_gemm_shape)
     return True
+
+
+def _gemm_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
