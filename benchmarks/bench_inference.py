@@ -414,8 +414,12 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
                      + "".join(f"{v:>14.2f}{'':>13}" for v in b4_over_b1[1:]))
         paths = ours.get("paths", {})
         weights = "float32" if dtype == "float32" else "int8" if dtype in MODES else "bfloat16"
-        lines.append(f"paths ({weights} weights): few rows {paths.get(f'{weights}/few')}, "
-                     f"many rows {paths.get(f'{weights}/many')}")
+        line = (f"paths ({weights} weights): few rows {paths.get(f'{weights}/few')}, "
+                f"many rows {paths.get(f'{weights}/many')}")
+        if split(dtype)[0].startswith("int4"):  # packed int4: `int4.linear`, not the plan's table
+            line = (f"paths (int4 weights): few rows {paths.get('int8/few')}, many rows "
+                    f"dequantizing GEMM; int8 ones (K not a multiple of the group) as int8")
+        lines.append(line)
         lines.append("")
     return "\n".join(lines)
 
