@@ -162,6 +162,21 @@ def test_amx_gemm_refuses_partial_tiles():
         kernels.gemm_bf16(torch.randn(4, 48), torch.randn(16, 48).bfloat16())
 
 
+@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+def test_an_amx_build_the_os_refuses_falls_back_to_avx512(monkeypatch):
+    """Linux grants the tile state on request (5.16+): where it refuses, the AMX build is not
+    used, and bf16 weights at many rows widen on the AVX-512 build."""
+    def refused(*args):
+        raise RuntimeError("gemm_bf16_amx: Linux refused the AMX tile state")
+
+    monkeypatch.setattr(torch.ops.paligemma, "gemm_bf16_amx", refused)
+    with pytest.warns(UserWarning, match=r"C\+\+ kernel \(amx\) unavailable .*refused"):
+        assert not kernels._build("amx")
+    monkeypatch.setitem(kernels._loaded, "amx", False)
+    plan = dispatch.choose(CPU, frozenset())
+    assert plan.kernel == "avx512" and plan.paths[torch.bfloat16, False] == "widen"
+
+
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("group", int4.GROUP_SIZES)
 def test_int4_dequantize_kernel_is_exact(isa, group):
