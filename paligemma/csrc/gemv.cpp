@@ -560,7 +560,9 @@ void split_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t XB, uint
 
 // y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over one chunk of columns: x as the
 // parts of `split_x` (XB blocks of 16 rows, KB column steps), w [N, KB * 32] bf16 (row stride
-// ldw). Each thread takes blocks of weight rows (kBlockBytes: reused from L2 by every x row);
+// ldw). Each thread takes blocks of weight rows (kBlockBytes), copied to an aligned buffer that
+// every x row then reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors
+// packs them back to back, and a tile row straddling two cache lines made the GEMM 25-30% slower);
 // every pair of x blocks meets every pair of weight-row blocks in 4 tiles of sums, each column
 // step loading 2 weight tiles and, per part, 2 x tiles for 4 tdpbf16ps.
 void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows, const uint16_t* w,
@@ -570,6 +572,11 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows, 
   at::parallel_for(0, N / 16, block, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float sums[16][16];  // [weight row][x row]
+    const int64_t row_bytes = KB * kTileK * 2;
+    thread_local std::vector<uint16_t> packed;  // 64 bytes of slack for the alignment below
+    packed.resize(std::max<size_t>(packed.size(), block * 16 * row_bytes / 2 + 32));
+    uint16_t* aligned = reinterpret_cast<uint16_t*>(
+        (reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~static_cast<uintptr_t>(63));
     auto write_sums = [&](int64_t n, int64_t b) {
       for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r) {
         float* out = y + (b * 16 + r) * N + n * 16;
@@ -578,18 +585,20 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows, 
     };
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block);
+      for (int64_t r = 0; r < (n1 - n0) * 16; ++r)
+        std::memcpy(aligned + r * (row_bytes / 2), w + (n0 * 16 + r) * ldw, row_bytes);
       for (int64_t b = 0; b < XB; b += 2) {
         for (int64_t n = n0; n < n1; n += 2) {
           const bool two = n + 1 < n1;
-          const uint16_t* w0 = w + n * 16 * ldw;
-          const uint16_t* w1 = w0 + 16 * ldw;
+          const uint16_t* w0 = aligned + (n - n0) * 16 * (row_bytes / 2);
+          const uint16_t* w1 = w0 + 16 * (row_bytes / 2);
           _tile_zero(0);
           _tile_zero(1);
           _tile_zero(2);
           _tile_zero(3);
           for (int64_t c = 0; c < KB; ++c) {
-            _tile_loadd(4, w0 + c * kTileK, ldw * 2);
-            if (two) _tile_loadd(5, w1 + c * kTileK, ldw * 2);
+            _tile_loadd(4, w0 + c * kTileK, row_bytes);
+            if (two) _tile_loadd(5, w1 + c * kTileK, row_bytes);
             for (int s = 0; s < kParts; ++s) {
               _tile_loadd(6, x_tile(s, b, c), 64);
               _tile_loadd(7, x_tile(s, b + 1, c), 64);
