@@ -108,6 +108,7 @@ def _amx_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] f32 @ bf16 weight [N, K].T -> [M, N] f32 on AMX tiles ("amx-gemm",
     `kernels.gemm_bf16`: x split into three bf16 parts, products exact, f32 sums). The kernel
     takes whole tiles (32 columns, 16 rows); the last K % 32 columns and N % 16 rows widen."""
+    x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
     k, n = x.shape[1], weight.shape[0]
     k_main, n_main = k // 32 * 32, n // 16 * 16
     if k_main == 0 or n_main == 0:

@@ -157,6 +157,13 @@ def test_amx_gemm_matches_float64(m, k, n):
 
 
 @pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+def test_amx_gemm_takes_strided_x():
+    w = torch.randn(32, 64).bfloat16()
+    x = torch.randn(64, 20).T  # [20, 64], column stride 20
+    torch.testing.assert_close(layers._amx_mm(x, w), reference(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
 def test_amx_gemm_refuses_partial_tiles():
     with pytest.raises(RuntimeError, match="K % 32 and N % 16 must be 0"):
         kernels.gemm_bf16(torch.randn(4, 48), torch.randn(16, 48).bfloat16())
