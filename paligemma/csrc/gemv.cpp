@@ -523,8 +523,8 @@ void configure_tiles() {
 inline __m256i take_bf16(__m512& v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
-                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __m512i r = _mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
   v = _mm512_sub_ps(v, _mm512_castsi512_ps(r));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
