@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_inference import machine  # noqa: E402
 from paligemma import dispatch  # noqa: E402
 from paligemma.config import PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_official  # noqa: E402
@@ -170,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    report: dict[str, Any] = {"gold": []}
+    # The paths decide part of the numerics (int8-gemm rounds x; amx-gemm sums in another order)
+    paths = dispatch.plan().describe()["paths"]
+    report: dict[str, Any] = {"machine": {**machine(), "paths": paths}, "gold": []}
+    print(f"{report['machine']['cpu']} ({report['machine']['isa']}; "
+          f"{' '.join(report['machine']['flags'])}), paths {report['machine']['paths']}")
     print(f"{'case':<26}{'logit range':>12}{'bf16 err':>10}{'int8 err':>10}{'int4 err':>10}"
           f"{'bf16=f32':>10}{'int8=bf16':>11}{'int8=f32':>10}{'int4=bf16':>11}{'int4=f32':>10}"
           "  (tokens; sequences)")
