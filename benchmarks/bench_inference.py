@@ -17,7 +17,7 @@ only, each loaded from the quantized checkpoint `python -m convert --quantize MO
 from the bf16 one (memory-mapped, nothing computed at load; int8-linear leaves the tied
 embedding in bf16; int4 is group-wise, 128 columns per group; `bench_load.py` compares with
 quantizing at load), compared against transformers float32 and bfloat16. On CPUs with native
-bf16 dot products (AMX, AVX512-BF16), float32, bfloat16 and int8 of ours also run at
+bf16 dot products (AMX, AVX512-BF16), float32, bfloat16, int8 and int4 of ours also run at
 `--matmul-precision medium` ("bfloat16@medium": prefill and vision GEMMs with bf16 inputs, as
 transformers' bf16 model computes them; decode unchanged). The record names the
 CPU (model, the /proc/cpuinfo flags that matter for matmuls, PyTorch's capability) and, per
@@ -78,6 +78,7 @@ CONFIGS = [
     ("ours", "bfloat16@medium"),
     ("ours", "float32@medium"),
     ("ours", "int8@medium"),
+    ("ours", "int4@medium"),
 ]
 
 
@@ -413,12 +414,13 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
         lines.append(f"{'decode batch 4 / batch 1':<34}{b4_over_b1[0]:>10.2f}"
                      + "".join(f"{v:>14.2f}{'':>13}" for v in b4_over_b1[1:]))
         paths = ours.get("paths", {})
-        weights = "float32" if dtype == "float32" else "int8" if dtype in MODES else "bfloat16"
+        weights = ("float32" if dtype == "float32" else "uint8" if dtype.startswith("int4")
+                   else "int8" if dtype in MODES else "bfloat16")
         line = (f"paths ({weights} weights): few rows {paths.get(f'{weights}/few')}, "
                 f"many rows {paths.get(f'{weights}/many')}")
-        if split(dtype)[0].startswith("int4"):  # packed int4: `int4.linear`, not the plan's table
-            line = (f"paths (int4 weights): few rows {paths.get('int8/few')}, many rows "
-                    f"dequantizing GEMM; int8 ones (K not a multiple of the group) as int8")
+        if weights == "uint8":  # packed int4; a matrix whose K is no multiple of G is int8
+            line += (f"; int8 ones: few rows {paths.get('int8/few')}, many rows "
+                     f"{paths.get('int8/many')}")
         lines.append(line)
         lines.append("")
     return "\n".join(lines)

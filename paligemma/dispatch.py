@@ -6,9 +6,11 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 - "kernel-amx" / "kernel-avx512" / "kernel-avx2": the C++ kernel (`paligemma.kernels`), built
   for the widest instruction set this CPU has (AVX-512 F/BW/VL/VNNI with AMX-BF16 tiles, else
   without, else AVX2 + FMA + F16C; the AMX build decodes as the AVX-512 one);
-- "amx-gemm": bf16 weights at many rows with the AMX build: x split into three bf16 parts whose
-  products with the weights are exact in the tiles' f32 sums (`layers._amx_mm`): float32
-  numerics, 2.2-3x faster than "widen" on one AMX Xeon;
+- "amx-gemm": bf16, int8 and packed int4 weights at many rows with the AMX build: x split into
+  three bf16 parts whose products with the weights (or with the int8 / int4 codes, which bf16
+  holds exactly; scales applied to the f32 sums) are exact in the tiles' f32 sums
+  (`layers._amx_mm`): float32 numerics, 2.2-3x faster than "widen" for bf16 and 1.6-1.9x for
+  int4 on one AMX Xeon (int8 takes "int8-gemm" where the CPU has it, faster still);
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel;
@@ -16,8 +18,9 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
   VNNI): x rounded to int16 steps per row and split into two int8 halves, both multiplied by
   one exact int8 GEMM, `torch._int_mm` (oneDNN; `layers._int8_mm`). 2-4x faster than "widen"
   on one AMX Xeon;
-- "bf16-gemm" (only at `--matmul-precision medium`, below): PyTorch's bf16 GEMM on the
-  bf16-rounded x and weights (`layers._bf16_mm`).
+- "bf16-gemm" and "amx-gemm-bf16" (only at `--matmul-precision medium`, below): PyTorch's bf16
+  GEMM on the bf16-rounded x and weights (`layers._bf16_mm`), or the AMX GEMM on x in one bf16
+  part.
 
 At the default precision every path computes in float32 (big_vision's numerics); they differ
 only in f32 summation order, except that int8 and int4 weights on the kernel and int8 weights on
@@ -40,6 +43,9 @@ round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or A
 bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
 computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
 AMX Xeon; int8 weights: a little faster than "int8-gemm", vision tower 583-602 vs 644-733 ms),
+except that with the AMX build int8 and packed int4 weights take "amx-gemm-bf16" (the same
+numerics; the codes are converted inside the GEMM instead of a few MB at a time before it: 14
+vs 17 ms for int8 at 262 x 2048 x 16384, 20 vs 68 ms for int4, which otherwise widens), and
 float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
 output. Between the projections of a block (the vision tower's attention and MLP, the Gemma
 MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
@@ -51,8 +57,8 @@ The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
 `plan()` is called (the first forward, or a loader or benchmark calling it), and logged; again
 only if the precision changes. `PALIGEMMA_DISABLE` turns paths off, a comma-separated list of
-`SWITCHES`: `kernel` (no C++ kernel), `amx` (the AVX-512 build even on AMX CPUs: bf16 weights
-at many rows widen), `avx512` (the AVX2 build even on AVX-512 CPUs),
+`SWITCHES`: `kernel` (no C++ kernel), `amx` (the AVX-512 build even on AMX CPUs: bf16 and int4
+weights at many rows widen), `avx512` (the AVX2 build even on AVX-512 CPUs),
 `int8-gemm` (int8 weights at many rows widen).
 `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
 """
@@ -74,7 +80,8 @@ logger = logging.getLogger("paligemma")
 
 FEW_ROWS = 8  # up to this many rows a matmul is bandwidth-bound: the kernel beats a GEMM
 SWITCHES = ("kernel", "amx", "avx512", "int8-gemm")
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # uint8:
+# packed int4 (`paligemma.int4`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,12 +178,15 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
             "aten" if dtype == torch.float32 else "widen")
         paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
     if kernel == "amx":
-        paths[torch.bfloat16, False] = "amx-gemm"
-    if cpu.native_int8 and "int8-gemm" not in disabled:
+        for dtype in (torch.bfloat16, torch.int8, torch.uint8):
+            paths[dtype, False] = "amx-gemm"
+    if cpu.native_int8 and "int8-gemm" not in disabled:  # 1.3-1.5x faster than "amx-gemm"
         paths[torch.int8, False] = "int8-gemm"
     if precision == "medium" and cpu.native_bf16:  # int8 too: 5-20% faster than "int8-gemm"
         for dtype in (torch.bfloat16, torch.float16, torch.int8):
             paths[dtype, False] = "bf16-gemm"
+        if kernel == "amx":  # codes converted in the tiles' loop: 15-20% faster for int8
+            paths[torch.int8, False] = paths[torch.uint8, False] = "amx-gemm-bf16"
     return Plan(cpu, disabled, kernel, paths, precision)
 
 

@@ -4,9 +4,10 @@
 f32 / bf16 / f16 / int8 weights, at memory bandwidth. The source is built once per instruction
 set (`ISAS`), each as its own extension and op (`paligemma::gemv_avx512`, `paligemma::gemv_avx2`),
 so both can live in one process. The AMX build (`amx`: the AVX-512 kernel plus AMX-BF16 tiles)
-also has `gemm_bf16`, an f32-exact GEMM of many rows for bf16 weights. Which build a process
-uses, if any, is `paligemma.dispatch`'s choice; building needs a C++ compiler, and without one
-`load` returns False and `linear` uses PyTorch ops, with the same results up to f32 rounding.
+also has `gemm_amx`, the GEMM of many rows on tiles for bf16, int8 and int4 weights. Which build
+a process uses, if any, is `paligemma.dispatch`'s choice; building needs a C++ compiler, and
+without one `load` returns False and `linear` uses PyTorch ops, with the same results up to f32
+rounding.
 """
 
 from __future__ import annotations
@@ -57,19 +58,21 @@ def _build(isa: str) -> bool:
             is_python_module=False,
         )
         if isa == "amx":  # the OS must also grant the tile state (Linux 5.16+)
-            torch.ops.paligemma.gemm_bf16_amx(torch.zeros(1, 32), torch.zeros(16, 32).bfloat16())
+            gemm_amx(torch.zeros(1, 32), torch.zeros(16, 32).bfloat16())
     except Exception as e:  # no compiler, no headers, build error: fall back, but say so
         warnings.warn(f"paligemma: C++ kernel ({isa}) unavailable ({e}); dispatch falls back to "
                       "the next instruction set or PyTorch ops", stacklevel=4)
         return False
     torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
     if isa == "amx":
-        torch.library.register_fake("paligemma::gemm_bf16_amx")(_gemm_shape)
+        torch.library.register_fake("paligemma::gemm_amx")(_gemm_shape)
     return True
 
 
-def _gemm_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+def _gemm_shape(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, parts: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
 def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -92,8 +95,15 @@ def dequantize_int4(isa: str, w: torch.Tensor, s: torch.Tensor, out: torch.Tenso
     getattr(torch.ops.paligemma, f"int4_dequantize_{isa}")(w.contiguous(), s.contiguous(), out)
 
 
-def gemm_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 @ w [N, K].T (bf16; both with unit column stride) -> [M, N] float32 on
-    AMX tiles, exact up to f32 summation order; K % 32 == 0, N % 16 == 0. Only after
-    `load("amx")`."""
-    return torch.ops.paligemma.gemm_bf16_amx(x, w)
+def gemm_amx(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, parts: int = 3
+) -> torch.Tensor:
+    """x [M, K] @ (w [N, K] in float32).T -> [M, N] float32 on AMX tiles; K % 32 == 0 and
+    N % 16 == 0, x and w with unit column stride. Only after `load("amx")`.
+
+    x float32 is split into `parts` bf16 parts: 3 make every product exact (float32 numerics up
+    to summation order), 1 rounds x to bf16 (`--matmul-precision medium`); bf16 x takes 1.
+    w: bf16; int8 codes with scale [N]; or packed int4 [N, K / 2] with scale [N, K / G, 2]
+    (`paligemma.int4`), whose group-wise scales and offsets are applied to each group's f32 sums.
+    """
+    return torch.ops.paligemma.gemm_amx(x, w, scale, parts)

@@ -11,13 +11,14 @@ How a matmul runs (`linear`) is chosen once per process by `paligemma.dispatch` 
 capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
   bandwidth (`paligemma.kernels`, built for AMX, AVX-512 or AVX2);
-- many rows (prefill, vision) with non-f32 weights: bf16 weights on CPUs with AMX take the
-  kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
+- many rows (prefill, vision) with non-f32 weights: bf16 and int4 weights on CPUs with AMX take
+  the kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
   int8 weights on CPUs with int8 dot products oneDNN's int8 GEMM on x in two int8 halves
   (`_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into one buffer
   that stays in cache, each piece feeding an f32 GEMM on its output columns
-  (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, and
-  the activations between a block's projections stay bf16: `matmul_dtype`);
+  (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, or the
+  tile GEMM on x in one bf16 part, and the activations between a block's projections stay bf16:
+  `matmul_dtype`);
 - f32 weights otherwise: `F.linear`.
 """
 
@@ -56,13 +57,11 @@ def linear(
 ) -> torch.Tensor:
     """x [..., K] -> [..., N]: x @ (weight * scale[:, None]).T + bias, in x's dtype.
 
-    weight [N, K] is f32, bf16, f16 or int8; scale [N] float32 or None. Results agree across the
-    float32 paths up to summation order; "bf16-gemm" (`--matmul-precision medium`) rounds x and
-    the output to bf16, and also takes bf16 x (from `matmul_dtype`). Packed int4 weights (uint8)
-    go to `int4.linear`.
+    weight [N, K] is f32, bf16, f16 or int8, scale [N] float32 or None; or packed int4 (uint8
+    [N, K / 2], scale [N, K / G, 2]: `paligemma.int4`). Results agree across the float32 paths up
+    to summation order; "bf16-gemm" and "amx-gemm-bf16" (`--matmul-precision medium`) round x
+    and the output to bf16, and also take bf16 x (from `matmul_dtype`).
     """
-    if weight.dtype == torch.uint8:
-        return int4.linear(x, weight, bias, scale)
     bias = None if bias is None else bias.to(x.dtype)
     # The kernel and the chunked GEMM (mm with out=) have no autograd: training takes F.linear.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -70,8 +69,15 @@ def linear(
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
     path = _path(weight, rows)
-    if path == "bf16-gemm" and x.dtype in (torch.bfloat16, torch.float32):
-        y = _bf16_mm(x.reshape(rows, -1).bfloat16(), weight, bias, scale)  # bf16 x: `matmul_dtype`
+    if weight.dtype == torch.uint8 and not path.startswith("amx-gemm"):
+        return int4.linear(x, weight, bias, scale)
+    if path in BF16_PATHS and x.dtype in (torch.bfloat16, torch.float32):
+        x2 = x.reshape(rows, -1).bfloat16()  # bf16 x: `matmul_dtype`
+        if path == "bf16-gemm":
+            y = _bf16_mm(x2, weight, bias, scale)
+        else:
+            y = _amx_mm(x2, weight, scale)
+            y = (y if bias is None else y.add_(bias)).bfloat16()
         return y.view(*x.shape[:-1], -1).to(x.dtype)
     if x.dtype != torch.float32:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
@@ -81,13 +87,16 @@ def linear(
         return F.linear(x, weight, bias)
     elif path == "int8-gemm":
         y = _int8_mm(x.reshape(rows, -1), weight, scale)
-    elif path == "amx-gemm" and scale is None:
-        y = _amx_mm(x.reshape(rows, -1), weight)
+    elif path == "amx-gemm":
+        y = _amx_mm(x.reshape(rows, -1), weight, scale)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], -1)
+
+
+BF16_PATHS = ("bf16-gemm", "amx-gemm-bf16")  # `--matmul-precision medium`: x rounded to bf16
 
 
 def _path(weight: torch.Tensor, rows: int) -> str:
@@ -104,20 +113,26 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     return out if scale is None else out.mul_(scale)
 
 
-def _amx_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] f32 @ bf16 weight [N, K].T -> [M, N] f32 on AMX tiles ("amx-gemm",
-    `kernels.gemm_bf16`: x split into three bf16 parts, products exact, f32 sums). The kernel
-    takes whole tiles (32 columns, 16 rows); the last K % 32 columns and N % 16 rows widen."""
+def _amx_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ (weight * scale).T -> [M, N] f32 on AMX tiles ("amx-gemm", `kernels.gemm_amx`):
+    float32 x in three bf16 parts (products exact, f32 sums), bf16 x ("amx-gemm-bf16") in one;
+    weight bf16, int8 with scale [N], or packed int4 with scale [N, K / G, 2]. The kernel takes
+    whole tiles (32 columns, 16 rows); the last K % 32 columns (never int4's: its groups are
+    whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
+    parts = 1 if x.dtype == torch.bfloat16 else 3
     k, n = x.shape[1], weight.shape[0]
     k_main, n_main = k // 32 * 32, n // 16 * 16
     if k_main == 0 or n_main == 0:
-        return x @ weight.float().T
-    y = kernels.gemm_bf16(x[:, :k_main], weight[:n_main, :k_main])
+        return x.float() @ dequantize(weight, scale).T
+    main, main_scale = weight[:n_main], None if scale is None else scale[:n_main]
+    w = main if main.dtype == torch.uint8 else main[:, :k_main]
+    y = kernels.gemm_amx(x[:, :k_main], w, main_scale, parts)
     if k_main < k:
-        y += x[:, k_main:] @ weight[:n_main, k_main:].float().T
+        y += x[:, k_main:].float() @ dequantize(main[:, k_main:], main_scale).T
     if n_main < n:
-        y = torch.cat([y, x @ weight[n_main:].float().T], 1)
+        tail = dequantize(weight[n_main:], None if scale is None else scale[n_main:])
+        y = torch.cat([y, x.float() @ tail.T], 1)
     return y
 
 
@@ -185,12 +200,12 @@ def _bf16_mm(
 def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype for x [..., K] entering a run of matmuls on weights like `weight` (a block's
     projections and what lies between them: GELU, attention): bfloat16 where `linear` rounds x
-    and its output to bf16 anyway ("bf16-gemm", `--matmul-precision medium`), so the activations
+    and its output to bf16 anyway (`BF16_PATHS`, `--matmul-precision medium`), so the activations
     in between stay bf16 instead of being widened to f32 and rounded again at the next matmul
     (as transformers' bf16 model computes them); x's own dtype otherwise."""
     if x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled():
         return x.dtype
-    bf16 = _path(weight, x.numel() // x.shape[-1]) == "bf16-gemm"
+    bf16 = _path(weight, x.numel() // x.shape[-1]) in BF16_PATHS
     return torch.bfloat16 if bf16 else x.dtype
 
 

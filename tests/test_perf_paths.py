@@ -139,44 +139,87 @@ def test_int8_weights_take_the_int8_gemm_only_with_int8_dot_products(cpu, matmul
     assert plan.paths[torch.int8, True] == off.paths[torch.int8, True] == "widen"  # decode
 
 
-@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+needs_amx = pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+
+
+def scaled_rows(m: int, k: int) -> torch.Tensor:
+    """x [m, k] whose rows range over six orders of magnitude."""
+    return torch.randn(m, k) * torch.logspace(-3, 3, m)[:, None]
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 # x rows: one, a block of 16 and one more, past the 256-row chunk; columns: one tile, past the
 # 2048-column chunk with a 16-column tail; weight rows: 16, a tail of 8, an odd number of blocks
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("k", [32, 4304])
 @pytest.mark.parametrize("n", [16, 40, 48])
-def test_amx_gemm_matches_float64(m, k, n):
-    """bf16 weights at many rows on AMX tiles: x in three bf16 parts, so products stay exact
-    and only the f32 sums round (about 1e-5 of a row's scale over 4304 terms; two parts would
-    leave ~1e-3, one part ~1e-1)."""
-    w = torch.randn(n, k).bfloat16()
-    x = torch.randn(m, k) * torch.logspace(-3, 3, m)[:, None]  # rows of very different scales
-    row_scale = x.abs().amax(1, keepdim=True)
-    torch.testing.assert_close(layers._amx_mm(x, w) / row_scale, reference(x, w, None) / row_scale,
-                               rtol=1e-5, atol=5e-5)
+def test_amx_gemm_matches_float64(dtype, m, k, n):
+    """bf16 weights and int8 codes (scaled per row) at many rows on AMX tiles: x in three bf16
+    parts, so products stay exact and only the f32 sums round (about 5e-6 of max|x_row| max|w|
+    over 4304 terms; two parts would leave ~4e-5, one part ~1e-2)."""
+    w, scale = weights(dtype, n, k)
+    x = scaled_rows(m, k)
+    row_scale = x.abs().amax(1, keepdim=True) * dequantize(w, scale).abs().max()
+    torch.testing.assert_close(layers._amx_mm(x, w, scale) / row_scale,
+                               reference(x, w, scale) / row_scale, rtol=1e-5, atol=1.5e-5)
 
 
-@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+@needs_amx
+@pytest.mark.parametrize("group", [32, 128, 256])
+@pytest.mark.parametrize("m", [1, 17, 300])
+@pytest.mark.parametrize("n", [16, 40])
+def test_amx_gemm_int4_matches_float64(group, m, n):
+    """Packed int4 on AMX tiles, 2304 columns (past the 2048-column chunk): each group's exact
+    products with the codes, scaled, plus the offset times the group's sum of x, against the
+    dequantized weights in float64."""
+    w, scale = int4.quantize_int4(torch.randn(n, 2304) * torch.rand(n, 1), group)
+    x = scaled_rows(m, 2304)
+    expected = (x.double() @ int4.dequantize(w, scale, torch.float64).T).float()
+    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    torch.testing.assert_close(layers._amx_mm(x, w, scale) / row_scale, expected / row_scale,
+                               rtol=1e-5, atol=1.5e-5)
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.uint8])
+def test_amx_gemm_on_bf16_x_is_one_part(dtype):
+    """bf16 x ("amx-gemm-bf16", `--matmul-precision medium`): exact products of x's own values,
+    f32 sums, the same as float32 x rounded to bf16 first."""
+    x = scaled_rows(40, 2304).bfloat16()
+    if dtype == torch.uint8:
+        w, scale = int4.quantize_int4(torch.randn(48, 2304), 128)
+        expected = x.double() @ int4.dequantize(w, scale, torch.float64).T
+    else:
+        w, scale = weights(dtype, 48, 2304)
+        expected = reference(x.float(), w, scale).double()
+    row_scale = x.float().abs().amax(1, keepdim=True)
+    torch.testing.assert_close(layers._amx_mm(x, w, scale) / row_scale,
+                               expected.float() / row_scale, rtol=1e-5, atol=5e-5)
+
+
+@needs_amx
 def test_amx_gemm_takes_strided_x():
     w = torch.randn(32, 64).bfloat16()
     x = torch.randn(64, 20).T  # [20, 64], column stride 20
-    torch.testing.assert_close(layers._amx_mm(x, w), reference(x, w, None), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layers._amx_mm(x, w, None), reference(x, w, None),
+                               rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+@needs_amx
 def test_amx_gemm_refuses_partial_tiles():
     with pytest.raises(RuntimeError, match="K % 32 and N % 16 must be 0"):
-        kernels.gemm_bf16(torch.randn(4, 48), torch.randn(16, 48).bfloat16())
+        kernels.gemm_amx(torch.randn(4, 48), torch.randn(16, 48).bfloat16())
 
 
-@pytest.mark.skipif("amx" not in KERNEL_ISAS, reason="needs AMX-BF16 and the AMX build")
+@needs_amx
 def test_an_amx_build_the_os_refuses_falls_back_to_avx512(monkeypatch):
     """Linux grants the tile state on request (5.16+): where it refuses, the AMX build is not
     used, and bf16 weights at many rows widen on the AVX-512 build."""
     def refused(*args):
-        raise RuntimeError("gemm_bf16_amx: Linux refused the AMX tile state")
+        raise RuntimeError("gemm_amx: Linux refused the AMX tile state")
 
-    monkeypatch.setattr(torch.ops.paligemma, "gemm_bf16_amx", refused)
+    monkeypatch.setattr(torch.ops.paligemma, "gemm_amx", refused)
     with pytest.warns(UserWarning, match=r"C\+\+ kernel \(amx\) unavailable .*refused"):
         assert not kernels._build("amx")
     monkeypatch.setitem(kernels._loaded, "amx", False)
@@ -230,9 +273,11 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.kernel == best
     assert plan.paths[torch.bfloat16, True] == (f"kernel-{best}" if best else "widen")
     assert plan.paths[torch.float32, False] == "aten"
-    assert plan.paths[torch.bfloat16, False] == ("amx-gemm" if best == "amx" else "widen")
-    assert plan.paths[torch.int8, False] == ("int8-gemm" if CPU.native_int8 else "widen")
-    assert replan("int8-gemm").paths[torch.int8, False] == "widen"
+    tiles = "amx-gemm" if best == "amx" else "widen"
+    assert plan.paths[torch.bfloat16, False] == plan.paths[torch.uint8, False] == tiles
+    assert plan.paths[torch.int8, False] == ("int8-gemm" if CPU.native_int8 else tiles)
+    assert replan("int8-gemm").paths[torch.int8, False] == tiles
+    assert replan("amx").paths[torch.uint8, False] == "widen"
     described = plan.describe()
     assert described["capability"] == torch.backends.cpu.get_cpu_capability()
     assert len(described["paths"]) == 2 * len(dispatch.WEIGHT_DTYPES)

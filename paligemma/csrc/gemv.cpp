@@ -25,10 +25,10 @@
 // the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
 // float32 for the GEMM of many rows.
 //
-// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 tiles) adds `gemm_bf16_amx`, the
-// GEMM of many rows for bf16 weights (prefill, vision), float32-exact: x is split into three
-// bf16 parts (x = hi + mid + lo up to f32 rounding), and each part's products with the bf16
-// weights are exact in the tiles' f32 accumulators.
+// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 tiles) adds `gemm_amx`, the GEMM of
+// many rows (prefill, vision) for bf16, int8 and packed int4 weights. Weight codes are exact in
+// bf16, and x is split into bf16 parts (three carry float32's 24 bits: x = hi + mid + lo up to
+// f32 rounding), so every product is exact in the tiles' f32 accumulators; one part is bf16 x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -493,10 +493,10 @@ void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
 #include <sys/syscall.h>
 #include <unistd.h>
 
-constexpr int kParts = 3;           // bf16 parts of each x value
+constexpr int kMaxParts = 3;        // bf16 parts of an f32 x value (hi + mid + lo: 24 bits)
 constexpr int64_t kTileK = 32;      // bf16 columns per tile row (64 bytes)
 constexpr int64_t kChunkK = 2048;   // columns per pass: a pass's x parts stay in L2/L3
-constexpr int64_t kChunkM = 256;    // x rows split at a time (bounds the parts' memory)
+constexpr int64_t kChunkM = 256;    // x rows of three parts split at a time (bounds their memory)
 constexpr int64_t kBlockBytes = 1 << 20;  // bf16 weights per block, reused from L2 by every x row
 
 bool amx_permitted() {  // Linux grants the tile data state only on request, once per process
@@ -529,26 +529,36 @@ inline __m256i take_bf16(__m512& v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// x [M, K] (row stride ldx, M <= kChunkM) -> bf16 parts as B tiles in `parts`: tile (part s, x
-// block b of 16 rows, column step c) at ((s * XB + b) * KB + c) * 512 uint16, its row p holding
-// columns 2p, 2p + 1 of the block's 16 x rows (rows past M: 0).
-void split_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t XB, uint16_t* parts) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) { return widen(p); }
+
+// 16 int32 holding small integers -> 16 bf16 (exact: |v| < 2^8 fits a bf16 significand).
+inline __m256i int_to_bf16(__m512i v) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(v)), 16));
+}
+
+// x [M, K] (row stride ldx, M <= kChunkM; f32, or bf16 with one part) -> bf16 parts as B tiles
+// in `parts`: tile (part s, x block b of 16 rows, column step c) at ((s * XB + b) * KB + c) * 512
+// uint16, its row p holding columns 2p, 2p + 1 of the block's 16 x rows (rows past M: 0).
+template <typename X>
+void split_x(const X* x, int64_t ldx, int64_t M, int64_t K, int64_t XB, int n_parts,
+             uint16_t* parts) {
   const int64_t KB = K / kTileK;
   at::parallel_for(0, XB, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) uint32_t pairs[kParts][16][16];  // [part][x row][column pair]
+    alignas(64) uint32_t pairs[kMaxParts][16][16];  // [part][x row][column pair]
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rows = std::clamp<int64_t>(M - b * 16, 0, 16);
       std::memset(pairs, 0, sizeof(pairs));
       for (int64_t c = 0; c < KB; ++c) {
         for (int64_t r = 0; r < rows; ++r) {
-          const float* xr = x + (b * 16 + r) * ldx + c * kTileK;
-          __m512 lo = _mm512_loadu_ps(xr), hi = _mm512_loadu_ps(xr + 16);
-          for (int s = 0; s < kParts; ++s) {
+          const X* xr = x + (b * 16 + r) * ldx + c * kTileK;
+          __m512 lo = load16(xr), hi = load16(xr + 16);
+          for (int s = 0; s < n_parts; ++s) {
             const __m256i a = take_bf16(lo), h = take_bf16(hi);
             _mm512_store_si512(pairs[s][r], _mm512_inserti64x4(_mm512_castsi256_si512(a), h, 1));
           }
         }
-        for (int s = 0; s < kParts; ++s) {
+        for (int s = 0; s < n_parts; ++s) {
           uint32_t* tile = reinterpret_cast<uint32_t*>(parts + ((s * XB + b) * KB + c) * 512);
           for (int64_t p = 0; p < kTileK / 2; ++p)
             for (int64_t r = 0; r < 16; ++r) tile[p * 16 + r] = pairs[s][r][p];
@@ -558,68 +568,173 @@ void split_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t XB, uint
   });
 }
 
-// y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over one chunk of columns: x as the
-// parts of `split_x` (XB blocks of 16 rows, KB column steps), w [N, KB * 32] bf16 (row stride
-// ldw). Each thread takes blocks of weight rows (kBlockBytes), copied to an aligned buffer that
-// every x row then reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors
-// packs them back to back, and a tile row straddling two cache lines made the GEMM 25-30% slower);
-// every pair of x blocks meets every pair of weight-row blocks in 4 tiles of sums, each column
-// step loading 2 weight tiles and, per part, 2 x tiles for 4 tdpbf16ps.
-void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows, const uint16_t* w,
-                   int64_t ldw, int64_t N, bool accumulate, float* y) {
+// The weights of a GEMM on tiles: bf16 w; int8 codes (w = code * scale[n]); or packed int4
+// codes (`int4.py`'s layout; w = code * scale + offset per group of G columns). Codes are exact
+// in bf16, so every form meets x's parts in the same tiles; scales and offsets are applied to
+// the f32 sums.
+struct TileWeights {
+  at::ScalarType dtype;
+  const void* data;
+  int64_t ld;           // elements (bytes for int4) per weight row
+  const float* scale;   // bf16 / int8: [N] or null; int4: [N, groups, 2] (scale, offset)
+  int64_t group = 0;    // int4: G (a multiple of kTileK dividing kChunkK)
+  int64_t groups = 0;   // int4: K / G of the whole row
+
+  const char* row(int64_t n, int64_t k0) const {  // weight row n from column k0 on
+    const int64_t bytes = dtype == at::kBFloat16 ? 2 * (n * ld + k0)
+                          : dtype == at::kChar   ? n * ld + k0
+                                                 : n * ld + k0 / 2;
+    return static_cast<const char*>(data) + bytes;
+  }
+
+  // Weight rows [n0, n0 + rows), columns [k0, k0 + K) as bf16 into dst (row stride K).
+  void unpack(int64_t n0, int64_t rows, int64_t k0, int64_t K, uint16_t* dst) const {
+    for (int64_t r = 0; r < rows; ++r, dst += K) {
+      if (dtype == at::kBFloat16) {
+        std::memcpy(dst, row(n0 + r, k0), 2 * K);
+      } else if (dtype == at::kChar) {
+        const int8_t* src = reinterpret_cast<const int8_t*>(row(n0 + r, k0));
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                              int_to_bf16(_mm512_cvtepi8_epi32(codes)));
+        }
+      } else {  // a run of 32 columns is 16 bytes: column j low nibble, j + 16 high nibble
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(row(n0 + r, k0));
+        for (int64_t k = 0; k < K; k += kTileK) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2)));
+          const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), int_to_bf16(low));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 16),
+                              int_to_bf16(_mm512_srli_epi32(bytes, 4)));
+        }
+      }
+    }
+  }
+};
+
+// v[i][j] -> v[j][i] for 16 x 16 floats in registers.
+inline void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: pairs of rows interleaved
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  auto lo = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  auto hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 16; i += 4) {  // v[i + s], lane L: column 4 L + s of rows i .. i + 3
+    v[i] = lo(t[i], t[i + 2]);
+    v[i + 1] = hi(t[i], t[i + 2]);
+    v[i + 2] = lo(t[i + 1], t[i + 3]);
+    v[i + 3] = hi(t[i + 1], t[i + 3]);
+  }
+  for (int s = 0; s < 4; ++s) {  // column 4 L + s: lane L of v[s], v[4 + s], v[8 + s], v[12 + s]
+    const __m512 ab0 = _mm512_shuffle_f32x4(v[s], v[4 + s], 0x44);
+    const __m512 ab1 = _mm512_shuffle_f32x4(v[s], v[4 + s], 0xEE);
+    const __m512 cd0 = _mm512_shuffle_f32x4(v[8 + s], v[12 + s], 0x44);
+    const __m512 cd1 = _mm512_shuffle_f32x4(v[8 + s], v[12 + s], 0xEE);
+    t[s] = _mm512_shuffle_f32x4(ab0, cd0, 0x88);
+    t[4 + s] = _mm512_shuffle_f32x4(ab0, cd0, 0xDD);
+    t[8 + s] = _mm512_shuffle_f32x4(ab1, cd1, 0x88);
+    t[12 + s] = _mm512_shuffle_f32x4(ab1, cd1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over the chunk of columns [k0, k0 +
+// KB * 32): x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4 weights
+// `xsums` [groups of the chunk][XB * 16], the sums of x over each group. Each thread takes blocks
+// of weight rows (kBlockBytes), unpacked to bf16 in an aligned buffer that every x row then
+// reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors packs them back to
+// back, and a tile row straddling two cache lines made the GEMM 25-30% slower); every pair of x
+// blocks meets every pair of weight-row blocks in 4 tiles of sums, each column step loading 2
+// weight tiles and, per part, 2 x tiles for 4 tdpbf16ps. int4 sums are taken per group and
+// scaled into f32 accumulators: y += scale * sum(code * x) + offset * sum(x).
+template <int n_parts>  // a constant: the loop over parts unrolls (3-4% faster at 3)
+void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
+                   const TileWeights& w, int64_t k0, const float* xsums, int64_t N,
+                   bool accumulate, float* y) {
   auto x_tile = [&](int s, int64_t b, int64_t c) { return parts + ((s * XB + b) * KB + c) * 512; };
-  const int64_t block = std::max<int64_t>(2, kBlockBytes / (2 * KB * kTileK) / 32 * 2);
-  at::parallel_for(0, N / 16, block, [&](int64_t begin, int64_t end) {
+  const int64_t tiles = N / 16, threads = at::get_num_threads();
+  const int64_t fill = std::max<int64_t>(2, kBlockBytes / (2 * KB * kTileK) / 32 * 2);
+  const int64_t block = std::min(fill, std::max<int64_t>(2, (tiles + threads - 1) / threads));
+  const int64_t steps = w.group ? w.group / kTileK : KB;  // column steps per f32 scaling
+  at::parallel_for(0, tiles, block, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    alignas(64) float sums[16][16];  // [weight row][x row]
-    const int64_t row_bytes = KB * kTileK * 2;
+    alignas(64) float sums[16][16];     // [weight row][x row]
+    alignas(64) float acc[4][16][16];   // int4: the scaled sums of each tile
+    const int64_t K = KB * kTileK;
     thread_local std::vector<uint16_t> packed;  // 64 bytes of slack for the alignment below
-    packed.resize(std::max<size_t>(packed.size(), block * 16 * row_bytes / 2 + 32));
+    packed.resize(std::max<size_t>(packed.size(), block * 16 * K + 32));
     uint16_t* aligned = reinterpret_cast<uint16_t*>(
         (reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~static_cast<uintptr_t>(63));
-    auto write_sums = [&](int64_t n, int64_t b) {
+    auto write = [&](const float (&v)[16][16], int64_t n, int64_t b) {  // v: [weight][x row]
+      __m512 c[16];
+      for (int j = 0; j < 16; ++j) c[j] = _mm512_load_ps(v[j]);
+      transpose16(c);
+      const __m512 s = w.scale && !w.group ? _mm512_loadu_ps(w.scale + n * 16) : _mm512_set1_ps(1);
       for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r) {
         float* out = y + (b * 16 + r) * N + n * 16;
-        for (int j = 0; j < 16; ++j) out[j] = accumulate ? out[j] + sums[j][r] : sums[j][r];
+        const __m512 v = _mm512_mul_ps(c[r], s);
+        _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
+      }
+    };
+    auto scale_into = [&](float (&a)[16][16], int64_t n, int64_t b, int64_t g) {
+      const __m512 xs = _mm512_loadu_ps(xsums + g * XB * 16 + b * 16);
+      for (int j = 0; j < 16; ++j) {
+        const float* so = w.scale + ((n * 16 + j) * w.groups + k0 / w.group + g) * 2;
+        const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(so[0]), _mm512_load_ps(sums[j]),
+                                         _mm512_load_ps(a[j]));
+        _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(so[1]), xs, v));
       }
     };
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block);
-      for (int64_t r = 0; r < (n1 - n0) * 16; ++r)
-        std::memcpy(aligned + r * (row_bytes / 2), w + (n0 * 16 + r) * ldw, row_bytes);
+      w.unpack(n0 * 16, (n1 - n0) * 16, k0, K, aligned);
       for (int64_t b = 0; b < XB; b += 2) {
         for (int64_t n = n0; n < n1; n += 2) {
           const bool two = n + 1 < n1;
-          const uint16_t* w0 = aligned + (n - n0) * 16 * (row_bytes / 2);
-          const uint16_t* w1 = w0 + 16 * (row_bytes / 2);
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t c = 0; c < KB; ++c) {
-            _tile_loadd(4, w0 + c * kTileK, row_bytes);
-            if (two) _tile_loadd(5, w1 + c * kTileK, row_bytes);
-            for (int s = 0; s < kParts; ++s) {
-              _tile_loadd(6, x_tile(s, b, c), 64);
-              _tile_loadd(7, x_tile(s, b + 1, c), 64);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              if (two) {
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+          const int used = two ? 4 : 2;  // tiles: (n, b), (n, b + 1), (n + 1, b), (n + 1, b + 1)
+          const uint16_t* w0 = aligned + (n - n0) * 16 * K;
+          const uint16_t* w1 = w0 + 16 * K;
+          if (w.group) std::memset(acc, 0, sizeof(acc));
+          for (int64_t c0 = 0; c0 < KB; c0 += steps) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t c = c0; c < c0 + steps; ++c) {
+              _tile_loadd(4, w0 + c * kTileK, 2 * K);
+              if (two) _tile_loadd(5, w1 + c * kTileK, 2 * K);
+              for (int s = 0; s < n_parts; ++s) {
+                _tile_loadd(6, x_tile(s, b, c), 64);
+                _tile_loadd(7, x_tile(s, b + 1, c), 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (two) {
+                  _tile_dpbf16ps(2, 5, 6);
+                  _tile_dpbf16ps(3, 5, 7);
+                }
               }
             }
+            for (int t = 0; t < used; ++t) {  // tile numbers are immediates
+              if (t == 0) _tile_stored(0, sums, 64);
+              if (t == 1) _tile_stored(1, sums, 64);
+              if (t == 2) _tile_stored(2, sums, 64);
+              if (t == 3) _tile_stored(3, sums, 64);
+              if (w.group)
+                scale_into(acc[t], n + t / 2, b + t % 2, c0 / steps);
+              else
+                write(sums, n + t / 2, b + t % 2);
+            }
           }
-          _tile_stored(0, sums, 64);
-          write_sums(n, b);
-          _tile_stored(1, sums, 64);
-          write_sums(n, b + 1);
-          if (two) {
-            _tile_stored(2, sums, 64);
-            write_sums(n + 1, b);
-            _tile_stored(3, sums, 64);
-            write_sums(n + 1, b + 1);
-          }
+          if (w.group)
+            for (int t = 0; t < used; ++t) write(acc[t], n + t / 2, b + t % 2);
         }
       }
     }
@@ -627,32 +742,78 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows, 
   });
 }
 
-// x [M, K] f32 @ w [N, K].T (bf16; both with unit column stride) -> y [M, N] f32;
+// x [M, K] (f32 in `n_parts` bf16 parts, or bf16 in one) @ w [N, K].T -> y [M, N] f32;
 // K % 32 == 0, N % 16 == 0. x is taken kChunkM rows and kChunkK columns at a time: its parts
 // stay in L2 / L3 while every weight row meets them, and their buffer stays small.
-at::Tensor gemm_bf16_amx(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(amx_permitted(), "gemm_bf16_amx: Linux refused the AMX tile state");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
-              "gemm_bf16_amx: x must be float32 [M, K] with unit column stride");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1 &&
-                  w.size(1) == x.size(1),
-              "gemm_bf16_amx: w must be bf16 [N, K] with unit column stride");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % kTileK == 0 && N % 16 == 0, "gemm_bf16_amx: K % 32 and N % 16 must be 0");
+template <typename X>
+void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
+                 const TileWeights& w, int64_t N, float* yp) {
   // Kept by the calling thread: a fresh buffer would be page-faulted in on every call.
-  thread_local std::vector<uint16_t> parts(kParts * (kChunkM / 16) * (kChunkK / kTileK) * 512);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  for (int64_t m0 = 0; m0 < M; m0 += kChunkM) {
-    const int64_t rows = std::min(kChunkM, M - m0), XB = (rows + 31) / 32 * 2;
+  thread_local std::vector<uint16_t> parts(kMaxParts * (kChunkM / 16) * (kChunkK / kTileK) * 512);
+  thread_local std::vector<float> xsums;
+  // Rows in equal chunks (262 = 256 + 6 would unpack every weight twice for 6 rows); one part
+  // takes 3x the rows of three, the same memory.
+  const int64_t chunks = (M + kChunkM * kMaxParts / n_parts - 1) / (kChunkM * kMaxParts / n_parts);
+  const int64_t chunk_rows = ((M + chunks - 1) / chunks + 31) / 32 * 32;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, M - m0), XB = (rows + 31) / 32 * 2;
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
-      const int64_t KB = std::min(kChunkK, K - k0) / kTileK;
-      split_x(xp + m0 * x.stride(0) + k0, x.stride(0), rows, KB * kTileK, XB, parts.data());
-      tile_products(parts.data(), XB, KB, rows, wp + k0, w.stride(0), N, k0 > 0,
-                    y.data_ptr<float>() + m0 * N);
+      const int64_t width = std::min(kChunkK, K - k0);
+      split_x(xp + m0 * ldx + k0, ldx, rows, width, XB, n_parts, parts.data());
+      if (w.group) {  // [group][x row], rows past M: 0
+        const int64_t groups = width / w.group;
+        xsums.assign(groups * XB * 16, 0.0f);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < groups; ++g) {
+            const X* xr = xp + (m0 + r) * ldx + k0 + g * w.group;
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t k = 0; k < w.group; k += 16) sum = _mm512_add_ps(sum, load16(xr + k));
+            xsums[g * XB * 16 + r] = _mm512_reduce_add_ps(sum);
+          }
+      }
+      auto products = n_parts == 1   ? tile_products<1>
+                      : n_parts == 2 ? tile_products<2>
+                                     : tile_products<3>;
+      products(parts.data(), XB, width / kTileK, rows, w, k0, xsums.data(), N, k0 > 0,
+               yp + m0 * N);
     }
   }
+}
+
+// The GEMM of many rows on AMX tiles ("amx-gemm"): x [M, K] float32 (split into `n_parts` bf16
+// parts: 3 make every product exact, float32 numerics; 1 is bf16 x, `--matmul-precision
+// medium`) or bf16 (1 part), both with unit column stride; w [N, K] bf16, int8 with scale [N],
+// or packed int4 [N, K / 2] with scale [N, K / G, 2]; -> [M, N] float32.
+at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                    int64_t n_parts) {
+  TORCH_CHECK(amx_permitted(), "gemm_amx: Linux refused the AMX tile state");
+  const bool bf16_x = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || bf16_x) && x.stride(1) == 1,
+              "gemm_amx: x must be float32 or bf16 [M, K] with unit column stride");
+  TORCH_CHECK(n_parts >= 1 && n_parts <= kMaxParts && (!bf16_x || n_parts == 1),
+              "gemm_amx: x takes 1 to 3 parts (bf16 x: 1), got ", n_parts);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TileWeights tw{w.scalar_type(), w.data_ptr(), w.stride(0), nullptr};
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(scale.has_value(), "gemm_amx: int4 weights need their scales");
+    tw.group = int4_group(w, *scale, "gemm_amx");
+    tw.groups = scale->size(1);
+    TORCH_CHECK(2 * w.size(1) == K, "gemm_amx: int4 w must be [N, K / 2] with K = x.size(1)");
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == K &&
+                    (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar),
+                "gemm_amx: w must be bf16 or int8 [N, K] with unit column stride");
+    TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat &&
+                                       scale->is_contiguous() && scale->numel() == N),
+                "gemm_amx: scale must be float32 [N]");
+  }
+  if (scale.has_value()) tw.scale = scale->data_ptr<float>();
+  TORCH_CHECK(K % kTileK == 0 && N % 16 == 0, "gemm_amx: K % 32 and N % 16 must be 0");
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (bf16_x)
+    gemm_chunks(x.data_ptr<at::BFloat16>(), x.stride(0), M, K, 1, tw, N, y.data_ptr<float>());
+  else
+    gemm_chunks(x.data_ptr<float>(), x.stride(0), M, K, n_parts, tw, N, y.data_ptr<float>());
   return y;
 }
 #endif
@@ -695,7 +856,7 @@ TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  m.def("gemm_bf16_amx(Tensor x, Tensor w) -> Tensor");
+  m.def("gemm_amx(Tensor x, Tensor w, Tensor? scale, int parts) -> Tensor");
 #endif
 }
 
@@ -703,6 +864,6 @@ TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
   m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  m.impl("gemm_bf16_amx", &gemm_bf16_amx);
+  m.impl("gemm_amx", &gemm_amx);
 #endif
 }
