@@ -17,6 +17,12 @@ than the last-level cache), so they measure memory bandwidth, not cache bandwidt
                  gemm_bf16bf16f32 exported by libtorch_cpu, where it is), parts summed in f32
   bf16x3 onednn  the same stacked rows through oneDNN with fp32 matmul precision "bf16" (AMX or
                  AVX-512-BF16 with f32 accumulation; the weights are passed widened to f32)
+  amx ... x3     with the AMX build, prefill rows: our tile GEMM (`kernels.gemm_amx`) on x in
+                 three bf16 parts ("amx-gemm"), for bf16, int8 and packed int4 (group 128)
+                 weights; "x1": on x rounded to bf16 ("amx-gemm-bf16", --matmul-precision
+                 medium), next to what medium runs otherwise: "bf16-gemm int8" (`_bf16_mm`)
+  int8 gemm      oneDNN's int8 GEMM on x in two int8 halves ("int8-gemm", `layers._int8_mm`)
+  int4 widen     packed int4 dequantized to f32 a few MB at a time, f32 GEMM (no AMX build)
 
 Printed: ms (best of several) and GB/s of weights (decode) or GFLOP/s (prefill); the max
 absolute difference from a float64 reference. `--cpu-time` times the thread's CPU time instead
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paligemma import dispatch, kernels, layers  # noqa: E402
+from paligemma import dispatch, int4, kernels, layers  # noqa: E402
 from paligemma.quantize import quantize_int8  # noqa: E402
 
 N, K, PREFILL_ROWS, DECODE_COPIES = 16384, 2048, 262, 12
@@ -117,7 +123,8 @@ def main() -> None:
           f"this process's paths: {described['paths']}")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * K**-0.5
-    copies = {"f32": [w], "bf16": [w.bfloat16()], "int8": [quantize_int8(w)]}
+    copies = {"f32": [w], "bf16": [w.bfloat16()], "int8": [quantize_int8(w)],
+              "int4": [int4.quantize_int4(w, 128)]}
     mkl = mkl_gemm_bf16bf16f32()
     isas = [isa for isa, (needs, _) in kernels.ISAS.items()
             if "kernel" not in plan.disabled and needs <= plan.cpu.flags and kernels.load(isa)]
@@ -148,6 +155,16 @@ def main() -> None:
                 ways["bf16x3 mkl"] = ("bf16", lambda x, w: sum3(mkl(split3(x), w)))
             ways["bf16x3 onednn"] = ("f32bf16",
                                      lambda x, w: sum3(onednn_bf32(split3(x).float(), w)))
+            ways["int8 gemm"] = ("int8", lambda x, w: layers._int8_mm(x, *w))
+            ways["bf16-gemm int8"] = ("int8", lambda x, w: layers._bf16_mm(x.bfloat16(), *w[:1],
+                                                                           None, w[1]).float())
+            ways["int4 widen"] = ("int4", lambda x, w: int4._dequantizing_mm(x, *w))
+            if "amx" in isas:
+                for kind in ("bf16", "int8", "int4"):
+                    unpack = (lambda w: (w, None)) if kind == "bf16" else (lambda w: w)
+                    ways[f"amx {kind} x3"] = (kind, lambda x, w, u=unpack: layers._amx_mm(x, *u(w)))
+                    ways[f"amx {kind} x1"] = (kind, lambda x, w, u=unpack: layers._amx_mm(
+                        x.bfloat16(), *u(w)))
         copies["f32bf16"] = [c.bfloat16().float() for c in copies["f32"][:1]]
         print(f"\n{rows} rows: {'ms per weight, GB/s of weights' if decode else 'ms, GFLOP/s'}; "
               "max |error| against float64")
@@ -156,9 +173,11 @@ def main() -> None:
             ms = best_ms(lambda fn=fn, ws=ws, x=x: [fn(x, c) for c in ws], 3 if decode else 2,
                          args.cpu_time) / len(ws)
             w0 = ws[0]
-            exact = (w0[0].double() * w0[1].double()[:, None]) if kind == "int8" else w0.double()
+            exact = (w0[0].double() * w0[1].double()[:, None] if kind == "int8"
+                     else int4.dequantize(*w0, torch.float64) if kind == "int4" else w0.double())
             err = (fn(x, w0).double() - x.double() @ exact.T).abs().max().item()
-            nbytes = w0[0].numel() + 4 * N if kind == "int8" else w0.numel() * w0.element_size()
+            nbytes = (sum(t.numel() * t.element_size() for t in w0) if kind in ("int8", "int4")
+                      else w0.numel() * w0.element_size())
             speed = nbytes / ms / 1e6 if decode else 2 * rows * N * K / ms / 1e6
             print(f"  {name:<16}{ms:>9.2f} ms {speed:>8.1f} {'GB/s' if decode else 'GFLOP/s'}"
                   f"   error {err:.1e}")
