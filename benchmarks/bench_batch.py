@@ -43,7 +43,6 @@ an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -53,8 +52,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_inference import random_tensors
+from bench_inference import random_tensors  # puts the repository on sys.path: benchmarks.*
 
+from benchmarks.record import JsonReport, add_json_arguments, machine
 from paligemma import PaliGemma
 from paligemma.config import PALIGEMMA_VOCAB_SIZE, VARIANTS, PaliGemmaConfig
 from paligemma.demo import scenes
@@ -67,20 +67,6 @@ from paligemma.tokenizer import GEMMA_VOCAB_SIZE, LOC_PIECES, SEG_PIECES, Tokeni
 DEMO = DEMO_MODEL
 MIXED = [("answer en how many shapes are there", 8), ("detect circle", 12), ("caption en", 24),
          ("caption en", 64)]  # (prompt, max_new_tokens): 1, ~6, ~11 and up to 64 tokens
-
-
-def cpu_info() -> dict:
-    info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-            "capability": torch.backends.cpu.get_cpu_capability(), "load": os.getloadavg()}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in info:
-            value = value.strip()
-            if key.strip() == "flags":
-                value = " ".join(f for f in value.split() if f.startswith(("avx", "fma", "f16c",
-                                                                           "amx")))
-            info[key.strip()] = value
-    return info
 
 
 def load_demo(folder: Path) -> PaliGemma:
@@ -189,8 +175,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: CPU seconds are then a stable measure "
                         "of work on a shared machine)")
-    parser.add_argument("--json", metavar="FILE")
+    add_json_arguments(parser)
     args = parser.parse_args()
+    json_report = JsonReport(parser, args)
     torch.set_num_threads(args.threads)
     continuous_configs = [tuple(ints(pair.replace(":", ","))) for pair in
                           ([] if args.continuous == "none" else args.continuous.split(","))]
@@ -213,17 +200,17 @@ def main() -> None:
     n = max([args.images, args.one_by_one or 0, args.budget_images or 0])
     images = [scenes.draw_scene(rng, 112).image for _ in range(n)]
     pixels = list(preprocess([to_rgb_array(im) for im in images], pg.image_size))
-    report: dict = {"cpu": cpu_info(), "model": model_name, "platform": platform.platform(),
-                    "args": vars(args)}
+    report: dict = {"machine": {**machine(), "threads": torch.get_num_threads(),
+                                "load": os.getloadavg()},
+                    "model": model_name, "platform": platform.platform(), "args": vars(args)}
 
     def save() -> None:
-        report["cpu"]["load_now"] = os.getloadavg()
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        report["machine"]["load_now"] = os.getloadavg()
+        json_report.save(report)
 
-    print(f"{model_name}\nCPU: {report['cpu'].get('model name')}; "
-          f"{report['cpu']['capability']}; flags {report['cpu'].get('flags')}; "
-          f"{report['cpu']['threads']} threads; load {report['cpu']['load'][0]:.1f}\n")
+    cpu = report["machine"]
+    print(f"{model_name}\nCPU: {cpu['cpu']}; {cpu['isa']}; flags {' '.join(cpu['flags'])}; "
+          f"{cpu['threads']} threads; load {cpu['load'][0]:.1f}\n")
 
     def timed_row(name: str, fn, items: int, section: dict) -> tuple[float, object]:
         seconds, out = timed(fn, args.repeats)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -43,8 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_inference import TEXT_TOKENS, decode_bytes, machine  # noqa: E402
+from bench_inference import TEXT_TOKENS, decode_bytes  # noqa: E402
 
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats.hf import hf_chunks, hf_config, hf_names  # noqa: E402
 from paligemma.generate import decode_step, prefill  # noqa: E402
@@ -259,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true",
                    help="hf/bfloat16 without torch.compile (static cache still)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--json", default="bench_gpu.json", metavar="FILE",
-                   help="where the figures go (default: bench_gpu.json)")
+    add_json_arguments(p, default="bench_gpu.json")
     args = p.parse_args(argv)
+    report = JsonReport(p, args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,10 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         "batches": list(batches),
     }
     results: dict[str, dict[str, Any]] = {}
-    out = Path(args.json)
 
     def save() -> None:
-        out.write_text(json.dumps({**info, "results": results}, indent=2) + "\n")
+        report.save({**info, "results": results})
 
     started = time.perf_counter()
     ours = random_model(config, device)
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' / '.join(f'{b:.0f}' for b in info['bandwidth_gbs'])} GB/s, "
           f"{info['wall_s']:.0f} s\n")
     print(table(results, batches, info["floors_ms"]["bfloat16"]))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {args.json}")
     return 1 if any("error" in r for r in results.values()) else 0
 
 

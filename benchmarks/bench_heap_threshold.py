@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_inference import machine  # noqa: E402
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma import heap  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
 from paligemma.gemma import GemmaDecoder  # noqa: E402
@@ -56,12 +55,13 @@ def child(rows: int, mapped: bool) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="subprocesses per setting")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_json_arguments(parser)
     parser.add_argument("--child", nargs=2, metavar=("ROWS", "MAPPED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(child(int(args.child[0]), args.child[1] == "1"))
         return 0
+    json_report = JsonReport(parser, args)
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     results = {}
     for name, rows in LENGTHS.items():
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": results}
     print(f"{report['machine']['cpu']}, {report['machine']['isa']}, "
           f"load average {report['machine']['load_avg'][0]:.1f}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    json_report.save(report)
     return 0
 
 

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -54,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma import dispatch  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_pretrained  # noqa: E402
@@ -344,26 +344,6 @@ def decode_bytes(config: PaliGemmaConfig, dtype: str) -> int:
     return total
 
 
-def machine() -> dict[str, Any]:
-    cpu = dispatch.Cpu.detect()
-    info: dict[str, Any] = {
-        "cpu": cpu.model,
-        "cores": os.cpu_count(),
-        "isa": cpu.capability,  # torch.backends.cpu.get_cpu_capability()
-        "flags": cpu.matmul_flags(),  # the /proc/cpuinfo flags that matter for matmuls
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
 def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -429,7 +409,7 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model (~2 minutes)")
-    p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
+    add_json_arguments(p)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pg-bench",
                    help="where the random checkpoints are written and reused")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -442,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
         return 0
+    report = JsonReport(p, args)
 
     config = quick_config() if args.quick else VARIANTS["pg1-3b-224"]
     configs = [c for c in CONFIGS if args.only is None or "/".join(c) in args.only.split(",")]
@@ -495,11 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['load_avg_after'][0]:.2f}\n"
     )
     print(table(results, floors))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({**info, "weights_bytes": weights, "floors_ms": floors,
-                        "results": results}, indent=2) + "\n"
-        )
+    report.save({**info, "weights_bytes": weights, "floors_ms": floors, "results": results})
     return 0
 
 

@@ -38,12 +38,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_inference import (  # noqa: E402, I001
     evict_page_cache,
-    machine,
     prepare_checkpoints,
     quantized_checkpoint,
     quick_config,
 )
 
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
 
 # (name, checkpoint, quantize at load); checkpoint "bf16" or a quantization mode written once.
@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pg-bench-load")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", metavar="FILE")
+    add_json_arguments(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    report = JsonReport(p, args)
     config = quick_config() if args.quick else VARIANTS["pg1-3b-224"]
     bf16, _ = prepare_checkpoints(args.workdir, config, hf=False)
     dirs = {"bf16": bf16, **{m: quantized_checkpoint(bf16, m) for m in ("int8", "int4")}}
@@ -119,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f"{min(times):>{width}.2f}{median:>8.2f}{median / base[key]:>8.2f}"
         summary[name] = row
         print(f"{line}{row['peak_rss'] / 2**30:>14.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({**info, "summary": summary, "runs": runs},
-                                              indent=2) + "\n")
+    report.save({**info, "summary": summary, "runs": runs})
     return 0
 
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from benchmarks.bench_inference import machine  # noqa: E402
 from benchmarks.convert_benchmark import write_synthetic  # noqa: E402
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma import gemma, heap  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
 from paligemma.formats import load_official  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True,
                         help="folder for the random checkpoint (reused when present)")
     parser.add_argument("--variant", default="pg2-3b-896", choices=sorted(VARIANTS))
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_json_arguments(parser)
     parser.add_argument("--only", choices=sorted(SETTINGS), help="run one setting only")
     parser.add_argument("--child", nargs=3, metavar=("NPZ", "SETTING", "LOGITS"),
                         help=argparse.SUPPRESS)
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         npz, setting, logits = args.child
         print(json.dumps(child(Path(npz), args.variant, setting, Path(logits))))
         return 0
+    json_report = JsonReport(parser, args)
 
     npz = args.workdir / f"{args.variant}-random.b16.npz"
     if not npz.is_file():
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = results["chunked"]["prefill_peak_rss_gb"]
         print(f"target: prefill peak <= weights + 1.5 GB = {budget:.2f} GB: "
               f"{'met' if peak <= budget else 'MISSED'} ({peak:.2f} GB)")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    json_report.save(report)
     return 0
 
 

@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_inference import machine  # noqa: E402
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma import dispatch  # noqa: E402
 from paligemma.config import PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_official  # noqa: E402
@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=40)
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                    help="int4 group size for the demo model")
-    p.add_argument("--json", metavar="FILE")
+    add_json_arguments(p)
     args = p.parse_args(argv)
+    json_report = JsonReport(p, args)
     torch.manual_seed(0)
     # The paths decide part of the numerics (int8-gemm rounds x; amx-gemm sums in another order)
     paths = dispatch.plan().describe()["paths"]
@@ -201,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["demo"], indent=2))
     else:
         print(f"no demo model at {args.demo}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    json_report.save(report)
     return 0
 
 

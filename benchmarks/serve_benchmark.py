@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -40,21 +38,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma.demo import scenes  # noqa: E402
 
 PROMPTS = ["caption en", "caption en", "answer en how many shapes are there", "detect star"]
-
-
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    field = lambda name: next((line.split(":", 1)[1].strip() for line in cpuinfo
-                               if line.startswith(name)), "?")
-    import torch
-
-    return {"cpu": field("model name"), "cores": os.cpu_count(), "flags": " ".join(
-        f for f in field("flags").split() if f.startswith(("avx", "fma", "f16c", "amx"))),
-        "torch_isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-        "python": platform.python_version()}
 
 
 def requests_for(n: int, max_tokens: int) -> list[dict[str, Any]]:
@@ -135,8 +122,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server "
                    "(OMP_NUM_THREADS; default 1: on a shared 2-core machine a second thread "
                    "spin-waits for a busy core)")
-    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    add_json_arguments(p)
     args = p.parse_args()
+    json_report = JsonReport(p, args)
     bodies = requests_for(args.requests, args.max_tokens)
     configs = [("sequential", 1, 1), ("batched, 1 client", 16, 1),
                ("batched, 4 clients", 16, 4), ("batched, 16 clients", 16, 16),
@@ -171,8 +159,8 @@ def main() -> int:
             "same_texts_every_round": all(x["texts"] == runs[0]["texts"] for x in runs)})
     base = results[0]
     info = machine()
-    print(f"\n{info['cpu']}, {info['cores']} cores ({info['flags']}); torch {info['torch']} "
-          f"{info['torch_isa']}, server threads {args.threads}; load average "
+    print(f"\n{info['cpu']}, {info['cores']} cores ({' '.join(info['flags'])}); torch "
+          f"{info['torch']} {info['isa']}, server threads {args.threads}; load average "
           f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{args.requests} chat completions per configuration and round, {args.rounds} rounds, "
           f"max_tokens {args.max_tokens}, greedy; req/s and tok/s: median of the rounds; "
@@ -185,12 +173,9 @@ def main() -> int:
         print(f"{r['config']:<24}{r['requests_per_s']:>8}{r['tokens_per_s']:>8}"
               f"{r['p50_s']:>8}{r['p95_s']:>8}"
               f"{r['requests_per_s'] / base['requests_per_s']:>9.2f}{str(same):>12}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"machine": info, "server_threads": args.threads,
-             "load_average": [load_before, os.getloadavg()[0]],
-             "results": [{k: v for k, v in r.items() if k != "texts"} for r in results]},
-            indent=2) + "\n")
+    json_report.save({"machine": info, "server_threads": args.threads,
+                      "load_average": [load_before, os.getloadavg()[0]],
+                      "results": [{k: v for k, v in r.items() if k != "texts"} for r in results]})
     return 0 if all(r["same_texts_as_sequential"] for r in results) else 1
 
 

@@ -49,6 +49,7 @@ KINDS: dict[str, tuple[bool, str]] = {
     "npz": (False, "exported .npz"),
     "png": (False, "PNG written by paligemma"),
     "parity-report": (False, "parity JSON report"),
+    "benchmark-report": (False, "benchmark JSON report"),
 }
 
 
@@ -114,6 +115,8 @@ def kind_of(path: str | Path) -> str | None:
             if reports and all(isinstance(r, dict) and {"case", "stages"} <= set(r)
                                for r in reports):
                 return "parity-report"
+            if isinstance(report, dict) and isinstance(report.get("benchmark"), str):
+                return "benchmark-report"  # benchmarks/record.py
     return None
 
 
