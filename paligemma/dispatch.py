@@ -44,8 +44,9 @@ bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers
 computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
 AMX Xeon; int8 weights: a little faster than "int8-gemm", vision tower 583-602 vs 644-733 ms),
 except that with the AMX build int8 and packed int4 weights take "amx-gemm-bf16" (the same
-numerics; the codes are converted inside the GEMM instead of a few MB at a time before it: 14
-vs 17 ms for int8 at 262 x 2048 x 16384, 20 vs 68 ms for int4, which otherwise widens), and
+numerics; the codes are converted inside the GEMM instead of a few MB at a time before it: 11
+vs 22 ms for int8 at 262 x 2048 x 16384, 18 vs 74 ms for int4, which otherwise widens;
+`benchmarks/bf16_matmul.py`), and
 float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
 output. Between the projections of a block (the vision tower's attention and MLP, the Gemma
 MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
@@ -185,7 +186,7 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
     if precision == "medium" and cpu.native_bf16:  # int8 too: 5-20% faster than "int8-gemm"
         for dtype in (torch.bfloat16, torch.float16, torch.int8):
             paths[dtype, False] = "bf16-gemm"
-        if kernel == "amx":  # codes converted in the tiles' loop: 15-20% faster for int8
+        if kernel == "amx":  # codes converted in the tiles' loop: int8 twice as fast
             paths[torch.int8, False] = paths[torch.uint8, False] = "amx-gemm-bf16"
     return Plan(cpu, disabled, kernel, paths, precision)
 

@@ -76,8 +76,7 @@ def linear(
         if path == "bf16-gemm":
             y = _bf16_mm(x2, weight, bias, scale)
         else:
-            y = _amx_mm(x2, weight, scale)
-            y = (y if bias is None else y.add_(bias)).bfloat16()
+            y = _amx_mm(x2, weight, scale, bias).bfloat16()
         return y.view(*x.shape[:-1], -1).to(x.dtype)
     if x.dtype != torch.float32:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
@@ -87,8 +86,8 @@ def linear(
         return F.linear(x, weight, bias)
     elif path == "int8-gemm":
         y = _int8_mm(x.reshape(rows, -1), weight, scale)
-    elif path == "amx-gemm":
-        y = _amx_mm(x.reshape(rows, -1), weight, scale)
+    elif path == "amx-gemm":  # adds the bias itself
+        return _amx_mm(x.reshape(rows, -1), weight, scale, bias).view(*x.shape[:-1], -1)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
@@ -113,26 +112,34 @@ def _widening_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     return out if scale is None else out.mul_(scale)
 
 
-def _amx_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ (weight * scale).T -> [M, N] f32 on AMX tiles ("amx-gemm", `kernels.gemm_amx`):
-    float32 x in three bf16 parts (products exact, f32 sums), bf16 x ("amx-gemm-bf16") in one;
-    weight bf16, int8 with scale [N], or packed int4 with scale [N, K / G, 2]. The kernel takes
+def _amx_mm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ (weight * scale).T + bias -> [M, N] f32 on AMX tiles ("amx-gemm",
+    `kernels.gemm_amx`): float32 x in three bf16 parts (products exact, f32 sums), bf16 x
+    ("amx-gemm-bf16") in one; weight bf16, int8 with scale [N], or packed int4 with scale
+    [N, K / G, 2]; bias [N] (any float dtype) added to the f32 sums. The kernel takes
     whole tiles (32 columns, 16 rows); the last K % 32 columns (never int4's: its groups are
     whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
     parts = 1 if x.dtype == torch.bfloat16 else 3
     k, n = x.shape[1], weight.shape[0]
     k_main, n_main = k // 32 * 32, n // 16 * 16
+    bias = None if bias is None else bias.float()
     if k_main == 0 or n_main == 0:
-        return x.float() @ dequantize(weight, scale).T
+        return F.linear(x.float(), dequantize(weight, scale), bias)
     main, main_scale = weight[:n_main], None if scale is None else scale[:n_main]
     w = main if main.dtype == torch.uint8 else main[:, :k_main]
-    y = kernels.gemm_amx(x[:, :k_main], w, main_scale, parts)
+    y = kernels.gemm_amx(x[:, :k_main], w, main_scale, None if bias is None else bias[:n_main],
+                         parts)
     if k_main < k:
         y += x[:, k_main:].float() @ dequantize(main[:, k_main:], main_scale).T
     if n_main < n:
         tail = dequantize(weight[n_main:], None if scale is None else scale[n_main:])
-        y = torch.cat([y, x.float() @ tail.T], 1)
+        y = torch.cat([y, F.linear(x.float(), tail, None if bias is None else bias[n_main:])], 1)
     return y
 
 

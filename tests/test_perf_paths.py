@@ -157,12 +157,15 @@ def scaled_rows(m: int, k: int) -> torch.Tensor:
 def test_amx_gemm_matches_float64(dtype, m, k, n):
     """bf16 weights and int8 codes (scaled per row) at many rows on AMX tiles: x in three bf16
     parts, so products stay exact and only the f32 sums round (about 5e-6 of max|x_row| max|w|
-    over 4304 terms; two parts would leave ~4e-5, one part ~1e-2)."""
+    over 4304 terms; two parts would leave ~4e-5, one part ~1e-2); the bias is added once,
+    whatever the number of 2048-column chunks."""
     w, scale = weights(dtype, n, k)
     x = scaled_rows(m, k)
+    bias = torch.randn(n)
     row_scale = x.abs().amax(1, keepdim=True) * dequantize(w, scale).abs().max()
-    torch.testing.assert_close(layers._amx_mm(x, w, scale) / row_scale,
-                               reference(x, w, scale) / row_scale, rtol=1e-5, atol=1.5e-5)
+    torch.testing.assert_close(layers._amx_mm(x, w, scale, bias) / row_scale,
+                               (reference(x, w, scale) + bias) / row_scale, rtol=1e-5,
+                               atol=1.5e-5)
 
 
 @needs_amx

@@ -583,6 +583,7 @@ struct TileWeights {
   const float* scale;   // bf16 / int8: [N] or null; int4: [N, groups, 2] (scale, offset)
   int64_t group = 0;    // int4: G (a multiple of kTileK dividing kChunkK)
   int64_t groups = 0;   // int4: K / G of the whole row
+  const float* bias = nullptr;  // [N] or null: added to the first chunk's sums
 
   const char* row(int64_t n, int64_t k0) const {  // weight row n from column k0 on
     const int64_t bytes = dtype == at::kBFloat16 ? 2 * (n * ld + k0)
@@ -686,11 +687,13 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
       __m512 c[16];
       for (int j = 0; j < 16; ++j) c[j] = _mm512_load_ps(v[j]);
       transpose16(c);
-      const __m512 s = w.scale && !w.group ? _mm512_loadu_ps(w.scale + n * 16) : _mm512_set1_ps(1);
+      const bool scaled = w.scale && !w.group, biased = w.bias && !accumulate;
+      const __m512 s = scaled ? _mm512_loadu_ps(w.scale + n * 16) : _mm512_set1_ps(1);
+      const __m512 add = biased ? _mm512_loadu_ps(w.bias + n * 16) : _mm512_setzero_ps();
       for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r) {
         float* out = y + (b * 16 + r) * N + n * 16;
-        const __m512 v = _mm512_mul_ps(c[r], s);
-        _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
+        const __m512 v = _mm512_fmadd_ps(c[r], s, accumulate ? _mm512_loadu_ps(out) : add);
+        _mm512_storeu_ps(out, v);
       }
     };
     auto scale_into = [&](float (&a)[16][16], int64_t n, int64_t b, int64_t g) {
@@ -802,8 +805,9 @@ void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
 // The GEMM of many rows on AMX tiles ("amx-gemm"): x [M, K] float32 (split into `n_parts` bf16
 // parts: 3 make every product exact, float32 numerics; 1 is bf16 x, `--matmul-precision
 // medium`) or bf16 (1 part), both with unit column stride; w [N, K] bf16, int8 with scale [N],
-// or packed int4 [N, K / 2] with scale [N, K / G, 2]; -> [M, N] float32.
-at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+// or packed int4 [N, K / 2] with scale [N, K / G, 2]; bias float32 [N] or none -> [M, N] float32.
+at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w,
+                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                     int64_t n_parts) {
   TORCH_CHECK(amx_permitted(), "gemm_amx: Linux refused the AMX tile state");
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
@@ -827,6 +831,10 @@ at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w, const std::optiona
                 "gemm_amx: scale must be float32 [N]");
   }
   if (scale.has_value()) tw.scale = scale->data_ptr<float>();
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                                    bias->numel() == N),
+              "gemm_amx: bias must be float32 [N]");
+  if (bias.has_value()) tw.bias = bias->data_ptr<float>();
   TORCH_CHECK(K % kTileK == 0 && N % 16 == 0, "gemm_amx: K % 32 and N % 16 must be 0");
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (bf16_x)
@@ -875,7 +883,7 @@ TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  m.def("gemm_amx(Tensor x, Tensor w, Tensor? scale, int parts) -> Tensor");
+  m.def("gemm_amx(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int parts) -> Tensor");
 #endif
 }
 
