@@ -73,7 +73,7 @@ def _gemm_shape(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
     parts: int,
 ) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -103,12 +103,13 @@ def gemm_amx(
     bias: torch.Tensor | None = None,
     parts: int = 3,
 ) -> torch.Tensor:
-    """x [M, K] @ (w [N, K] in float32).T + bias -> [M, N] float32 on AMX tiles; K % 32 == 0
-    and N % 16 == 0, x and w with unit column stride, bias float32 [N]. Only after
+    """x [M, K] @ (w [N, K] in float32).T + bias -> [M, N] in x's dtype on AMX tiles; K % 32
+    == 0 and N % 16 == 0, x and w with unit column stride, bias float32 [N]. Only after
     `load("amx")`.
 
     x float32 is split into `parts` bf16 parts: 3 make every product exact (float32 numerics up
-    to summation order), 1 rounds x to bf16 (`--matmul-precision medium`); bf16 x takes 1.
+    to summation order), 1 rounds x to bf16 (`--matmul-precision medium`); bf16 x takes 1,
+    and its output is the f32 sums rounded once to bf16.
     w: bf16; int8 codes with scale [N]; or packed int4 [N, K / 2] with scale [N, K / G, 2]
     (`paligemma.int4`), whose group-wise scales and offsets are applied to each group's f32 sums.
     """

@@ -118,28 +118,31 @@ def _amx_mm(
     scale: torch.Tensor | None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ (weight * scale).T + bias -> [M, N] f32 on AMX tiles ("amx-gemm",
-    `kernels.gemm_amx`): float32 x in three bf16 parts (products exact, f32 sums), bf16 x
-    ("amx-gemm-bf16") in one; weight bf16, int8 with scale [N], or packed int4 with scale
-    [N, K / G, 2]; bias [N] (any float dtype) added to the f32 sums. The kernel takes
-    whole tiles (32 columns, 16 rows); the last K % 32 columns (never int4's: its groups are
-    whole tiles) and N % 16 rows widen."""
+    """x [M, K] @ (weight * scale).T + bias -> [M, N] on AMX tiles ("amx-gemm",
+    `kernels.gemm_amx`): float32 x in three bf16 parts (products exact, f32 sums) -> f32; bf16 x
+    ("amx-gemm-bf16") in one -> bf16, rounded once from the f32 sums. weight bf16, int8 with
+    scale [N], or packed int4 with scale [N, K / G, 2]; bias [N] (any float dtype) added to
+    the f32 sums. The kernel takes whole tiles (32 columns, 16 rows); the last K % 32 columns
+    (never int4's: its groups are whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
     parts = 1 if x.dtype == torch.bfloat16 else 3
     k, n = x.shape[1], weight.shape[0]
     k_main, n_main = k // 32 * 32, n // 16 * 16
+    if k_main < k and parts == 1:  # f32 sums, for the columns past the tiles: one rounding
+        x = x.float()
     bias = None if bias is None else bias.float()
     if k_main == 0 or n_main == 0:
         return F.linear(x.float(), dequantize(weight, scale), bias)
     main, main_scale = weight[:n_main], None if scale is None else scale[:n_main]
     w = main if main.dtype == torch.uint8 else main[:, :k_main]
     y = kernels.gemm_amx(x[:, :k_main], w, main_scale, None if bias is None else bias[:n_main],
-                         parts)
+                         parts)  # in x's dtype
     if k_main < k:
         y += x[:, k_main:].float() @ dequantize(main[:, k_main:], main_scale).T
     if n_main < n:
         tail = dequantize(weight[n_main:], None if scale is None else scale[n_main:])
-        y = torch.cat([y, F.linear(x.float(), tail, None if bias is None else bias[n_main:])], 1)
+        tail = F.linear(x.float(), tail, None if bias is None else bias[n_main:])
+        y = torch.cat([y, tail.to(y.dtype)], 1)
     return y
 
 

@@ -655,7 +655,8 @@ inline void transpose16(__m512 (&v)[16]) {
 }
 
 // y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over the chunk of columns [k0, k0 +
-// KB * 32): x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4 weights
+// KB * 32), or, given `y_bf16` (the last chunk of a bf16 output), y_bf16 = y (if accumulating) +
+// x @ w.T rounded to bf16: x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4 weights
 // `xsums` [groups of the chunk][XB * 16], the sums of x over each group. Each thread takes blocks
 // of weight rows (kBlockBytes), unpacked to bf16 in an aligned buffer that every x row then
 // reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors packs them back to
@@ -666,7 +667,7 @@ inline void transpose16(__m512 (&v)[16]) {
 template <int n_parts>  // a constant: the loop over parts unrolls (3-4% faster at 3)
 void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
                    const TileWeights& w, int64_t k0, const float* xsums, int64_t N,
-                   bool accumulate, float* y) {
+                   bool accumulate, float* y, uint16_t* y_bf16) {
   auto x_tile = [&](int s, int64_t b, int64_t c) { return parts + ((s * XB + b) * KB + c) * 512; };
   const int64_t tiles = N / 16, threads = at::get_num_threads();
   constexpr bool fetch_ahead = n_parts == 1;
@@ -691,9 +692,12 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
       const __m512 s = scaled ? _mm512_loadu_ps(w.scale + n * 16) : _mm512_set1_ps(1);
       const __m512 add = biased ? _mm512_loadu_ps(w.bias + n * 16) : _mm512_setzero_ps();
       for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r) {
-        float* out = y + (b * 16 + r) * N + n * 16;
-        const __m512 v = _mm512_fmadd_ps(c[r], s, accumulate ? _mm512_loadu_ps(out) : add);
-        _mm512_storeu_ps(out, v);
+        const int64_t at = (b * 16 + r) * N + n * 16;
+        __m512 v = _mm512_fmadd_ps(c[r], s, accumulate ? _mm512_loadu_ps(y + at) : add);
+        if (y_bf16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_bf16 + at), take_bf16(v));
+        else
+          _mm512_storeu_ps(y + at, v);
       }
     };
     auto scale_into = [&](float (&a)[16][16], int64_t n, int64_t b, int64_t g) {
@@ -764,12 +768,13 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
   });
 }
 
-// x [M, K] (f32 in `n_parts` bf16 parts, or bf16 in one) @ w [N, K].T -> y [M, N] f32;
+// x [M, K] (f32 in `n_parts` bf16 parts, or bf16 in one) @ w [N, K].T -> y [M, N] f32, or
+// y_bf16 (then y holds the partial sums of all but the last chunk of columns, if any);
 // K % 32 == 0, N % 16 == 0. x is taken kChunkM rows and kChunkK columns at a time: its parts
 // stay in L2 / L3 while every weight row meets them, and their buffer stays small.
 template <typename X>
 void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
-                 const TileWeights& w, int64_t N, float* yp) {
+                 const TileWeights& w, int64_t N, float* yp, uint16_t* y_bf16) {
   // Kept by the calling thread: a fresh buffer would be page-faulted in on every call.
   thread_local std::vector<uint16_t> parts(kMaxParts * (kChunkM / 16) * (kChunkK / kTileK) * 512);
   thread_local std::vector<float> xsums;
@@ -796,8 +801,9 @@ void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
       auto products = n_parts == 1   ? tile_products<1>
                       : n_parts == 2 ? tile_products<2>
                                      : tile_products<3>;
+      const bool last = k0 + width == K;
       products(parts.data(), XB, width / kTileK, rows, w, k0, xsums.data(), N, k0 > 0,
-               yp + m0 * N);
+               yp ? yp + m0 * N : nullptr, y_bf16 && last ? y_bf16 + m0 * N : nullptr);
     }
   }
 }
@@ -805,7 +811,8 @@ void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
 // The GEMM of many rows on AMX tiles ("amx-gemm"): x [M, K] float32 (split into `n_parts` bf16
 // parts: 3 make every product exact, float32 numerics; 1 is bf16 x, `--matmul-precision
 // medium`) or bf16 (1 part), both with unit column stride; w [N, K] bf16, int8 with scale [N],
-// or packed int4 [N, K / 2] with scale [N, K / G, 2]; bias float32 [N] or none -> [M, N] float32.
+// or packed int4 [N, K / 2] with scale [N, K / G, 2]; bias float32 [N] or none -> [M, N] float32,
+// or bf16 for bf16 x (rounded once, from the f32 sums).
 at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w,
                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                     int64_t n_parts) {
@@ -836,11 +843,17 @@ at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w,
               "gemm_amx: bias must be float32 [N]");
   if (bias.has_value()) tw.bias = bias->data_ptr<float>();
   TORCH_CHECK(K % kTileK == 0 && N % 16 == 0, "gemm_amx: K % 32 and N % 16 must be 0");
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (bf16_x)
-    gemm_chunks(x.data_ptr<at::BFloat16>(), x.stride(0), M, K, 1, tw, N, y.data_ptr<float>());
-  else
-    gemm_chunks(x.data_ptr<float>(), x.stride(0), M, K, n_parts, tw, N, y.data_ptr<float>());
+  if (!bf16_x) {
+    at::Tensor y = at::empty({M, N}, x.options());
+    gemm_chunks(x.data_ptr<float>(), x.stride(0), M, K, n_parts, tw, N, y.data_ptr<float>(),
+                nullptr);
+    return y;
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor sums = K > kChunkK ? at::empty({M, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  gemm_chunks(x.data_ptr<at::BFloat16>(), x.stride(0), M, K, 1, tw, N,
+              sums.defined() ? sums.data_ptr<float>() : nullptr,
+              reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 #endif
