@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.cpp_extension
 
 from paligemma import dispatch, int4, kernels, layers
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
@@ -226,6 +227,9 @@ def test_an_amx_build_the_os_refuses_falls_back_to_avx512(monkeypatch):
         raise RuntimeError("gemm_amx: Linux refused the AMX tile state")
 
     monkeypatch.setattr(torch.ops.paligemma, "gemm_amx", refused)
+    # Built and loaded already: building again in this process would make torch rebuild it
+    # under a new name, and the next process rebuild it once more.
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: None)
     with pytest.warns(UserWarning, match=r"C\+\+ kernel \(amx\) unavailable .*refused"):
         assert not kernels._build("amx")
     monkeypatch.setitem(kernels._loaded, "amx", False)
