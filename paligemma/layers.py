@@ -11,11 +11,11 @@ How a matmul runs (`linear`) is chosen once per process by `paligemma.dispatch` 
 capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
   bandwidth (`paligemma.kernels`, built for AMX, AVX-512 or AVX2);
-- many rows (prefill, vision) with non-f32 weights: bf16 and int4 weights on CPUs with AMX take
-  the kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
-  int8 weights on CPUs with int8 dot products oneDNN's int8 GEMM on x in two int8 halves
-  (`_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into one buffer
-  that stays in cache, each piece feeding an f32 GEMM on its output columns
+- many rows (prefill, vision) with non-f32 weights: bf16, int8 and int4 weights on CPUs with
+  AMX take the kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums:
+  `_amx_mm`); int8 weights on other CPUs with int8 dot products oneDNN's int8 GEMM on x in two
+  int8 halves (`_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into
+  one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
   (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, or the
   tile GEMM on x in one bf16 part, and the activations between a block's projections stay bf16:
   `matmul_dtype`);

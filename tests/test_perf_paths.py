@@ -285,8 +285,11 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.paths[torch.float32, False] == "aten"
     tiles = "amx-gemm" if best == "amx" else "widen"
     assert plan.paths[torch.bfloat16, False] == plan.paths[torch.uint8, False] == tiles
-    assert plan.paths[torch.int8, False] == ("int8-gemm" if CPU.native_int8 else tiles)
+    int8_gemm = "int8-gemm" if CPU.native_int8 and best != "amx" else tiles
+    assert plan.paths[torch.int8, False] == int8_gemm
     assert replan("int8-gemm").paths[torch.int8, False] == tiles
+    if best == "amx":  # the AVX-512 build: oneDNN's int8 GEMM where AMX-INT8 is there
+        assert replan("amx").paths[torch.int8, False] == "int8-gemm"
     assert replan("amx").paths[torch.uint8, False] == "widen"
     described = plan.describe()
     assert described["capability"] == torch.backends.cpu.get_cpu_capability()
