@@ -19,7 +19,8 @@ over the device's read bandwidth (sum of a 1 GiB tensor), measured before and af
 
 The JSON has bench_inference.py's shape (machine, threads, model, bandwidth_gbs, floors_ms,
 results["framework/dtype"] = {metric: value}), written after every configuration so that a run
-cut short keeps what it measured.
+cut short keeps what it measured. An existing FILE is replaced only with --force, and only if it
+is a previous benchmark report (`benchmarks/record.py`).
 
     benchmarks/bench_gpu.sh --json out.json                      # cuda, full size
     benchmarks/bench_gpu.sh --device cpu --tiny --no-compile     # the CPU test's run, seconds
