@@ -52,6 +52,20 @@ namespace {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
+// Prefetches the line `dist` bytes past byte `pos` of row r of a block of NR weight rows
+// (`row_bytes` each, the block contiguous, the next block right after it). Past the end of its
+// row a stream continues into the same row of the next block, which is what this thread reads
+// next: a prefetch into row r + 1 of the same block fetched lines its own stream was already
+// reading, and left the next block's rows to start cold (one decode step of the 3B model read
+// 14-25% faster with the wrap, batch 1 and 4, bf16 / int8 / int4; benchmarks/RESULTS.md).
+template <int NR>
+inline void prefetch_ahead(const void* block, int r, int64_t row_bytes, int64_t pos,
+                           int64_t dist) {
+  const char* b = static_cast<const char*>(block);
+  const int64_t p = pos + dist;
+  prefetch(p < row_bytes ? b + r * row_bytes + p : b + (NR + r) * row_bytes + (p - row_bytes));
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // ---- AVX-512: 16 f32 lanes; int8 steps of 32 weights as one vector of 32 int16.
 using vf = __m512;
@@ -104,9 +118,10 @@ inline void widen_i4(const uint8_t* p, vi* out) {
 }
 constexpr int kI16Lanes = 32;
 constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
-// x rows up to which int4 takes the nibble path; at 4 it was no faster in a decode step of the 3B
-// model (197-214 ms either way), while at 1 it is 12-16% faster (benchmarks/RESULTS.md)
-constexpr int kNibbleMaxXRows = 2;
+// x rows up to which int4 takes the nibble path (x blocks are 1, 2 or 4 rows): at 1 it is 12-16%
+// faster than widening; at 4, once the weight stream was prefetched across row blocks
+// (`prefetch_ahead`), 13% (one decode step's matrices of the 3B model; benchmarks/RESULTS.md)
+constexpr int kNibbleMaxXRows = 4;
 // Software prefetch distance along the weight stream (bytes), for float and int8 weights.
 constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048;
 #else
@@ -174,7 +189,6 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, 
                      int64_t N) {
   constexpr int64_t kStep = 64 / sizeof(W);  // one cache line of weights
   constexpr int kVectors = kStep / kLanes;
-  constexpr int64_t kAhead = kPrefetchFloat / sizeof(W);
   // A accumulators per (x row, weight row): at least 8 independent FMA chains in flight.
   constexpr int A = std::max(1, std::min(kVectors, 8 / (XR * NR)));
   vf acc[XR][NR][A];
@@ -183,7 +197,8 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, 
       for (int a = 0; a < A; ++a) acc[i][r][a] = zero();
   int64_t k = 0;
   for (; k + kStep <= K; k += kStep) {
-    for (int r = 0; r < NR; ++r) prefetch(w + r * K + k + kAhead);
+    for (int r = 0; r < NR; ++r)
+      prefetch_ahead<NR>(w, r, K * sizeof(W), k * sizeof(W), kPrefetchFloat);
     for (int v = 0; v < kVectors; ++v) {
       vf wv[NR];
       for (int r = 0; r < NR; ++r) wv[r] = widen(w + r * K + k + v * kLanes);
@@ -263,7 +278,7 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
       for (int half = 0; half < 2; ++half) {
         vi wv[NR];
         for (int r = 0; r < NR; ++r) {
-          if (half == 0) prefetch(w + r * K + k + kPrefetchInt8);
+          if (half == 0) prefetch_ahead<NR>(w, r, K, k, kPrefetchInt8);
           wv[r] = widen_i8(w + r * K + k + half * kI16Lanes);
         }
         for (int i = 0; i < XR; ++i) {
@@ -344,7 +359,7 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
       for (int64_t k = g * G; k < (g + 1) * G; k += kI4Block) {
         vi words[NR];
         for (int r = 0; r < NR; ++r) {
-          if (k % 128 == 0) prefetch(w + r * (K / 2) + k / 2 + kPrefetchInt8);  // once a line
+          if (k % 128 == 0) prefetch_ahead<NR>(w, r, K / 2, k / 2, kPrefetchInt8);  // once a line
           words[r] = load_i16(reinterpret_cast<const int16_t*>(w + r * (K / 2) + k / 2));
         }
         const int16_t* xk = xq4.data() + row0 * K + k;
@@ -357,7 +372,7 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
     for (int64_t k = g * G; !nibbles && k < (g + 1) * G; k += 32) {
       vi wv[NR][kI4Vectors];
       for (int r = 0; r < NR; ++r) {
-        if (k % 128 == 0) prefetch(w + r * (K / 2) + k / 2 + kPrefetchInt8);  // once a line
+        if (k % 128 == 0) prefetch_ahead<NR>(w, r, K / 2, k / 2, kPrefetchInt8);  // once a line
         widen_i4(w + r * (K / 2) + k / 2, wv[r]);
       }
       for (int v = 0; v < kI4Vectors; ++v) {
