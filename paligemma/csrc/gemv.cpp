@@ -52,20 +52,6 @@ namespace {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
-// Prefetches the line `dist` bytes past byte `pos` of row r of a block of NR weight rows
-// (`row_bytes` each, the block contiguous, the next block right after it). Past the end of its
-// row a stream continues into the same row of the next block, which is what this thread reads
-// next: a prefetch into row r + 1 of the same block fetched lines its own stream was already
-// reading, and left the next block's rows to start cold (one decode step of the 3B model read
-// 14-25% faster with the wrap, batch 1 and 4, bf16 / int8 / int4; benchmarks/RESULTS.md).
-template <int NR>
-inline void prefetch_ahead(const void* block, int r, int64_t row_bytes, int64_t pos,
-                           int64_t dist) {
-  const char* b = static_cast<const char*>(block);
-  const int64_t p = pos + dist;
-  prefetch(p < row_bytes ? b + r * row_bytes + p : b + (NR + r) * row_bytes + (p - row_bytes));
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // ---- AVX-512: 16 f32 lanes; int8 steps of 32 weights as one vector of 32 int16.
 using vf = __m512;
@@ -124,6 +110,7 @@ constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32
 constexpr int kNibbleMaxXRows = 4;
 // Software prefetch distance along the weight stream (bytes), for float and int8 weights.
 constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048;
+constexpr bool kPrefetchNextBlock = true;  // see `prefetch_ahead`
 #else
 // ---- AVX2 + FMA + F16C: 8 f32 lanes; int8 steps of 16 weights.
 using vf = __m256;
@@ -178,7 +165,25 @@ constexpr int kNibbleMaxXRows = 1;
 // 4 KB for float weights: measured on an AVX2-only EPYC (`benchmarks/RESULTS.md`), decode of the
 // bf16 3B model 19% faster than with 2 KB; int8 was 7% slower with 4 KB, so it keeps 2 KB.
 constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048;
+constexpr bool kPrefetchNextBlock = false;  // see `prefetch_ahead`
 #endif
+
+// Prefetches the line `dist` bytes past byte `pos` of row r of a block of NR weight rows
+// (`row_bytes` each, the block contiguous, the next block right after it). With
+// kPrefetchNextBlock a stream that passes the end of its row continues into the same row of the
+// next block, which is what this thread reads next; without, into row r + 1 of this block, whose
+// own stream is already reading it, so that the next block's rows start cold. AVX-512 build, one
+// decode step of the 3B model: 14-25% faster with it (bf16, int8, int4; batch 1 and 4). The AVX2
+// build keeps the prefetch tuned on an AVX2 CPU: run on the AVX-512 Xeon it gained for bf16 and
+// lost for int8, by no more than two identical builds differed there (benchmarks/RESULTS.md).
+template <int NR>
+inline void prefetch_ahead(const void* block, int r, int64_t row_bytes, int64_t pos,
+                           int64_t dist) {
+  const char* b = static_cast<const char*>(block);
+  const int64_t p = pos + dist;
+  const bool wrap = kPrefetchNextBlock && p >= row_bytes;
+  prefetch(wrap ? b + (NR + r) * row_bytes + (p - row_bytes) : b + r * row_bytes + p);
+}
 
 // Float weights: NR weight rows (row stride K) against XR rows of x (row stride K), one 64-byte
 // line of each weight row per step. Each x vector is loaded once per step and used NR times,
