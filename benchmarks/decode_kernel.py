@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         nbytes[dtype] = sum(w.nbytes + (0 if s is None else s.nbytes) for w, s in weights)
         xs = {m: {k: torch.randn(m, k, generator=g) for k in {k for _, k in shapes}}
               for m in args.rows}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             bandwidth.append(read_bandwidth())
+            order = list(builds.items())[:: 1 if round_ % 2 == 0 else -1]  # neither always first
             for m in args.rows:
-                for name, op in builds.items():
+                for name, op in order:
                     start = time.perf_counter()
                     for (_, k), (w, s) in zip(shapes, weights, strict=True):
                         op(xs[m][k], w, s)

@@ -340,6 +340,90 @@ inline void nibble_products(const vi* words, const int16_t* xq, int64_t K, vi (&
   }
 }
 
+// The f32 side of `dot_rows_int4`: per group g, y[i, r] += scale[r, g] * xscale[i, g] *
+// sum_lanes(sum[i][r]) + offset[r, g] * xsum[i, g], with (scale, offset) = s[r, g, :].
+// One f32 vector per (x row, weight row), each int32 lane converted and scaled on its own.
+template <int XR, int NR, bool paired = false>
+struct Int4Accumulators {
+  vf acc[XR][NR];
+  float offsets[XR][NR] = {};
+
+  Int4Accumulators() {
+    for (int i = 0; i < XR; ++i)
+      for (int r = 0; r < NR; ++r) acc[i][r] = zero();
+  }
+  void add(const vi (&sum)[XR][NR], const float* s, int64_t groups, int64_t g,
+           const float* xscale, const float* xsum) {
+    for (int i = 0; i < XR; ++i) {
+      for (int r = 0; r < NR; ++r) {
+        const float* sg = s + (r * groups + g) * 2;
+        acc[i][r] = fmadd(to_float(sum[i][r]), set1(sg[0] * xscale[i]), acc[i][r]);
+        offsets[i][r] += sg[1] * xsum[i];
+      }
+    }
+  }
+  void write(float* y, int64_t N) const {
+    for (int i = 0; i < XR; ++i)
+      for (int r = 0; r < NR; ++r) y[i * N + r] = hsum(acc[i][r]) + offsets[i][r];
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Four weight rows on AVX-512: the group's sums of rows (0, 1) and of rows (2, 3) are first
+// paired into one vector each (lanes r0 r1 r0 r1 ..., each the sum of two int32 lanes: at most
+// 2 * 256 / 32 * 2 * 15 * 32767 < 2^24, so still converted exactly), which halves the
+// conversions and multiplies; the offsets go to one 4-lane vector per x row. At group 128 and
+// 4 rows of x the per-group work was half of the step's instructions: one decode step's int4
+// matrices 8% faster at batch 4; at one row of x it saves nothing, and is not used
+// (`benchmarks/decode_kernel.py`, RESULTS.md).
+template <int XR>
+struct Int4Accumulators<XR, 4, true> {
+  __m512 pairs[XR][2];  // rows (0, 1) and (2, 3)
+  __m128 offsets[XR];
+
+  Int4Accumulators() {
+    for (int i = 0; i < XR; ++i) {
+      pairs[i][0] = pairs[i][1] = zero();
+      offsets[i] = _mm_setzero_ps();
+    }
+  }
+  static __m512 repeat_pair(float a, float b) {  // a b a b ... (a in the low lane)
+    uint32_t ua, ub;
+    std::memcpy(&ua, &a, 4), std::memcpy(&ub, &b, 4);
+    return _mm512_castsi512_ps(_mm512_set1_epi64(static_cast<int64_t>(uint64_t{ub} << 32 | ua)));
+  }
+  void add(const vi (&sum)[XR][4], const float* s, int64_t groups, int64_t g,
+           const float* xscale, const float* xsum) {
+    const float* sg[4];
+    for (int r = 0; r < 4; ++r) sg[r] = s + (r * groups + g) * 2;  // (scale, offset)
+    const __m512 scales[2] = {repeat_pair(sg[0][0], sg[1][0]), repeat_pair(sg[2][0], sg[3][0])};
+    const __m128 offset = _mm_setr_ps(sg[0][1], sg[1][1], sg[2][1], sg[3][1]);
+    for (int i = 0; i < XR; ++i) {
+      const __m512 xs = set1(xscale[i]);
+      for (int h = 0; h < 2; ++h) {
+        const vi a = sum[i][2 * h], b = sum[i][2 * h + 1];
+        const vi paired = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b),
+                                           _mm512_unpackhi_epi32(a, b));
+        pairs[i][h] = fmadd(to_float(paired), _mm512_mul_ps(scales[h], xs), pairs[i][h]);
+      }
+      offsets[i] = _mm_fmadd_ps(offset, _mm_set1_ps(xsum[i]), offsets[i]);
+    }
+  }
+  static __m128 pair_totals(__m512 v) {  // lanes r0 r1 r0 r1 ... -> (r0, r1, r0, r1) summed
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    return _mm_add_ps(q, _mm_movehl_ps(q, q));  // (r0, r1) in the low two lanes
+  }
+  void write(float* y, int64_t N) const {
+    for (int i = 0; i < XR; ++i) {
+      const __m128 totals = _mm_movelh_ps(pair_totals(pairs[i][0]), pair_totals(pairs[i][1]));
+      _mm_storeu_ps(y + i * N, _mm_add_ps(totals, offsets[i]));
+    }
+  }
+};
+#endif
+
 // int4 weights: NR packed rows (row stride K / 2 bytes, scales [groups, 2] per row) against XR
 // rows of x. Where a group is whole blocks of kI4Block columns (and XR <= kNibbleMaxXRows), a
 // step is one vector of packed bytes per row taken nibble by nibble (`nibble_products`: at most
@@ -352,10 +436,7 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
                           int64_t N) {
   const int64_t groups = K / G;
   const bool nibbles = G % kI4Block == 0 && XR <= kNibbleMaxXRows;
-  vf acc[XR][NR];
-  float offsets[XR][NR] = {};
-  for (int i = 0; i < XR; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = zero();
+  Int4Accumulators<XR, NR, (NR == 4 && XR > 1)> out;  // 4 rows: AVX-512 only
   for (int64_t g = 0; g < groups; ++g) {
     vi sum[XR][NR];
     for (int i = 0; i < XR; ++i)
@@ -387,18 +468,14 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
         }
       }
     }
+    float xscale[XR], xsum[XR];
     for (int i = 0; i < XR; ++i) {
-      const float xscale = xq.scales[(row0 + i) * groups + g];
-      const float xsum = xq.sums[(row0 + i) * groups + g];
-      for (int r = 0; r < NR; ++r) {
-        const float* sg = s + (r * groups + g) * 2;  // (scale, offset)
-        acc[i][r] = fmadd(to_float(sum[i][r]), set1(sg[0] * xscale), acc[i][r]);
-        offsets[i][r] += sg[1] * xsum;
-      }
+      xscale[i] = xq.scales[(row0 + i) * groups + g];
+      xsum[i] = xq.sums[(row0 + i) * groups + g];
     }
+    out.add(sum, s, groups, g, xscale, xsum);
   }
-  for (int i = 0; i < XR; ++i)
-    for (int r = 0; r < NR; ++r) y[i * N + r] = hsum(acc[i][r]) + offsets[i][r];
+  out.write(y, N);
 }
 
 // Weight rows [begin, end) in blocks of kRowBlock (then single rows), and for each block the rows
