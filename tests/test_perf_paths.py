@@ -112,6 +112,28 @@ def test_gemv_kernel_int4_matches_float64(isa, group, m):
                                atol=2e-3)
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_gemv_kernel_on_rows_shorter_than_a_page(isa, dtype, m):
+    """Rows of 2 KB (bf16) and 1 KB (int8), K = 1024: the AVX-512 builds read 2 or 4 of them
+    per stream (csrc/gemv.cpp `Rows`), so outputs and scales are taken that many rows apart; 75
+    rows leave a partial run, a block of 4 and single rows at the end. int4 rows (512 B) are
+    never spread; they take the same shapes."""
+    x = torch.randn(m, 1024)
+    if dtype == torch.uint8:
+        w, scale = int4.quantize_int4(torch.randn(75, 1024), 128)
+        codes = int4.unpack(w).double() * scale[..., 0].double().repeat_interleave(128, 1)
+        expected = (int16_rounded(x, 128, 128).double() @ codes.T
+                    + x.double().view(m, 8, 128).sum(-1) @ scale[..., 1].double().T).float()
+        atol = 2e-3
+    else:
+        w, scale = weights(dtype, 75, 1024)
+        xr = int16_rounded(x, INT8_STEP[isa]) if dtype == torch.int8 else x
+        expected, atol = reference(xr, w, scale), 1e-3 if dtype == torch.int8 else 1e-4
+    torch.testing.assert_close(kernels.gemv(isa, x, w, scale), expected, rtol=1e-5, atol=atol)
+
+
 def test_int8_gemm_is_exact_on_x_rounded_to_int16_steps(monkeypatch):
     """`_int8_mm` = x rounded to int16 steps of max|x_row| / 32639, times the dequantized
     weights, in pieces of output columns (the last one short); rows whose largest value sits

@@ -111,6 +111,7 @@ constexpr int kNibbleMaxXRows = 4;
 // Software prefetch distance along the weight stream (bytes), for float and int8 weights.
 constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048;
 constexpr bool kPrefetchNextBlock = true;  // see `prefetch_ahead`
+constexpr int64_t kRunBytes = 4096;  // see `Rows`
 #else
 // ---- AVX2 + FMA + F16C: 8 f32 lanes; int8 steps of 16 weights.
 using vf = __m256;
@@ -166,23 +167,34 @@ constexpr int kNibbleMaxXRows = 1;
 // bf16 3B model 19% faster than with 2 KB; int8 was 7% slower with 4 KB, so it keeps 2 KB.
 constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048;
 constexpr bool kPrefetchNextBlock = false;  // see `prefetch_ahead`
+constexpr int64_t kRunBytes = 0;  // see `Rows`: not measured on an AVX2 CPU
 #endif
 
-// Prefetches the line `dist` bytes past byte `pos` of row r of a block of NR weight rows
-// (`row_bytes` each, the block contiguous, the next block right after it). With
-// kPrefetchNextBlock a stream that passes the end of its row continues into the same row of the
-// next block, which is what this thread reads next; without, into row r + 1 of this block, whose
-// own stream is already reading it, so that the next block's rows start cold. AVX-512 build, one
-// decode step of the 3B model: 14-25% faster with it (bf16, int8, int4; batch 1 and 4). The AVX2
-// build keeps the prefetch tuned on an AVX2 CPU: run on the AVX-512 Xeon it gained for bf16 and
-// lost for int8, by no more than two identical builds differed there (benchmarks/RESULTS.md).
-template <int NR>
-inline void prefetch_ahead(const void* block, int r, int64_t row_bytes, int64_t pos,
-                           int64_t dist) {
-  const char* b = static_cast<const char*>(block);
-  const int64_t p = pos + dist;
-  const bool wrap = kPrefetchNextBlock && p >= row_bytes;
-  prefetch(wrap ? b + (NR + r) * row_bytes + (p - row_bytes) : b + r * row_bytes + p);
+// Where the rows of one block of weight rows lie (`for_blocks`). Block row r is weight row
+// n + r * spread: its bytes start spread * r rows after the block's first, its output and its
+// scales are those of that row. Each block row is one stream of reads, and a stream reads a run
+// of `spread` consecutive rows, one per block, before it moves on to its next run, (NR - 1)
+// runs further: rows shorter than kRunBytes (a page) are read a page at a time per stream.
+// The hardware prefetcher follows one ascending stream per page; with two or four streams in
+// one page (2 KB int8, 1 KB int4 rows of K = 2048) the weights streamed 20% slower
+// (benchmarks/RESULTS.md).
+struct Rows {
+  int64_t spread;  // weight rows from one block row to the next
+  int64_t before;  // bytes of this row's run before it
+  int64_t run;     // bytes of a stream's run (spread rows)
+  int64_t skip;    // bytes from the end of a stream's run to the start of its next one
+};
+
+// Prefetches the line `dist` bytes past byte `pos` of `row`. With kPrefetchNextBlock a stream
+// that passes the end of its run continues into its next run, which is what this thread reads
+// next; without, into the rows after it, which other streams are already reading, so that the
+// next block's rows start cold. AVX-512 build, one decode step of the 3B model: 14-25% faster
+// with it (bf16, int8, int4; batch 1 and 4). The AVX2 build keeps the prefetch tuned on an
+// AVX2 CPU: run on the AVX-512 Xeon it gained for bf16 and lost for int8, by no more than two
+// identical builds differed there (benchmarks/RESULTS.md).
+inline void prefetch_ahead(const void* row, int64_t pos, int64_t dist, const Rows& rows) {
+  const bool next_run = kPrefetchNextBlock && rows.before + pos + dist >= rows.run;
+  prefetch(static_cast<const char*>(row) + pos + dist + (next_run ? rows.skip : 0));
 }
 
 // Float weights: NR weight rows (row stride K) against XR rows of x (row stride K), one 64-byte
@@ -190,8 +202,9 @@ inline void prefetch_ahead(const void* block, int r, int64_t row_bytes, int64_t 
 // each weight vector widened once and used XR times: at XR = 4 the loads per FMA stay low
 // enough that a decode step at batch 4 still runs at memory bandwidth, not at load-port speed.
 template <typename W, int XR, int NR>
-inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, float* y,
-                     int64_t N) {
+inline void dot_rows(const float* x, const W* w, int64_t K, const Rows& rows, const float* scale,
+                     float* y, int64_t N) {
+  const int64_t ldw = rows.spread * K;
   constexpr int64_t kStep = 64 / sizeof(W);  // one cache line of weights
   constexpr int kVectors = kStep / kLanes;
   // A accumulators per (x row, weight row): at least 8 independent FMA chains in flight.
@@ -202,11 +215,10 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, 
       for (int a = 0; a < A; ++a) acc[i][r][a] = zero();
   int64_t k = 0;
   for (; k + kStep <= K; k += kStep) {
-    for (int r = 0; r < NR; ++r)
-      prefetch_ahead<NR>(w, r, K * sizeof(W), k * sizeof(W), kPrefetchFloat);
+    for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ldw, k * sizeof(W), kPrefetchFloat, rows);
     for (int v = 0; v < kVectors; ++v) {
       vf wv[NR];
-      for (int r = 0; r < NR; ++r) wv[r] = widen(w + r * K + k + v * kLanes);
+      for (int r = 0; r < NR; ++r) wv[r] = widen(w + r * ldw + k + v * kLanes);
       for (int i = 0; i < XR; ++i) {
         const vf xv = load(x + i * K + k + v * kLanes);
         for (int r = 0; r < NR; ++r) acc[i][r][v % A] = fmadd(xv, wv[r], acc[i][r][v % A]);
@@ -216,7 +228,7 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, 
   for (; k + kLanes <= K; k += kLanes) {
     for (int i = 0; i < XR; ++i) {
       const vf xv = load(x + i * K + k);
-      for (int r = 0; r < NR; ++r) acc[i][r][0] = fmadd(xv, widen(w + r * K + k), acc[i][r][0]);
+      for (int r = 0; r < NR; ++r) acc[i][r][0] = fmadd(xv, widen(w + r * ldw + k), acc[i][r][0]);
     }
   }
   for (int i = 0; i < XR; ++i) {
@@ -224,8 +236,8 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const float* scale, 
       vf sum = acc[i][r][0];
       for (int a = 1; a < A; ++a) sum = add(sum, acc[i][r][a]);
       float s = hsum(sum);
-      for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[r * K + kk]);
-      y[i * N + r] = scale ? s * scale[r] : s;
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * K + kk] * static_cast<float>(w[r * ldw + kk]);
+      y[i * N + r * rows.spread] = scale ? s * scale[r * rows.spread] : s;
     }
   }
 }
@@ -269,7 +281,8 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group)
 // overflow: each int32 lane adds 256 / kI8Step * 4 products of at most 127 * 32767, < 2^31.
 template <int XR, int NR>
 inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0, const int8_t* w,
-                          int64_t K, const float* scale, float* y, int64_t N) {
+                          int64_t K, const Rows& rows, const float* scale, float* y, int64_t N) {
+  const int64_t ldw = rows.spread * K;
   vf acc[XR][NR];
   for (int i = 0; i < XR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = zero();
@@ -283,8 +296,8 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
       for (int half = 0; half < 2; ++half) {
         vi wv[NR];
         for (int r = 0; r < NR; ++r) {
-          if (half == 0) prefetch_ahead<NR>(w, r, K, k, kPrefetchInt8);
-          wv[r] = widen_i8(w + r * K + k + half * kI16Lanes);
+          if (half == 0) prefetch_ahead(w + r * ldw, k, kPrefetchInt8, rows);
+          wv[r] = widen_i8(w + r * ldw + k + half * kI16Lanes);
         }
         for (int i = 0; i < XR; ++i) {
           const vi xv = load_i16(xq.q.data() + (row0 + i) * K + k + half * kI16Lanes);
@@ -301,8 +314,8 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
     for (int r = 0; r < NR; ++r) {
       float s = hsum(acc[i][r]);
       for (int64_t kk = body; kk < K; ++kk)
-        s += x[(row0 + i) * K + kk] * static_cast<float>(w[r * K + kk]);
-      y[i * N + r] = s * scale[r];
+        s += x[(row0 + i) * K + kk] * static_cast<float>(w[r * ldw + kk]);
+      y[i * N + r * rows.spread] = s * scale[r * rows.spread];
     }
   }
 }
@@ -432,9 +445,9 @@ struct Int4Accumulators<XR, 4, true> {
 // int32 lane adds at most 256 / 32 * 2 * 15 * 32767 < 2^31 per group (G <= 256).
 template <int XR, int NR>
 inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& xq4, int64_t row0,
-                          const uint8_t* w, int64_t K, int64_t G, const float* s, float* y,
-                          int64_t N) {
-  const int64_t groups = K / G;
+                          const uint8_t* w, int64_t K, int64_t G, const Rows& rows,
+                          const float* s, float* y, int64_t N) {
+  const int64_t groups = K / G, ldw = K / 2;  // rows.spread is 1: see gemv_kernel_int4
   const bool nibbles = G % kI4Block == 0 && XR <= kNibbleMaxXRows;
   Int4Accumulators<XR, NR, (NR == 4 && XR > 1)> out;  // 4 rows: AVX-512 only
   for (int64_t g = 0; g < groups; ++g) {
@@ -445,8 +458,8 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
       for (int64_t k = g * G; k < (g + 1) * G; k += kI4Block) {
         vi words[NR];
         for (int r = 0; r < NR; ++r) {
-          if (k % 128 == 0) prefetch_ahead<NR>(w, r, K / 2, k / 2, kPrefetchInt8);  // once a line
-          words[r] = load_i16(reinterpret_cast<const int16_t*>(w + r * (K / 2) + k / 2));
+          if (k % 128 == 0) prefetch_ahead(w + r * ldw, k / 2, kPrefetchInt8, rows);  // a line
+          words[r] = load_i16(reinterpret_cast<const int16_t*>(w + r * ldw + k / 2));
         }
         const int16_t* xk = xq4.data() + row0 * K + k;
         nibble_products<0>(words, xk, K, sum);
@@ -458,8 +471,8 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
     for (int64_t k = g * G; !nibbles && k < (g + 1) * G; k += 32) {
       vi wv[NR][kI4Vectors];
       for (int r = 0; r < NR; ++r) {
-        if (k % 128 == 0) prefetch_ahead<NR>(w, r, K / 2, k / 2, kPrefetchInt8);  // once a line
-        widen_i4(w + r * (K / 2) + k / 2, wv[r]);
+        if (k % 128 == 0) prefetch_ahead(w + r * ldw, k / 2, kPrefetchInt8, rows);  // a line
+        widen_i4(w + r * ldw + k / 2, wv[r]);
       }
       for (int v = 0; v < kI4Vectors; ++v) {
         for (int i = 0; i < XR; ++i) {
@@ -478,20 +491,31 @@ inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& x
   out.write(y, N);
 }
 
-// Weight rows [begin, end) in blocks of kRowBlock (then single rows), and for each block the rows
-// of x in blocks of 4, 2, 1: `block(NR, n, XR, m)` handles weight rows [n, n + NR) against x rows
-// [m, m + XR). A block's weight lines stay in L1 while the next x rows use them.
+// Weight rows [begin, end) of `row_bytes` each in blocks of kRowBlock rows (then single rows),
+// and for each block the rows of x in blocks of 4, 2, 1: `block(NR, n, rows, XR, m)` handles
+// the weight rows n + r * rows.spread (r < NR) against x rows [m, m + XR). A block's weight
+// lines stay in L1 while the next x rows use them. Rows shorter than `run_bytes` are spread
+// (`Rows`): kRowBlock * spread rows at a time, spread blocks of kRowBlock rows each.
 template <typename Block>
-inline void for_blocks(int64_t begin, int64_t end, int64_t M, const Block& block) {
-  auto x_blocks = [&](auto nr, int64_t n) {
+inline void for_blocks(int64_t begin, int64_t end, int64_t M, int64_t row_bytes,
+                       const Block& block, int64_t run_bytes = kRunBytes) {
+  auto x_blocks = [&](auto nr, int64_t n, const Rows& rows) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) block(nr, n, std::integral_constant<int, 4>{}, m);
-    if (m + 2 <= M) block(nr, n, std::integral_constant<int, 2>{}, m), m += 2;
-    if (m < M) block(nr, n, std::integral_constant<int, 1>{}, m);
+    for (; m + 4 <= M; m += 4) block(nr, n, rows, std::integral_constant<int, 4>{}, m);
+    if (m + 2 <= M) block(nr, n, rows, std::integral_constant<int, 2>{}, m), m += 2;
+    if (m < M) block(nr, n, rows, std::integral_constant<int, 1>{}, m);
   };
+  constexpr std::integral_constant<int, kRowBlock> kBlock;
+  const bool short_rows = row_bytes > 0 && row_bytes < run_bytes && run_bytes % row_bytes == 0;
+  const int64_t spread = short_rows ? run_bytes / row_bytes : 1;
+  const int64_t run = spread * row_bytes;
   int64_t n = begin;
-  for (; n + kRowBlock <= end; n += kRowBlock) x_blocks(std::integral_constant<int, kRowBlock>{}, n);
-  for (; n < end; ++n) x_blocks(std::integral_constant<int, 1>{}, n);
+  for (; spread > 1 && n + kRowBlock * spread <= end; n += kRowBlock * spread)
+    for (int64_t j = 0; j < spread; ++j)
+      x_blocks(kBlock, n + j, Rows{spread, j * row_bytes, run, (kRowBlock - 1) * run});
+  for (; n + kRowBlock <= end; n += kRowBlock)
+    x_blocks(kBlock, n, Rows{1, 0, row_bytes, (kRowBlock - 1) * row_bytes});
+  for (; n < end; ++n) x_blocks(std::integral_constant<int, 1>{}, n, Rows{1, 0, row_bytes, 0});
 }
 
 // Each thread takes a contiguous range of weight rows: kRowBlock sequential streams per thread.
@@ -499,9 +523,10 @@ template <typename W>
 void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int64_t N,
                  int64_t K, float* y) {
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+    for_blocks(begin, end, M, K * sizeof(W), [&](auto nr, int64_t n, const Rows& rows, auto xr,
+                                                 int64_t m) {
       dot_rows<W, decltype(xr)::value, decltype(nr)::value>(
-          x + m * K, w + n * K, K, scale ? scale + n : nullptr, y + m * N + n, N);
+          x + m * K, w + n * K, K, rows, scale ? scale + n : nullptr, y + m * N + n, N);
     });
   });
 }
@@ -511,24 +536,27 @@ void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* s
   TORCH_CHECK(scale != nullptr, "gemv: int8 weights need their float32 scale");
   const QuantizedRows xq = quantize_rows(x, M, K, kGroup);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
-      dot_rows_int8<decltype(xr)::value, decltype(nr)::value>(xq, x, m, w + n * K, K, scale + n,
-                                                              y + m * N + n, N);
+    for_blocks(begin, end, M, K, [&](auto nr, int64_t n, const Rows& rows, auto xr, int64_t m) {
+      dot_rows_int8<decltype(xr)::value, decltype(nr)::value>(xq, x, m, w + n * K, K, rows,
+                                                              scale + n, y + m * N + n, N);
     });
   });
 }
 
-// x [M, K], packed w [N, K / 2], s [N, K / G, 2] (checked by the caller) -> y [M, N].
+// x [M, K], packed w [N, K / 2], s [N, K / G, 2] (checked by the caller) -> y [M, N]. Rows are
+// not spread (`Rows`): int4's unpacking, not its memory stream, bounds it, and spreading its
+// 1 KB rows was 4-10% slower at 4 rows of x (benchmarks/RESULTS.md).
 void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* s, int64_t N,
                       int64_t K, int64_t G, float* y) {
   const QuantizedRows xq = quantize_rows(x, M, K, G);
   const std::vector<int16_t> xq4 = G % kI4Block == 0 ? nibble_order(xq.q, M, K)
                                                      : std::vector<int16_t>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for_blocks(begin, end, M, [&](auto nr, int64_t n, auto xr, int64_t m) {
+    for_blocks(begin, end, M, K / 2, [&](auto nr, int64_t n, const Rows& rows, auto xr,
+                                         int64_t m) {
       dot_rows_int4<decltype(xr)::value, decltype(nr)::value>(
-          xq, xq4, m, w + n * (K / 2), K, G, s + n * (K / G) * 2, y + m * N + n, N);
-    });
+          xq, xq4, m, w + n * (K / 2), K, G, rows, s + n * (K / G) * 2, y + m * N + n, N);
+    }, /*run_bytes=*/0);
   });
 }
 
