@@ -70,7 +70,12 @@ class NonFiniteLogits(ValueError):
 
 
 def check_logits(logits: torch.Tensor, step: int) -> None:
-    """Raises NonFiniteLogits if any logit [B, V] is NaN or Inf (a cheap reduction per step)."""
+    """Raises NonFiniteLogits if any logit [B, V] is NaN or Inf: one sum per step (a NaN or Inf
+    makes it non-finite; isfinite element by element took four passes over the 257k logits of
+    each row, 1-3 ms of a decode step); only a non-finite sum is looked at element by element,
+    since finite logits large enough to overflow it are not an error."""
+    if bool(torch.isfinite(logits.sum())):
+        return
     finite = torch.isfinite(logits).all(-1)
     if not bool(finite.all()):
         rows = (~finite).nonzero()[:, 0].tolist()

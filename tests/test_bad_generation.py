@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from paligemma import PaliGemma
-from paligemma.generate import NonFiniteLogits
+from paligemma.generate import NonFiniteLogits, check_logits
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [
@@ -83,3 +83,24 @@ def test_debug_shows_the_traceback_then_the_line(model_dir, tmp_path, capsys):
                                "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith(f"error: {tmp_path / 'x.jpg'}: no such file\n")
+
+
+@pytest.mark.parametrize("bad", [torch.inf, -torch.inf, torch.nan])
+def test_a_non_finite_logit_names_its_row(bad):
+    logits = torch.randn(3, 1000)
+    logits[1, 17] = bad
+    with pytest.raises(NonFiniteLogits, match=r"step 4: the logits of batch row\(s\) \[1\]"):
+        check_logits(logits, 4)
+
+
+def test_opposite_infinities_in_one_row_are_caught():
+    logits = torch.randn(2, 1000)
+    logits[0, 3], logits[0, 9] = torch.inf, -torch.inf
+    with pytest.raises(NonFiniteLogits, match=r"\[0\]"):
+        check_logits(logits, 0)
+
+
+def test_finite_logits_whose_sum_overflows_are_not_an_error():
+    logits = torch.zeros(2, 1000)
+    logits[:, :4] = 3e38
+    check_logits(logits, 0)
