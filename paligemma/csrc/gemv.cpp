@@ -175,8 +175,8 @@ constexpr int64_t kRunBytes = 0;  // see `Rows`: not measured on an AVX2 CPU
 // scales are those of that row. Each block row is one stream of reads, and a stream reads a run
 // of `spread` consecutive rows, one per block, before it moves on to its next run, (NR - 1)
 // runs further: rows shorter than kRunBytes (a page) are read a page at a time per stream.
-// The hardware prefetcher follows one ascending stream per page; with two or four streams in
-// one page (2 KB int8, 1 KB int4 rows of K = 2048) the weights streamed 20% slower
+// The hardware prefetcher follows one ascending stream per page; with two streams in one page
+// (2 KB rows: int8 at K = 2048, bf16 at K = 1024) the weights streamed 20-25% slower
 // (benchmarks/RESULTS.md).
 struct Rows {
   int64_t spread;  // weight rows from one block row to the next
@@ -197,7 +197,7 @@ inline void prefetch_ahead(const void* row, int64_t pos, int64_t dist, const Row
   prefetch(static_cast<const char*>(row) + pos + dist + (next_run ? rows.skip : 0));
 }
 
-// Float weights: NR weight rows (row stride K) against XR rows of x (row stride K), one 64-byte
+// Float weights: NR weight rows (`Rows`) against XR rows of x (row stride K), one 64-byte
 // line of each weight row per step. Each x vector is loaded once per step and used NR times,
 // each weight vector widened once and used XR times: at XR = 4 the loads per FMA stay low
 // enough that a decode step at batch 4 still runs at memory bandwidth, not at load-port speed.
