@@ -13,6 +13,7 @@ rounding.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
 }
 
 _loaded: dict[str, bool] = {}  # instruction set -> whether its build loaded
+STALE_LOCK_SECONDS = 600  # a build takes about 30 s: a lock this old outlived a killed build
 
 
 def load(isa: str) -> bool:
@@ -47,11 +49,18 @@ def load(isa: str) -> bool:
 def _build(isa: str) -> bool:
     logger.info("loading the C++ decode kernel for %s (built once, about 30 s, then cached by "
                 "torch)", isa)
+    name = f"paligemma_gemv_{isa}"
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # private in torch; without it the lock is not checked
+        pass
+    else:
+        _clear_stale_lock(Path(_get_build_directory(name, False)))
     try:
         from torch.utils.cpp_extension import load as load_extension
 
         load_extension(
-            name=f"paligemma_gemv_{isa}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", f"-DPG_ISA={isa}", "-fopenmp", *ISAS[isa][1]],
             extra_ldflags=["-fopenmp"],
@@ -67,6 +76,25 @@ def _build(isa: str) -> bool:
     if isa == "amx":
         torch.library.register_fake("paligemma::gemm_amx")(_gemm_shape)
     return True
+
+
+def _clear_stale_lock(build_directory: Path) -> None:
+    """Removes torch's build lock (`<build directory>/lock`) when a killed build left it.
+
+    torch creates the lock for the length of a build and waits, with no time limit, for one it
+    finds; a build interrupted in its first half minute (Ctrl-C, a killed job) leaves it behind,
+    and every later process then hangs on loading the kernel. A lock older than
+    STALE_LOCK_SECONDS is removed, with a warning; a younger one is another process's build.
+    """
+    lock = build_directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"paligemma: removing {lock}, left {age / 60:.0f} minutes ago by a kernel "
+                      "build that did not finish", stacklevel=5)
+        lock.unlink(missing_ok=True)
 
 
 def _gemm_shape(
