@@ -4,7 +4,8 @@ One decode step reads every decoder matrix once (PaliGemma 1 3B: 18 layers of q,
 gate, up and down projections, then the 257k-row tied output projection): this times exactly
 that sequence of `paligemma::gemv` calls on random weights in anonymous memory, per weight dtype
 (bf16, int8 + row scales, packed int4 + group scales) and rows of x (batch 1, 4), and prints
-the weight bytes read per second next to `x.sum()`'s read bandwidth in the same run.
+the weight bytes read per second next to `x.sum()`'s read bandwidth in the same run (measured
+as `bench_inference.py` measures its decode floor).
 
 `--against REV` builds `paligemma/csrc/gemv.cpp` as it is at git revision REV next to the
 working tree's, both with the same compiler flags and under their own op names, and alternates
@@ -31,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_inference import read_bandwidth  # noqa: E402
 from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
 from paligemma import dispatch, kernels  # noqa: E402
 from paligemma.config import VARIANTS  # noqa: E402
@@ -79,17 +81,6 @@ def source_at(rev: str, directory: Path) -> Path:
     return path
 
 
-def read_bandwidth() -> float:
-    """GB/s of summing a 1 GiB float32 tensor, best of 3."""
-    x = torch.ones(1 << 28)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.nbytes / best / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         xs = {m: {k: torch.randn(m, k, generator=g) for k in {k for _, k in shapes}}
               for m in args.rows}
         for round_ in range(args.rounds):
-            bandwidth.append(read_bandwidth())
+            bandwidth.append(read_bandwidth(args.threads))
             order = list(builds.items())[:: 1 if round_ % 2 == 0 else -1]  # neither always first
             for m in args.rows:
                 for name, op in order:
