@@ -387,7 +387,7 @@ struct Int4Accumulators {
 // 2 * 256 / 32 * 2 * 15 * 32767 < 2^24, so still converted exactly), which halves the
 // conversions and multiplies; the offsets go to one 4-lane vector per x row. At group 128 and
 // 4 rows of x the per-group work was half of the step's instructions: one decode step's int4
-// matrices 8% faster at batch 4; at one row of x it saves nothing, and is not used
+// matrices 5-9% faster at batch 4; at one row of x it saves nothing, and is not used
 // (`benchmarks/decode_kernel.py`, RESULTS.md).
 template <int XR>
 struct Int4Accumulators<XR, 4, true> {
