@@ -4,15 +4,19 @@ A matmul's path depends on its weight's storage dtype and on whether it has few 
 step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound):
 
 - "kernel-amx" / "kernel-avx512" / "kernel-avx2": the C++ kernel (`paligemma.kernels`), built
-  for the widest instruction set this CPU has (AVX-512 F/BW/VL/VNNI with AMX-BF16 tiles, else
-  without, else AVX2 + FMA + F16C; the AMX build decodes as the AVX-512 one);
-- "amx-gemm": bf16, int8 and packed int4 weights at many rows with the AMX build: x split into
-  three bf16 parts whose products with the weights (or with the int8 / int4 codes, which bf16
-  holds exactly; scales applied to the f32 sums) are exact in the tiles' f32 sums
-  (`layers._amx_mm`): float32 numerics, 2.2-3x faster than "widen" for bf16 and 1.6-1.9x for
-  int4 on one AMX Xeon. For int8 it is as fast as "int8-gemm" over the whole model there
-  (vision tower 13% faster, prefill 5% slower) and keeps int8 level with bf16, which it runs
-  the same way on half the bytes;
+  for the widest instruction set this CPU has (AVX-512 F/BW/VL/VNNI with AMX-BF16 and AMX-INT8
+  tiles, else without, else AVX2 + FMA + F16C; the AMX build decodes as the AVX-512 one);
+- "amx-gemm": bf16 and packed int4 weights at many rows with the AMX build (and int8 weights
+  with `int8-gemm` switched off): x split into three bf16 parts whose products with the
+  weights (or with the int4 / int8 codes, which bf16 holds exactly; scales applied to the f32
+  sums) are exact in the tiles' f32 sums (`layers._amx_mm`): float32 numerics, 2.2-3x faster
+  than "widen" for bf16 and 1.6-1.9x for int4 on one AMX Xeon;
+- "amx-int8": int8 weights at many rows with the AMX build: x rounded to int16 steps per row
+  and split into two int8 halves, as "int8-gemm" below, whose products with the codes are
+  exact in AMX-INT8 tiles' int32 sums (`layers._amx_mm`, `kernels.gemm_amx_int8`): the codes
+  are read as they are stored, and int8 tiles do twice the products of bf16 ones. 262 x 2048
+  -> 16384 on one AMX Xeon: 9.5 ms, against 28.6 on "amx-gemm", 25.7 on "int8-gemm" and 11.2
+  for transformers' bf16 GEMM (`benchmarks/bf16_matmul.py`);
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel;
@@ -26,7 +30,7 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 
 At the default precision every path computes in float32 (big_vision's numerics); they differ
 only in f32 summation order, except that int8 and int4 weights on the kernel and int8 weights on
-"int8-gemm" take x rounded to int16 steps of 2^-15 of its group's (row's) largest value, see
+"amx-int8" and "int8-gemm" take x rounded to int16 steps of 2^-15 of its group's (row's) largest value, see
 `csrc/gemv.cpp`: an error about 100x below that of the int8 weights themselves. Library
 kernels were measured against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_matmul.py`,
 `benchmarks/RESULTS.md`):
@@ -62,7 +66,8 @@ The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 only if the precision changes. `PALIGEMMA_DISABLE` turns paths off, a comma-separated list of
 `SWITCHES`: `kernel` (no C++ kernel), `amx` (the AVX-512 build even on AMX CPUs: bf16 and int4
 weights at many rows widen), `avx512` (the AVX2 build even on AVX-512 CPUs),
-`int8-gemm` (int8 weights at many rows widen, or take "amx-gemm").
+`int8-gemm` (int8 weights at many rows take neither "amx-int8" nor "int8-gemm": they widen, or
+take "amx-gemm").
 `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
 """
 
@@ -183,8 +188,8 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
     if kernel == "amx":
         for dtype in (torch.bfloat16, torch.int8, torch.uint8):
             paths[dtype, False] = "amx-gemm"
-    if cpu.native_int8 and "int8-gemm" not in disabled and kernel != "amx":
-        paths[torch.int8, False] = "int8-gemm"
+    if cpu.native_int8 and "int8-gemm" not in disabled:
+        paths[torch.int8, False] = "amx-int8" if kernel == "amx" else "int8-gemm"
     if precision == "medium" and cpu.native_bf16:  # int8 too: 5-20% faster than "int8-gemm"
         for dtype in (torch.bfloat16, torch.float16, torch.int8):
             paths[dtype, False] = "bf16-gemm"

@@ -3,8 +3,9 @@
 `gemv(isa, x, w, scale)` computes `x @ (w * scale[:, None]).T` in float32 for a few rows of x with
 f32 / bf16 / f16 / int8 weights, at memory bandwidth. The source is built once per instruction
 set (`ISAS`), each as its own extension and op (`paligemma::gemv_avx512`, `paligemma::gemv_avx2`),
-so both can live in one process. The AMX build (`amx`: the AVX-512 kernel plus AMX-BF16 tiles)
-also has `gemm_amx`, the GEMM of many rows on tiles for bf16, int8 and int4 weights. Which build
+so both can live in one process. The AMX build (`amx`: the AVX-512 kernel plus AMX-BF16 and
+AMX-INT8 tiles) also has `gemm_amx`, the GEMM of many rows on tiles for bf16, int8 and int4
+weights, and `gemm_amx_int8`, int8 weights' on int8 tiles. Which build
 a process uses, if any, is `paligemma.dispatch`'s choice; building needs a C++ compiler, and
 without one `load` returns False and `linear` uses PyTorch ops, with the same results up to f32
 rounding.
@@ -28,7 +29,8 @@ logger = logging.getLogger("paligemma")
 _AVX512 = (frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"}),
            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"])
 ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
-    "amx": (_AVX512[0] | {"amx_tile", "amx_bf16"}, [*_AVX512[1], "-mamx-tile", "-mamx-bf16"]),
+    "amx": (_AVX512[0] | {"amx_tile", "amx_bf16", "amx_int8"},
+            [*_AVX512[1], "-mamx-tile", "-mamx-bf16", "-mamx-int8"]),
     "avx512": _AVX512,
     "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-mavx2", "-mfma", "-mf16c"]),
 }
@@ -75,6 +77,7 @@ def _build(isa: str) -> bool:
     torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
     if isa == "amx":
         torch.library.register_fake("paligemma::gemm_amx")(_gemm_shape)
+        torch.library.register_fake("paligemma::gemm_amx_int8")(_gemm_int8_shape)
     return True
 
 
@@ -100,6 +103,12 @@ def _clear_stale_lock(build_directory: Path) -> None:
 def _gemm_shape(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
     parts: int,
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _gemm_int8_shape(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -142,3 +151,19 @@ def gemm_amx(
     (`paligemma.int4`), whose group-wise scales and offsets are applied to each group's f32 sums.
     """
     return torch.ops.paligemma.gemm_amx(x, w, scale, bias, parts)
+
+
+def gemm_amx_int8(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] float32 @ (w [N, K] int8 * scale [N]).T + bias -> [M, N] float32 on AMX-INT8
+    tiles; K % 64 == 0 and N % 16 == 0, x and w with unit column stride, scale and bias float32
+    [N]. Only after `load("amx")`.
+
+    Each row of x is rounded to int16 steps of its largest |x| / 32639 and split into two int8
+    halves, x = step * (256 hi + lo) (as `layers._int8_mm` and the decode kernel round x for int8
+    weights: relative to the row's largest value, 2^-16, about 100x below the int8 weights'
+    own rounding); their int32 sums with the codes are exact, combined and scaled in f32.
+    """
+    return torch.ops.paligemma.gemm_amx_int8(x, w, scale, bias)

@@ -11,10 +11,11 @@ How a matmul runs (`linear`) is chosen once per process by `paligemma.dispatch` 
 capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
   bandwidth (`paligemma.kernels`, built for AMX, AVX-512 or AVX2);
-- many rows (prefill, vision) with non-f32 weights: bf16, int8 and int4 weights on CPUs with
-  AMX take the kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums:
-  `_amx_mm`); int8 weights on other CPUs with int8 dot products oneDNN's int8 GEMM on x in two
-  int8 halves (`_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into
+- many rows (prefill, vision) with non-f32 weights: bf16 and int4 weights on CPUs with AMX take
+  the kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
+  int8 weights there its int8 tiles, and on other CPUs with int8 dot products oneDNN's int8
+  GEMM, on x rounded to int16 steps in two int8 halves (exact int32 sums: `_amx_mm`,
+  `_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into
   one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
   (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, or the
   tile GEMM on x in one bf16 part, and the activations between a block's projections stay bf16:
@@ -86,8 +87,9 @@ def linear(
         return F.linear(x, weight, bias)
     elif path == "int8-gemm":
         y = _int8_mm(x.reshape(rows, -1), weight, scale)
-    elif path == "amx-gemm":  # adds the bias itself
-        return _amx_mm(x.reshape(rows, -1), weight, scale, bias).view(*x.shape[:-1], -1)
+    elif path in ("amx-gemm", "amx-int8"):  # adds the bias itself
+        y = _amx_mm(x.reshape(rows, -1), weight, scale, bias, int8_tiles=path == "amx-int8")
+        return y.view(*x.shape[:-1], -1)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
     if bias is not None:
@@ -117,17 +119,21 @@ def _amx_mm(
     weight: torch.Tensor,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None = None,
+    int8_tiles: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ (weight * scale).T + bias -> [M, N] on AMX tiles ("amx-gemm",
     `kernels.gemm_amx`): float32 x in three bf16 parts (products exact, f32 sums) -> f32; bf16 x
     ("amx-gemm-bf16") in one -> bf16, rounded once from the f32 sums. weight bf16, int8 with
     scale [N], or packed int4 with scale [N, K / G, 2]; bias [N] (any float dtype) added to
-    the f32 sums. The kernel takes whole tiles (32 columns, 16 rows); the last K % 32 columns
-    (never int4's: its groups are whole tiles) and N % 16 rows widen."""
+    the f32 sums. `int8_tiles` ("amx-int8", `kernels.gemm_amx_int8`): float32 x, int8 weights
+    on int8 tiles, x rounded to int16 steps per row -> f32. The kernel takes whole tiles (32
+    columns, 64 on int8 tiles; 16 rows); the last K % 32 (64) columns (never int4's: its groups
+    are whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
     parts = 1 if x.dtype == torch.bfloat16 else 3
     k, n = x.shape[1], weight.shape[0]
-    k_main, n_main = k // 32 * 32, n // 16 * 16
+    tile_k = 64 if int8_tiles else 32
+    k_main, n_main = k // tile_k * tile_k, n // 16 * 16
     if k_main < k and parts == 1:  # f32 sums, for the columns past the tiles: one rounding
         x = x.float()
     bias = None if bias is None else bias.float()
@@ -135,8 +141,11 @@ def _amx_mm(
         return F.linear(x.float(), dequantize(weight, scale), bias)
     main, main_scale = weight[:n_main], None if scale is None else scale[:n_main]
     w = main if main.dtype == torch.uint8 else main[:, :k_main]
-    y = kernels.gemm_amx(x[:, :k_main], w, main_scale, None if bias is None else bias[:n_main],
-                         parts)  # in x's dtype
+    main_bias = None if bias is None else bias[:n_main]
+    if int8_tiles:
+        y = kernels.gemm_amx_int8(x[:, :k_main], w, main_scale, main_bias)
+    else:
+        y = kernels.gemm_amx(x[:, :k_main], w, main_scale, main_bias, parts)  # in x's dtype
     if k_main < k:
         y += x[:, k_main:].float() @ dequantize(main[:, k_main:], main_scale).T
     if n_main < n:

@@ -191,6 +191,52 @@ def test_amx_gemm_matches_float64(dtype, m, k, n):
                                atol=1.5e-5)
 
 
+def int16_rounded_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x rounded to int16 steps of its largest |x| / 32639 (`layers._int8_mm`)."""
+    unit = (x.abs().amax(1, keepdim=True) / layers.X_INT16_LEVELS).clamp(min=1e-38)
+    return torch.round(x / unit) * unit
+
+
+@needs_amx
+# x rows: one, a block of 16 and one more, past the 768-row chunk; columns: one int8 tile, past
+# the 2048-column chunk with a 16-column tail; weight rows: 16, a tail of 8, an odd number of
+# blocks
+@pytest.mark.parametrize("m", [1, 17, 800])
+@pytest.mark.parametrize("k", [64, 4304])
+@pytest.mark.parametrize("n", [16, 40, 48])
+def test_amx_int8_tiles_are_exact_on_x_rounded_to_int16_steps(m, k, n):
+    """int8 weights on int8 tiles ("amx-int8"): each row of x's whole tiles (the first k // 64 *
+    64 columns) rounded to int16 steps of its largest value, in two int8 halves whose int32
+    sums with the codes are exact; the 16-column tail, and the 8 weight rows past the last
+    whole tile, are multiplied in f32 by x as it is. Rows at either end of the int16 range, and
+    an all-zero row, included."""
+    w, scale = weights(torch.int8, n, k)
+    x = scaled_rows(m, k)
+    if m > 2:
+        x[1], x[2, 5], x[2, 6] = 0.0, x[2].abs().max() * 2, -x[2].abs().max() * 2
+    bias = torch.randn(n)
+    tiles, n_tiles = k // 64 * 64, n // 16 * 16
+    rounded = torch.cat([int16_rounded_rows(x[:, :tiles]), x[:, tiles:]], 1)
+    expected = torch.cat([reference(rounded, w[:n_tiles], scale[:n_tiles]),
+                          reference(x, w[n_tiles:], scale[n_tiles:])], 1) + bias
+    row_scale = x.abs().amax(1, keepdim=True).clamp(min=1e-30) * dequantize(w, scale).abs().max()
+    # f32 sums over 4304 terms (the tail's) round by up to ~5e-6 of the row's scale; against x
+    # not rounded the error would be ~5e-4
+    torch.testing.assert_close(layers._amx_mm(x, w, scale, bias, int8_tiles=True) / row_scale,
+                               expected / row_scale, rtol=1e-5, atol=1.5e-5)
+
+
+@needs_amx
+def test_amx_int8_tiles_keep_a_nan_in_its_row():
+    """A NaN in a row of x makes that row's outputs NaN (rounding it to an integer would hide
+    it), and no other row's."""
+    w, scale = weights(torch.int8, 32, 128)
+    x = torch.randn(3, 128)
+    x[1, 70] = float("nan")
+    y = kernels.gemm_amx_int8(x, w, scale)
+    assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+
+
 @needs_amx
 @pytest.mark.parametrize("group", [32, 128, 256])
 @pytest.mark.parametrize("m", [1, 17, 300])
@@ -239,6 +285,8 @@ def test_amx_gemm_takes_strided_x():
 def test_amx_gemm_refuses_partial_tiles():
     with pytest.raises(RuntimeError, match="K % 32 and N % 16 must be 0"):
         kernels.gemm_amx(torch.randn(4, 48), torch.randn(16, 48).bfloat16())
+    with pytest.raises(RuntimeError, match="K % 64 and N % 16 must be 0"):
+        kernels.gemm_amx_int8(torch.randn(4, 96), torch.ones(16, 96, dtype=torch.int8))
 
 
 @needs_amx
@@ -307,7 +355,7 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.paths[torch.float32, False] == "aten"
     tiles = "amx-gemm" if best == "amx" else "widen"
     assert plan.paths[torch.bfloat16, False] == plan.paths[torch.uint8, False] == tiles
-    int8_gemm = "int8-gemm" if CPU.native_int8 and best != "amx" else tiles
+    int8_gemm = "amx-int8" if best == "amx" else "int8-gemm" if CPU.native_int8 else tiles
     assert plan.paths[torch.int8, False] == int8_gemm
     assert replan("int8-gemm").paths[torch.int8, False] == tiles
     if best == "amx":  # the AVX-512 build: oneDNN's int8 GEMM where AMX-INT8 is there

@@ -25,10 +25,13 @@
 // the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
 // float32 for the GEMM of many rows.
 //
-// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 tiles) adds `gemm_amx`, the GEMM of
+// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 and AMX-INT8 tiles) adds `gemm_amx`, the GEMM of
 // many rows (prefill, vision) for bf16, int8 and packed int4 weights. Weight codes are exact in
 // bf16, and x is split into bf16 parts (three carry float32's 24 bits: x = hi + mid + lo up to
 // f32 rounding), so every product is exact in the tiles' f32 accumulators; one part is bf16 x.
+// int8 weights also have `gemm_amx_int8`, on AMX-INT8 tiles: x rounded to int16 steps per row, as
+// the decode kernel rounds it, split into two int8 halves whose int32 sums with the codes are
+// exact: no bf16 unpacking, and int8 tiles do twice the products of bf16 ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -37,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -614,12 +618,13 @@ void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
   });
 }
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
 
 constexpr int kMaxParts = 3;        // bf16 parts of an f32 x value (hi + mid + lo: 24 bits)
 constexpr int64_t kTileK = 32;      // bf16 columns per tile row (64 bytes)
+constexpr int64_t kTileK8 = 64;     // int8 columns per tile row
 constexpr int64_t kChunkK = 2048;   // columns per pass: a pass's x parts stay in L2/L3
 constexpr int64_t kChunkM = 256;    // x rows of three parts split at a time (bounds their memory)
 // bf16 weights per block, reused from L2 by every x row. With one part of x, the products of a
@@ -697,6 +702,45 @@ void split_x(const X* x, int64_t ldx, int64_t M, int64_t K, int64_t XB, int n_pa
   });
 }
 
+// x [M, K] f32 (row stride ldx, M <= kChunkM * kMaxParts) -> the int8 halves of its int16
+// units as B tiles of AMX-INT8 in `parts`: x[m, k] = step[m] * (256 hi + lo), hi and lo in
+// [-128, 127] (`layers._int8_mm`'s rounding); tile (16-row x block j, half s, column step c) at
+// ((2 j + s) * KB + c) * 512 uint16, its row p holding columns 4p .. 4p + 3 of the block's 16 x
+// rows (rows past M: 0). x block j's halves are tiles 2j and 2j + 1: a pair, as tile_products
+// takes x blocks.
+void split_x_int8(const float* x, int64_t ldx, int64_t M, int64_t K, const float* step,
+                  uint16_t* parts) {
+  const int64_t KB = K / kTileK8, blocks = (M + 15) / 16;
+  at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
+    alignas(64) uint32_t halves[2][16][16];  // [hi / lo][x row][4 columns]
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t rows = std::min<int64_t>(M - j * 16, 16);
+      std::memset(halves, 0, sizeof(halves));
+      for (int64_t c = 0; c < KB; ++c) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* xr = x + (j * 16 + r) * ldx + c * kTileK8;
+          const __m512 unit = _mm512_set1_ps(step[j * 16 + r]);
+          for (int q = 0; q < 4; ++q) {  // x / step rounded to nearest even, as torch.round
+            const __m512i units = _mm512_cvtps_epi32(_mm512_div_ps(load16(xr + 16 * q), unit));
+            const __m512i hi =
+                _mm512_srai_epi32(_mm512_add_epi32(units, _mm512_set1_epi32(128)), 8);
+            const __m512i lo = _mm512_sub_epi32(units, _mm512_slli_epi32(hi, 8));
+            _mm_store_si128(reinterpret_cast<__m128i*>(&halves[0][r][4 * q]),
+                            _mm512_cvtepi32_epi8(hi));
+            _mm_store_si128(reinterpret_cast<__m128i*>(&halves[1][r][4 * q]),
+                            _mm512_cvtepi32_epi8(lo));
+          }
+        }
+        for (int s = 0; s < 2; ++s) {
+          uint32_t* tile = reinterpret_cast<uint32_t*>(parts + ((2 * j + s) * KB + c) * 512);
+          for (int64_t p = 0; p < 16; ++p)
+            for (int64_t r = 0; r < 16; ++r) tile[p * 16 + r] = halves[s][r][p];
+        }
+      }
+    }
+  });
+}
+
 // The weights of a GEMM on tiles: bf16 w; int8 codes (w = code * scale[n]); or packed int4
 // codes (`int4.py`'s layout; w = code * scale + offset per group of G columns). Codes are exact
 // in bf16, so every form meets x's parts in the same tiles; scales and offsets are applied to
@@ -720,8 +764,14 @@ struct TileWeights {
     return dtype == at::kBFloat16 ? 2 * K : dtype == at::kChar ? K : K / 2;
   }
 
-  // Weight rows [n0, n0 + rows), columns [k0, k0 + K) as bf16 into dst (row stride K).
-  void unpack(int64_t n0, int64_t rows, int64_t k0, int64_t K, uint16_t* dst) const {
+  // Weight rows [n0, n0 + rows), columns [k0, k0 + K) as bf16 into dst (row stride K), or as
+  // the int8 codes themselves for int8 tiles (`codes`: row stride K bytes).
+  void unpack(int64_t n0, int64_t rows, int64_t k0, int64_t K, bool codes, uint16_t* dst) const {
+    if (codes) {
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(reinterpret_cast<char*>(dst) + r * K, row(n0 + r, k0), K);
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r, dst += K) {
       if (dtype == at::kBFloat16) {
         std::memcpy(dst, row(n0 + r, k0), 2 * K);
@@ -782,20 +832,25 @@ inline void transpose16(__m512 (&v)[16]) {
 // y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over the chunk of columns [k0, k0 +
 // KB * 32), or, given `y_bf16` (the last chunk of a bf16 output), y_bf16 = y (if accumulating) +
 // x @ w.T rounded to bf16: x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4 weights
-// `xsums` [groups of the chunk][XB * 16], the sums of x over each group. Each thread takes blocks
+// `xsums` [groups of the chunk][XB * 16], the sums of x over each group. With `int8_tiles`
+// (int8 weights): x as the halves of `split_x_int8` (XB = 2 per 16 rows of x), `xsums` its
+// int16 steps per row, column steps of 64, and the int32 sums of x block b's two halves combined
+// as step * (256 hi + lo). Each thread takes blocks
 // of weight rows (kBlockBytes), unpacked to bf16 in an aligned buffer that every x row then
 // reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors packs them back to
 // back, and a tile row straddling two cache lines made the GEMM 25-30% slower); every pair of x
 // blocks meets every pair of weight-row blocks in 4 tiles of sums, each column step loading 2
 // weight tiles and, per part, 2 x tiles for 4 tdpbf16ps. int4 sums are taken per group and
 // scaled into f32 accumulators: y += scale * sum(code * x) + offset * sum(x).
-template <int n_parts>  // a constant: the loop over parts unrolls (3-4% faster at 3)
+template <int n_parts, bool int8_tiles = false>  // constants: the loop over parts unrolls (3-4%
+                                                  // faster at 3)
 void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
                    const TileWeights& w, int64_t k0, const float* xsums, int64_t N,
                    bool accumulate, float* y, uint16_t* y_bf16) {
   auto x_tile = [&](int s, int64_t b, int64_t c) { return parts + ((s * XB + b) * KB + c) * 512; };
   const int64_t tiles = N / 16, threads = at::get_num_threads();
-  constexpr bool fetch_ahead = n_parts == 1;
+  constexpr bool fetch_ahead = n_parts == 1;  // int8 tiles: one pass too
+  static_assert(!int8_tiles || n_parts == 1, "int8 tiles take x as one pair of halves");
   const int64_t bytes = fetch_ahead ? kBlockBytesOnePart : kBlockBytes;
   const int64_t fill = std::max<int64_t>(2, bytes / (2 * KB * kTileK) / 32 * 2);
   const int64_t block = std::min(fill, std::max<int64_t>(2, (tiles + threads - 1) / threads));
@@ -804,15 +859,19 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
     configure_tiles();
     alignas(64) float sums[16][16];     // [weight row][x row]
     alignas(64) float acc[4][16][16];   // int4: the scaled sums of each tile
-    const int64_t K = KB * kTileK;
+    const int64_t K = KB * (int8_tiles ? kTileK8 : kTileK), ldw = 64 * KB;  // ldw: tile row bytes
     thread_local std::vector<uint16_t> packed;  // 64 bytes of slack for the alignment below
-    packed.resize(std::max<size_t>(packed.size(), block * 16 * K + 32));
-    uint16_t* aligned = reinterpret_cast<uint16_t*>(
+    packed.resize(std::max<size_t>(packed.size(), block * 16 * ldw / 2 + 32));
+    const char* aligned = reinterpret_cast<const char*>(
         (reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~static_cast<uintptr_t>(63));
+    alignas(64) int32_t halves[2][16][16];  // int8 tiles: [hi / lo][weight row][x row]
     auto write = [&](const float (&v)[16][16], int64_t n, int64_t b) {  // v: [weight][x row]
       __m512 c[16];
       for (int j = 0; j < 16; ++j) c[j] = _mm512_load_ps(v[j]);
       transpose16(c);
+      if constexpr (int8_tiles)  // b: x block b / 2's rows
+        for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r)
+          c[r] = _mm512_mul_ps(c[r], _mm512_set1_ps(xsums[b * 16 + r]));
       const bool scaled = w.scale && !w.group, biased = w.bias && !accumulate;
       const __m512 s = scaled ? _mm512_loadu_ps(w.scale + n * 16) : _mm512_set1_ps(1);
       const __m512 add = biased ? _mm512_loadu_ps(w.bias + n * 16) : _mm512_setzero_ps();
@@ -837,7 +896,8 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
     const int64_t lines = (w.row_bytes(K) + 63) / 64;  // cache lines of a stored weight row
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block);
-      w.unpack(n0 * 16, (n1 - n0) * 16, k0, K, aligned);
+      w.unpack(n0 * 16, (n1 - n0) * 16, k0, K, int8_tiles,
+               reinterpret_cast<uint16_t*>(const_cast<char*>(aligned)));
       // The next block's cache lines, spread over this block's column steps, into L2.
       const int64_t next = fetch_ahead ? (std::min(end, n1 + block) - n1) * 16 * lines : 0;
       const int64_t per_step = (next + (XB / 2) * ((n1 - n0 + 1) / 2) * KB - 1) /
@@ -847,8 +907,8 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
         for (int64_t n = n0; n < n1; n += 2) {
           const bool two = n + 1 < n1;
           const int used = two ? 4 : 2;  // tiles: (n, b), (n, b + 1), (n + 1, b), (n + 1, b + 1)
-          const uint16_t* w0 = aligned + (n - n0) * 16 * K;
-          const uint16_t* w1 = w0 + 16 * K;
+          const char* w0 = aligned + (n - n0) * 16 * ldw;
+          const char* w1 = w0 + 16 * ldw;
           if (w.group) std::memset(acc, 0, sizeof(acc));
           for (int64_t c0 = 0; c0 < KB; c0 += steps) {
             _tile_zero(0);
@@ -860,18 +920,45 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
                 for (int64_t i = 0; i < per_step && fetched < next; ++i, ++fetched)
                   _mm_prefetch(w.row(n1 * 16 + fetched / lines, k0) + fetched % lines * 64,
                                _MM_HINT_T1);
-              _tile_loadd(4, w0 + c * kTileK, 2 * K);
-              if (two) _tile_loadd(5, w1 + c * kTileK, 2 * K);
+              _tile_loadd(4, w0 + c * 64, ldw);
+              if (two) _tile_loadd(5, w1 + c * 64, ldw);
               for (int s = 0; s < n_parts; ++s) {
                 _tile_loadd(6, x_tile(s, b, c), 64);
                 _tile_loadd(7, x_tile(s, b + 1, c), 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (two) {
-                  _tile_dpbf16ps(2, 5, 6);
-                  _tile_dpbf16ps(3, 5, 7);
+                if constexpr (int8_tiles) {
+                  _tile_dpbssd(0, 4, 6);
+                  _tile_dpbssd(1, 4, 7);
+                  if (two) {
+                    _tile_dpbssd(2, 5, 6);
+                    _tile_dpbssd(3, 5, 7);
+                  }
+                } else {
+                  _tile_dpbf16ps(0, 4, 6);
+                  _tile_dpbf16ps(1, 4, 7);
+                  if (two) {
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                  }
                 }
               }
+            }
+            if constexpr (int8_tiles) {  // tiles (n, hi), (n, lo), (n + 1, hi), (n + 1, lo)
+              for (int t = 0; t < used; t += 2) {
+                if (t == 0) {
+                  _tile_stored(0, halves[0], 64);
+                  _tile_stored(1, halves[1], 64);
+                } else {
+                  _tile_stored(2, halves[0], 64);
+                  _tile_stored(3, halves[1], 64);
+                }
+                for (int j = 0; j < 16; ++j) {  // exact in f32 up to the one addition
+                  const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(halves[0][j]));
+                  const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(halves[1][j]));
+                  _mm512_store_ps(sums[j], _mm512_fmadd_ps(hi, _mm512_set1_ps(256), lo));
+                }
+                write(sums, n + t / 2, b / 2);
+              }
+              continue;
             }
             for (int t = 0; t < used; ++t) {  // tile numbers are immediates
               if (t == 0) _tile_stored(0, sums, 64);
@@ -897,11 +984,18 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
 // y_bf16 (then y holds the partial sums of all but the last chunk of columns, if any);
 // K % 32 == 0, N % 16 == 0. x is taken kChunkM rows and kChunkK columns at a time: its parts
 // stay in L2 / L3 while every weight row meets them, and their buffer stays small.
+// The calling thread's buffer for x's tiles: kChunkK columns of kChunkM rows in kMaxParts bf16
+// parts, or of kChunkM * kMaxParts rows in two int8 halves. Kept: a fresh buffer would be
+// page-faulted in on every call.
+uint16_t* x_tile_buffer() {
+  thread_local std::vector<uint16_t> parts(kMaxParts * (kChunkM / 16) * (kChunkK / kTileK) * 512);
+  return parts.data();
+}
+
 template <typename X>
 void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
                  const TileWeights& w, int64_t N, float* yp, uint16_t* y_bf16) {
-  // Kept by the calling thread: a fresh buffer would be page-faulted in on every call.
-  thread_local std::vector<uint16_t> parts(kMaxParts * (kChunkM / 16) * (kChunkK / kTileK) * 512);
+  uint16_t* parts = x_tile_buffer();
   thread_local std::vector<float> xsums;
   // Rows in equal chunks (262 = 256 + 6 would unpack every weight twice for 6 rows); one part
   // takes 3x the rows of three, the same memory.
@@ -911,7 +1005,7 @@ void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
     const int64_t rows = std::min(chunk_rows, M - m0), XB = (rows + 31) / 32 * 2;
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t width = std::min(kChunkK, K - k0);
-      split_x(xp + m0 * ldx + k0, ldx, rows, width, XB, n_parts, parts.data());
+      split_x(xp + m0 * ldx + k0, ldx, rows, width, XB, n_parts, parts);
       if (w.group) {  // [group][x row], rows past M: 0
         const int64_t groups = width / w.group;
         xsums.assign(groups * XB * 16, 0.0f);
@@ -927,8 +1021,45 @@ void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
                       : n_parts == 2 ? tile_products<2>
                                      : tile_products<3>;
       const bool last = k0 + width == K;
-      products(parts.data(), XB, width / kTileK, rows, w, k0, xsums.data(), N, k0 > 0,
+      products(parts, XB, width / kTileK, rows, w, k0, xsums.data(), N, k0 > 0,
                yp ? yp + m0 * N : nullptr, y_bf16 && last ? y_bf16 + m0 * N : nullptr);
+    }
+  }
+}
+
+// x [M, K] f32 @ int8 w [N, K].T -> y [M, N] f32 on int8 tiles, K % 64 == 0, N % 16 == 0: each
+// row of x rounded to int16 steps of its largest |x| / 32639 (NaN if it holds a NaN), in chunks
+// of rows and kChunkK columns as gemm_chunks takes them.
+void gemm_chunks_int8(const float* xp, int64_t ldx, int64_t M, int64_t K, const TileWeights& w,
+                      int64_t N, float* yp) {
+  uint16_t* parts = x_tile_buffer();
+  thread_local std::vector<float> steps;
+  const int64_t chunks = (M + kChunkM * kMaxParts - 1) / (kChunkM * kMaxParts);
+  const int64_t chunk_rows = ((M + chunks - 1) / chunks + 15) / 16 * 16;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, M - m0);
+    steps.assign(rows, 0.0f);
+    float* step = steps.data();  // not `steps` inside: each thread has its own thread_local
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = xp + (m0 + r) * ldx;
+        __m512 largest = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m512 v = _mm512_loadu_ps(xr + k);
+          largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+          nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        step[r] = nan ? NAN
+                       : std::max(_mm512_reduce_max_ps(largest) / 32639.0f,  // X_INT16_LEVELS
+                                  std::numeric_limits<float>::min());
+      }
+    });
+    for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+      const int64_t width = std::min(kChunkK, K - k0);
+      split_x_int8(xp + m0 * ldx + k0, ldx, rows, width, step, parts);
+      tile_products<1, true>(parts, (rows + 15) / 16 * 2, width / kTileK8, rows, w, k0, step, N,
+                             k0 > 0, yp + m0 * N, nullptr);
     }
   }
 }
@@ -981,7 +1112,32 @@ at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w,
               reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
-#endif
+
+// int8 weights at many rows on AMX-INT8 tiles ("amx-int8"): x [M, K] float32 (unit column
+// stride) rounded to int16 steps per row, w int8 [N, K] with scale float32 [N] or none, bias
+// float32 [N] or none -> [M, N] float32.
+at::Tensor gemm_amx_int8(const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_permitted(), "gemm_amx_int8: Linux refused the AMX tile state");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "gemm_amx_int8: x must be float32 [M, K] with unit column stride");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.stride(1) == 1 && w.size(1) == K,
+              "gemm_amx_int8: w must be int8 [N, K] with unit column stride");
+  TORCH_CHECK(K % kTileK8 == 0 && N % 16 == 0, "gemm_amx_int8: K % 64 and N % 16 must be 0");
+  TileWeights tw{w.scalar_type(), w.data_ptr(), w.stride(0), nullptr};
+  for (const auto* v : {&scale, &bias})
+    TORCH_CHECK(!v->has_value() || ((*v)->scalar_type() == at::kFloat && (*v)->is_contiguous() &&
+                                    (*v)->numel() == N),
+                "gemm_amx_int8: scale and bias must be float32 [N]");
+  if (scale.has_value()) tw.scale = scale->data_ptr<float>();
+  if (bias.has_value()) tw.bias = bias->data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemm_chunks_int8(x.data_ptr<float>(), x.stride(0), M, K, tw, N, y.data_ptr<float>());
+  return y;
+}
+#endif  // AMX
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemv: x must be 2-D float32");
@@ -1020,15 +1176,17 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
   m.def("gemm_amx(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int parts) -> Tensor");
+  m.def("gemm_amx_int8(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
 #endif
 }
 
 TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
   m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
   m.impl("gemm_amx", &gemm_amx);
+  m.impl("gemm_amx_int8", &gemm_amx_int8);
 #endif
 }
