@@ -6,17 +6,19 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 - "kernel-amx" / "kernel-avx512" / "kernel-avx2": the C++ kernel (`paligemma.kernels`), built
   for the widest instruction set this CPU has (AVX-512 F/BW/VL/VNNI with AMX-BF16 and AMX-INT8
   tiles, else without, else AVX2 + FMA + F16C; the AMX build decodes as the AVX-512 one);
-- "amx-gemm": bf16 and packed int4 weights at many rows with the AMX build (and int8 weights
-  with `int8-gemm` switched off): x split into three bf16 parts whose products with the
-  weights (or with the int4 / int8 codes, which bf16 holds exactly; scales applied to the f32
-  sums) are exact in the tiles' f32 sums (`layers._amx_mm`): float32 numerics, 2.2-3x faster
-  than "widen" for bf16 and 1.6-1.9x for int4 on one AMX Xeon;
-- "amx-int8": int8 weights at many rows with the AMX build: x rounded to int16 steps per row
-  and split into two int8 halves, as "int8-gemm" below, whose products with the codes are
-  exact in AMX-INT8 tiles' int32 sums (`layers._amx_mm`, `kernels.gemm_amx_int8`): the codes
-  are read as they are stored, and int8 tiles do twice the products of bf16 ones. 262 x 2048
-  -> 16384 on one AMX Xeon: 9.5 ms, against 28.6 on "amx-gemm", 25.7 on "int8-gemm" and 11.2
-  for transformers' bf16 GEMM (`benchmarks/bf16_matmul.py`);
+- "amx-gemm": bf16 weights at many rows with the AMX build (and int8 and int4 weights with
+  `int8-gemm` switched off, or int4 in groups of 32): x split into three bf16 parts whose
+  products with the weights (or with the int4 / int8 codes, which bf16 holds exactly; scales
+  applied to the f32 sums) are exact in the tiles' f32 sums (`layers._amx_mm`): float32
+  numerics, 2.2-3x faster than "widen" for bf16 and 1.6-1.9x for int4 on one AMX Xeon;
+- "amx-int8": int8 and packed int4 weights at many rows with the AMX build: x rounded to int16
+  steps per row and split into two int8 halves, as "int8-gemm" below, whose products with the
+  codes are exact in AMX-INT8 tiles' int32 sums (`layers._amx_mm`, `kernels.gemm_amx_int8`;
+  int4: per group of 64, 128 or 256 columns, scaled in f32, plus the offset times the group's
+  sum of x). int8 codes are read as they are stored, int4 ones only split into bytes, and int8
+  tiles do twice the products of bf16 ones. 262 x 2048 -> 16384 on one AMX Xeon: int8 9.5 ms,
+  against 28.6 on "amx-gemm", 25.7 on "int8-gemm" and 11.2 for transformers' bf16 GEMM
+  (`benchmarks/bf16_matmul.py`); int4 2.8x faster than on "amx-gemm";
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel;
@@ -28,20 +30,19 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
   GEMM on the bf16-rounded x and weights (`layers._bf16_mm`), or the AMX GEMM on x in one bf16
   part.
 
-At the default precision every path computes in float32 (big_vision's numerics); they differ
-only in f32 summation order, except that int8 and int4 weights on the kernel and int8 weights on
-"amx-int8" and "int8-gemm" take x rounded to int16 steps of 2^-15 of its group's (row's) largest value, see
-`csrc/gemv.cpp`: an error about 100x below that of the int8 weights themselves. Library
-kernels were measured against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_matmul.py`,
-`benchmarks/RESULTS.md`):
-none keeps float32 activations as fast at few rows (`F.linear` in f32 ties the kernel at 1 row
-and is about 2x slower at 4 and 8, `torch._weight_int8pack_mm` with f32 activations is 7-24x
-slower, bf16 `F.linear` rounds x to bf16), and an f32-exact bf16x3 GEMM through MKL or oneDNN
-gained at most 1.2x over "widen" at one thread, so they are not paths (our own, on AMX tiles
-with x split once per call and the weights read in place, is: "amx-gemm"). At many rows MKL's
-sgemm on widened weights ("widen") ties or beats the kernel's int16 products for int8 weights
-with two threads on that Xeon; oneDNN's int8 GEMM on the two halves of int16-rounded x beats
-both ("int8-gemm").
+At the default precision every path computes in float32 (big_vision's numerics); they differ only in
+f32 summation order, except that int8 and int4 weights on the kernel and on "amx-int8", and int8
+weights on "int8-gemm", take x rounded to int16 steps of 2^-15 of its group's (row's) largest value,
+see `csrc/gemv.cpp`: an error about 100x below that of the int8 weights themselves. Library kernels
+were measured against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_matmul.py`,
+`benchmarks/RESULTS.md`): none keeps float32 activations as fast at few rows (`F.linear` in f32 ties
+the kernel at 1 row and is about 2x slower at 4 and 8, `torch._weight_int8pack_mm` with f32
+activations is 7-24x slower, bf16 `F.linear` rounds x to bf16), and an f32-exact bf16x3 GEMM through
+MKL or oneDNN gained at most 1.2x over "widen" at one thread, so they are not paths (our own, on AMX
+tiles with x split once per call and the weights read in place, is: "amx-gemm"). At many rows MKL's
+sgemm on widened weights ("widen") ties or beats the kernel's int16 products for int8 weights with
+two threads on that Xeon; oneDNN's int8 GEMM on the two halves of int16-rounded x beats both
+("int8-gemm").
 
 Faster prefill at lower precision, on request: `torch.set_float32_matmul_precision("medium")`
 (the CLI's `--matmul-precision medium`, `set_matmul_precision`) lets the GEMMs of many rows
@@ -190,6 +191,8 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
             paths[dtype, False] = "amx-gemm"
     if cpu.native_int8 and "int8-gemm" not in disabled:
         paths[torch.int8, False] = "amx-int8" if kernel == "amx" else "int8-gemm"
+        if kernel == "amx":
+            paths[torch.uint8, False] = "amx-int8"
     if precision == "medium" and cpu.native_bf16:  # int8 too: 5-20% faster than "int8-gemm"
         for dtype in (torch.bfloat16, torch.float16, torch.int8):
             paths[dtype, False] = "bf16-gemm"

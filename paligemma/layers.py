@@ -11,11 +11,11 @@ How a matmul runs (`linear`) is chosen once per process by `paligemma.dispatch` 
 capabilities, per weight dtype and row count:
 - a few rows (decode steps): the C++ kernel reads the stored weights directly, at memory
   bandwidth (`paligemma.kernels`, built for AMX, AVX-512 or AVX2);
-- many rows (prefill, vision) with non-f32 weights: bf16 and int4 weights on CPUs with AMX take
-  the kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
-  int8 weights there its int8 tiles, and on other CPUs with int8 dot products oneDNN's int8
-  GEMM, on x rounded to int16 steps in two int8 halves (exact int32 sums: `_amx_mm`,
-  `_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into
+- many rows (prefill, vision) with non-f32 weights: bf16 weights on CPUs with AMX take the
+  kernel's tile GEMM on x split into three bf16 parts (exact products, f32 sums: `_amx_mm`);
+  int8 and int4 weights there its int8 tiles, and int8 weights on other CPUs with int8 dot
+  products oneDNN's int8 GEMM, on x rounded to int16 steps in two int8 halves (exact int32
+  sums: `_amx_mm`, `_int8_mm`); otherwise the weights are widened to f32 a few MB at a time into
   one buffer that stays in cache, each piece feeding an f32 GEMM on its output columns
   (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, or the
   tile GEMM on x in one bf16 part, and the activations between a block's projections stay bf16:
@@ -70,7 +70,7 @@ def linear(
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     rows = x.numel() // x.shape[-1]
     path = _path(weight, rows)
-    if weight.dtype == torch.uint8 and not path.startswith("amx-gemm"):
+    if weight.dtype == torch.uint8 and not path.startswith(("amx-gemm", "amx-int8")):
         return int4.linear(x, weight, bias, scale)
     if path in BF16_PATHS and x.dtype in (torch.bfloat16, torch.float32):
         x2 = x.reshape(rows, -1).bfloat16()  # bf16 x: `matmul_dtype`
@@ -88,7 +88,9 @@ def linear(
     elif path == "int8-gemm":
         y = _int8_mm(x.reshape(rows, -1), weight, scale)
     elif path in ("amx-gemm", "amx-int8"):  # adds the bias itself
-        y = _amx_mm(x.reshape(rows, -1), weight, scale, bias, int8_tiles=path == "amx-int8")
+        int8_tiles = path == "amx-int8" and (  # int4 groups of whole int8 tiles
+            weight.dtype == torch.int8 or int4.group_size(weight, scale) % 64 == 0)
+        y = _amx_mm(x.reshape(rows, -1), weight, scale, bias, int8_tiles=int8_tiles)
         return y.view(*x.shape[:-1], -1)
     else:
         y = _widening_mm(x.reshape(rows, -1), weight, scale)
@@ -126,7 +128,8 @@ def _amx_mm(
     ("amx-gemm-bf16") in one -> bf16, rounded once from the f32 sums. weight bf16, int8 with
     scale [N], or packed int4 with scale [N, K / G, 2]; bias [N] (any float dtype) added to
     the f32 sums. `int8_tiles` ("amx-int8", `kernels.gemm_amx_int8`): float32 x, int8 weights
-    on int8 tiles, x rounded to int16 steps per row -> f32. The kernel takes whole tiles (32
+    or int4 ones in groups of a multiple of 64 columns on int8 tiles, x rounded to int16 steps
+    per row -> f32. The kernel takes whole tiles (32
     columns, 64 on int8 tiles; 16 rows); the last K % 32 (64) columns (never int4's: its groups
     are whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place

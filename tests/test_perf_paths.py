@@ -227,6 +227,41 @@ def test_amx_int8_tiles_are_exact_on_x_rounded_to_int16_steps(m, k, n):
 
 
 @needs_amx
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("m", [1, 17, 300])
+@pytest.mark.parametrize("n", [16, 40])
+def test_amx_int8_tiles_take_int4_groups(group, m, n):
+    """Packed int4 on int8 tiles, 2304 columns (past the 2048-column chunk): per group, the
+    exact products of the codes with x rounded to int16 steps per row, times the group's scale,
+    plus its offset times the group's sum of x as it is."""
+    w, scale = int4.quantize_int4(torch.randn(n, 2304) * torch.rand(n, 1), group)
+    x = scaled_rows(m, 2304)
+    n_tiles = n // 16 * 16
+    codes = int4.unpack(w[:n_tiles]).double().view(n_tiles, -1, group)
+    s = scale[:n_tiles].double()
+    rounded = int16_rounded_rows(x).double().view(m, -1, group)
+    expected = (torch.einsum("mgk,ngk,ng->mn", rounded, codes, s[..., 0])
+                + torch.einsum("mgk,ng->mn", x.double().view(m, -1, group), s[..., 1]))
+    expected = torch.cat([expected.float(), reference(x, w[n_tiles:], scale[n_tiles:])], 1)
+    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    torch.testing.assert_close(layers._amx_mm(x, w, scale, int8_tiles=True) / row_scale,
+                               expected / row_scale, rtol=1e-5, atol=1.5e-5)
+
+
+@needs_amx
+def test_int4_groups_of_32_leave_the_int8_tiles_for_three_bf16_parts(replan):
+    """A 64-column int8 tile would hold two groups of 32, whose scales differ: such weights
+    take "amx-gemm" (float32 numerics) on the "amx-int8" path."""
+    assert replan("").paths[torch.uint8, False] == "amx-int8"
+    w, scale = int4.quantize_int4(torch.randn(32, 256), 32)
+    x = scaled_rows(20, 256)
+    expected = (x.double() @ int4.dequantize(w, scale, torch.float64).T).float()
+    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    torch.testing.assert_close(linear(x, w, None, scale) / row_scale, expected / row_scale,
+                               rtol=1e-5, atol=1e-6)
+
+
+@needs_amx
 def test_amx_int8_tiles_keep_a_nan_in_its_row():
     """A NaN in a row of x makes that row's outputs NaN (rounding it to an integer would hide
     it), and no other row's."""
@@ -354,10 +389,12 @@ def test_dispatch_follows_the_cpu_and_the_switches(replan):
     assert plan.paths[torch.bfloat16, True] == (f"kernel-{best}" if best else "widen")
     assert plan.paths[torch.float32, False] == "aten"
     tiles = "amx-gemm" if best == "amx" else "widen"
-    assert plan.paths[torch.bfloat16, False] == plan.paths[torch.uint8, False] == tiles
+    assert plan.paths[torch.bfloat16, False] == tiles
     int8_gemm = "amx-int8" if best == "amx" else "int8-gemm" if CPU.native_int8 else tiles
     assert plan.paths[torch.int8, False] == int8_gemm
+    assert plan.paths[torch.uint8, False] == ("amx-int8" if best == "amx" else tiles)
     assert replan("int8-gemm").paths[torch.int8, False] == tiles
+    assert replan("int8-gemm").paths[torch.uint8, False] == tiles
     if best == "amx":  # the AVX-512 build: oneDNN's int8 GEMM where AMX-INT8 is there
         assert replan("amx").paths[torch.int8, False] == "int8-gemm"
     assert replan("amx").paths[torch.uint8, False] == "widen"

@@ -29,9 +29,10 @@
 // many rows (prefill, vision) for bf16, int8 and packed int4 weights. Weight codes are exact in
 // bf16, and x is split into bf16 parts (three carry float32's 24 bits: x = hi + mid + lo up to
 // f32 rounding), so every product is exact in the tiles' f32 accumulators; one part is bf16 x.
-// int8 weights also have `gemm_amx_int8`, on AMX-INT8 tiles: x rounded to int16 steps per row, as
-// the decode kernel rounds it, split into two int8 halves whose int32 sums with the codes are
-// exact: no bf16 unpacking, and int8 tiles do twice the products of bf16 ones.
+// int8 and int4 weights also have `gemm_amx_int8`, on AMX-INT8 tiles: x rounded to int16 steps
+// per row, as the decode kernel rounds it, split into two int8 halves whose int32 sums with the
+// codes are exact: no bf16 unpacking (int4 codes are only split into bytes), and int8 tiles do
+// twice the products of bf16 ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -767,9 +768,26 @@ struct TileWeights {
   // Weight rows [n0, n0 + rows), columns [k0, k0 + K) as bf16 into dst (row stride K), or as
   // the int8 codes themselves for int8 tiles (`codes`: row stride K bytes).
   void unpack(int64_t n0, int64_t rows, int64_t k0, int64_t K, bool codes, uint16_t* dst) const {
-    if (codes) {
+    if (codes && dtype == at::kChar) {
       for (int64_t r = 0; r < rows; ++r)
         std::memcpy(reinterpret_cast<char*>(dst) + r * K, row(n0 + r, k0), K);
+      return;
+    }
+    if (codes) {  // int4: two runs of 32 columns (32 bytes) -> their 64 codes, one per byte
+      const __m256i nibble = _mm256_set1_epi8(15);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(row(n0 + r, k0));
+        char* out = reinterpret_cast<char*>(dst) + r * K;
+        for (int64_t k = 0; k < K; k += 64) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k / 2));
+          const __m256i low = _mm256_and_si256(bytes, nibble);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                              _mm256_permute2x128_si256(low, high, 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k + 32),
+                              _mm256_permute2x128_si256(low, high, 0x31));
+        }
+      }
       return;
     }
     for (int64_t r = 0; r < rows; ++r, dst += K) {
@@ -833,9 +851,10 @@ inline void transpose16(__m512 (&v)[16]) {
 // KB * 32), or, given `y_bf16` (the last chunk of a bf16 output), y_bf16 = y (if accumulating) +
 // x @ w.T rounded to bf16: x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4 weights
 // `xsums` [groups of the chunk][XB * 16], the sums of x over each group. With `int8_tiles`
-// (int8 weights): x as the halves of `split_x_int8` (XB = 2 per 16 rows of x), `xsums` its
-// int16 steps per row, column steps of 64, and the int32 sums of x block b's two halves combined
-// as step * (256 hi + lo). Each thread takes blocks
+// (int8 weights, int4 ones with G % 64 == 0): x as the halves of `split_x_int8` (XB = 2 per 16
+// rows of x; `xsums` then [groups][XB * 8]), `steps` its int16 steps per row (16 per block,
+// rows past M included), column steps of 64, and the int32 sums of x block b's two halves
+// combined as step * (256 hi + lo). Each thread takes blocks
 // of weight rows (kBlockBytes), unpacked to bf16 in an aligned buffer that every x row then
 // reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors packs them back to
 // back, and a tile row straddling two cache lines made the GEMM 25-30% slower); every pair of x
@@ -845,8 +864,8 @@ inline void transpose16(__m512 (&v)[16]) {
 template <int n_parts, bool int8_tiles = false>  // constants: the loop over parts unrolls (3-4%
                                                   // faster at 3)
 void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
-                   const TileWeights& w, int64_t k0, const float* xsums, int64_t N,
-                   bool accumulate, float* y, uint16_t* y_bf16) {
+                   const TileWeights& w, int64_t k0, const float* xsums, const float* steps,
+                   int64_t N, bool accumulate, float* y, uint16_t* y_bf16) {
   auto x_tile = [&](int s, int64_t b, int64_t c) { return parts + ((s * XB + b) * KB + c) * 512; };
   const int64_t tiles = N / 16, threads = at::get_num_threads();
   constexpr bool fetch_ahead = n_parts == 1;  // int8 tiles: one pass too
@@ -854,7 +873,8 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
   const int64_t bytes = fetch_ahead ? kBlockBytesOnePart : kBlockBytes;
   const int64_t fill = std::max<int64_t>(2, bytes / (2 * KB * kTileK) / 32 * 2);
   const int64_t block = std::min(fill, std::max<int64_t>(2, (tiles + threads - 1) / threads));
-  const int64_t steps = w.group ? w.group / kTileK : KB;  // column steps per f32 scaling
+  const int64_t group_steps = w.group ? w.group / (int8_tiles ? kTileK8 : kTileK) : KB;
+  const int64_t x_rows = int8_tiles ? XB / 2 * 16 : XB * 16;  // xsums' row stride
   at::parallel_for(0, tiles, block, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float sums[16][16];     // [weight row][x row]
@@ -869,9 +889,6 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
       __m512 c[16];
       for (int j = 0; j < 16; ++j) c[j] = _mm512_load_ps(v[j]);
       transpose16(c);
-      if constexpr (int8_tiles)  // b: x block b / 2's rows
-        for (int64_t r = 0; r < 16 && b * 16 + r < rows; ++r)
-          c[r] = _mm512_mul_ps(c[r], _mm512_set1_ps(xsums[b * 16 + r]));
       const bool scaled = w.scale && !w.group, biased = w.bias && !accumulate;
       const __m512 s = scaled ? _mm512_loadu_ps(w.scale + n * 16) : _mm512_set1_ps(1);
       const __m512 add = biased ? _mm512_loadu_ps(w.bias + n * 16) : _mm512_setzero_ps();
@@ -885,7 +902,7 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
       }
     };
     auto scale_into = [&](float (&a)[16][16], int64_t n, int64_t b, int64_t g) {
-      const __m512 xs = _mm512_loadu_ps(xsums + g * XB * 16 + b * 16);
+      const __m512 xs = _mm512_loadu_ps(xsums + g * x_rows + b * 16);
       for (int j = 0; j < 16; ++j) {
         const float* so = w.scale + ((n * 16 + j) * w.groups + k0 / w.group + g) * 2;
         const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(so[0]), _mm512_load_ps(sums[j]),
@@ -910,12 +927,12 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
           const char* w0 = aligned + (n - n0) * 16 * ldw;
           const char* w1 = w0 + 16 * ldw;
           if (w.group) std::memset(acc, 0, sizeof(acc));
-          for (int64_t c0 = 0; c0 < KB; c0 += steps) {
+          for (int64_t c0 = 0; c0 < KB; c0 += group_steps) {
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            for (int64_t c = c0; c < c0 + steps; ++c) {
+            for (int64_t c = c0; c < c0 + group_steps; ++c) {
               if constexpr (fetch_ahead)
                 for (int64_t i = 0; i < per_step && fetched < next; ++i, ++fetched)
                   _mm_prefetch(w.row(n1 * 16 + fetched / lines, k0) + fetched % lines * 64,
@@ -943,6 +960,7 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
               }
             }
             if constexpr (int8_tiles) {  // tiles (n, hi), (n, lo), (n + 1, hi), (n + 1, lo)
+              const __m512 step = _mm512_loadu_ps(steps + b / 2 * 16);  // [x row]
               for (int t = 0; t < used; t += 2) {
                 if (t == 0) {
                   _tile_stored(0, halves[0], 64);
@@ -954,9 +972,13 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
                 for (int j = 0; j < 16; ++j) {  // exact in f32 up to the one addition
                   const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(halves[0][j]));
                   const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(halves[1][j]));
-                  _mm512_store_ps(sums[j], _mm512_fmadd_ps(hi, _mm512_set1_ps(256), lo));
+                  _mm512_store_ps(sums[j], _mm512_mul_ps(
+                                               _mm512_fmadd_ps(hi, _mm512_set1_ps(256), lo), step));
                 }
-                write(sums, n + t / 2, b / 2);
+                if (w.group)
+                  scale_into(acc[t / 2], n + t / 2, b / 2, c0 / group_steps);
+                else
+                  write(sums, n + t / 2, b / 2);
               }
               continue;
             }
@@ -966,12 +988,14 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
               if (t == 2) _tile_stored(2, sums, 64);
               if (t == 3) _tile_stored(3, sums, 64);
               if (w.group)
-                scale_into(acc[t], n + t / 2, b + t % 2, c0 / steps);
+                scale_into(acc[t], n + t / 2, b + t % 2, c0 / group_steps);
               else
                 write(sums, n + t / 2, b + t % 2);
             }
           }
-          if (w.group)
+          if (w.group && int8_tiles)
+            for (int t = 0; t < used; t += 2) write(acc[t / 2], n + t / 2, b / 2);
+          else if (w.group)
             for (int t = 0; t < used; ++t) write(acc[t], n + t / 2, b + t % 2);
         }
       }
@@ -992,6 +1016,21 @@ uint16_t* x_tile_buffer() {
   return parts.data();
 }
 
+// x [rows, K] -> sums [K / G][stride] of each row over each group of G columns (rows past
+// `rows`: 0), for int4's offsets.
+template <typename X>
+void group_sums(const X* x, int64_t ldx, int64_t rows, int64_t K, int64_t G, int64_t stride,
+                std::vector<float>& sums) {
+  sums.assign(K / G * stride, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < K / G; ++g) {
+      const X* xr = x + r * ldx + g * G;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = 0; k < G; k += 16) sum = _mm512_add_ps(sum, load16(xr + k));
+      sums[g * stride + r] = _mm512_reduce_add_ps(sum);
+    }
+}
+
 template <typename X>
 void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
                  const TileWeights& w, int64_t N, float* yp, uint16_t* y_bf16) {
@@ -1006,39 +1045,30 @@ void gemm_chunks(const X* xp, int64_t ldx, int64_t M, int64_t K, int n_parts,
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t width = std::min(kChunkK, K - k0);
       split_x(xp + m0 * ldx + k0, ldx, rows, width, XB, n_parts, parts);
-      if (w.group) {  // [group][x row], rows past M: 0
-        const int64_t groups = width / w.group;
-        xsums.assign(groups * XB * 16, 0.0f);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < groups; ++g) {
-            const X* xr = xp + (m0 + r) * ldx + k0 + g * w.group;
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t k = 0; k < w.group; k += 16) sum = _mm512_add_ps(sum, load16(xr + k));
-            xsums[g * XB * 16 + r] = _mm512_reduce_add_ps(sum);
-          }
-      }
+      if (w.group) group_sums(xp + m0 * ldx + k0, ldx, rows, width, w.group, XB * 16, xsums);
       auto products = n_parts == 1   ? tile_products<1>
                       : n_parts == 2 ? tile_products<2>
                                      : tile_products<3>;
       const bool last = k0 + width == K;
-      products(parts, XB, width / kTileK, rows, w, k0, xsums.data(), N, k0 > 0,
+      products(parts, XB, width / kTileK, rows, w, k0, xsums.data(), nullptr, N, k0 > 0,
                yp ? yp + m0 * N : nullptr, y_bf16 && last ? y_bf16 + m0 * N : nullptr);
     }
   }
 }
 
-// x [M, K] f32 @ int8 w [N, K].T -> y [M, N] f32 on int8 tiles, K % 64 == 0, N % 16 == 0: each
-// row of x rounded to int16 steps of its largest |x| / 32639 (NaN if it holds a NaN), in chunks
-// of rows and kChunkK columns as gemm_chunks takes them.
+// x [M, K] f32 @ w [N, K].T -> y [M, N] f32 on int8 tiles, for int8 w or packed int4 w (G % 64
+// == 0), K % 64 == 0, N % 16 == 0: each row of x rounded to int16 steps of its largest |x| /
+// 32639 (NaN if it holds a NaN), in chunks of rows and kChunkK columns as gemm_chunks takes
+// them.
 void gemm_chunks_int8(const float* xp, int64_t ldx, int64_t M, int64_t K, const TileWeights& w,
                       int64_t N, float* yp) {
   uint16_t* parts = x_tile_buffer();
-  thread_local std::vector<float> steps;
+  thread_local std::vector<float> steps, xsums;
   const int64_t chunks = (M + kChunkM * kMaxParts - 1) / (kChunkM * kMaxParts);
   const int64_t chunk_rows = ((M + chunks - 1) / chunks + 15) / 16 * 16;
   for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, M - m0);
-    steps.assign(rows, 0.0f);
+    steps.assign((rows + 15) / 16 * 16, 0.0f);  // whole blocks: tile_products reads 16 at a time
     float* step = steps.data();  // not `steps` inside: each thread has its own thread_local
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -1058,8 +1088,9 @@ void gemm_chunks_int8(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t width = std::min(kChunkK, K - k0);
       split_x_int8(xp + m0 * ldx + k0, ldx, rows, width, step, parts);
-      tile_products<1, true>(parts, (rows + 15) / 16 * 2, width / kTileK8, rows, w, k0, step, N,
-                             k0 > 0, yp + m0 * N, nullptr);
+      if (w.group) group_sums(xp + m0 * ldx + k0, ldx, rows, width, w.group, steps.size(), xsums);
+      tile_products<1, true>(parts, (rows + 15) / 16 * 2, width / kTileK8, rows, w, k0,
+                             xsums.data(), step, N, k0 > 0, yp + m0 * N, nullptr);
     }
   }
 }
@@ -1113,9 +1144,10 @@ at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w,
   return y;
 }
 
-// int8 weights at many rows on AMX-INT8 tiles ("amx-int8"): x [M, K] float32 (unit column
-// stride) rounded to int16 steps per row, w int8 [N, K] with scale float32 [N] or none, bias
-// float32 [N] or none -> [M, N] float32.
+// int8 and int4 weights at many rows on AMX-INT8 tiles ("amx-int8"): x [M, K] float32 (unit
+// column stride) rounded to int16 steps per row; w int8 [N, K] with scale float32 [N] or none,
+// or packed int4 [N, K / 2] with scale [N, K / G, 2], G % 64 == 0; bias float32 [N] or none ->
+// [M, N] float32.
 at::Tensor gemm_amx_int8(const at::Tensor& x, const at::Tensor& w,
                          const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& bias) {
@@ -1123,14 +1155,26 @@ at::Tensor gemm_amx_int8(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "gemm_amx_int8: x must be float32 [M, K] with unit column stride");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.stride(1) == 1 && w.size(1) == K,
-              "gemm_amx_int8: w must be int8 [N, K] with unit column stride");
-  TORCH_CHECK(K % kTileK8 == 0 && N % 16 == 0, "gemm_amx_int8: K % 64 and N % 16 must be 0");
   TileWeights tw{w.scalar_type(), w.data_ptr(), w.stride(0), nullptr};
-  for (const auto* v : {&scale, &bias})
-    TORCH_CHECK(!v->has_value() || ((*v)->scalar_type() == at::kFloat && (*v)->is_contiguous() &&
-                                    (*v)->numel() == N),
-                "gemm_amx_int8: scale and bias must be float32 [N]");
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(scale.has_value(), "gemm_amx_int8: int4 weights need their scales");
+    tw.group = int4_group(w, *scale, "gemm_amx_int8");
+    tw.groups = scale->size(1);
+    TORCH_CHECK(2 * w.size(1) == K && tw.group % kTileK8 == 0,
+                "gemm_amx_int8: int4 w must be [N, K / 2] with K = x.size(1), in groups of a "
+                "multiple of 64 columns");
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.stride(1) == 1 &&
+                    w.size(1) == K,
+                "gemm_amx_int8: w must be int8 [N, K] with unit column stride");
+    TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat &&
+                                       scale->is_contiguous() && scale->numel() == N),
+                "gemm_amx_int8: scale must be float32 [N]");
+  }
+  TORCH_CHECK(K % kTileK8 == 0 && N % 16 == 0, "gemm_amx_int8: K % 64 and N % 16 must be 0");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                                    bias->numel() == N),
+              "gemm_amx_int8: bias must be float32 [N]");
   if (scale.has_value()) tw.scale = scale->data_ptr<float>();
   if (bias.has_value()) tw.bias = bias->data_ptr<float>();
   at::Tensor y = at::empty({M, N}, x.options());
