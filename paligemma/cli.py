@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         guard.add_debug_flag(command)
         command.add_argument(
             "--matmul-precision", choices=dispatch.PRECISIONS, default="highest",
-            help="highest (default): float32 matmuls, big_vision's numerics; medium: prefill and "
+            help="highest (default): float32 matmuls, big_vision's numerics; high: with the "
+            "AMX build, prefill and vision GEMMs on x as two bf16 parts (about 16 significant "
+            "bits; float32 activations), two thirds of the tile work; medium: prefill and "
             "vision matmuls as bf16 GEMMs (bf16 inputs and outputs, float32 sums) with bf16 "
             "activations inside each block, as transformers' bf16 model, on CPUs with native "
             "bf16 (AMX, AVX512-BF16): 3-5x faster prefill there (ignored, with a warning, "

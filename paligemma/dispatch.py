@@ -61,6 +61,13 @@ widening and rounding again at the next GEMM). Decode steps keep the float32 ker
 (bandwidth-bound: rounding would buy nothing); norms, the residual stream and the decoder's
 attention stay float32. The default, "highest", is big_vision's numerics.
 
+In between, "high" (`--matmul-precision high`; PyTorch's name for "each float32 as the sum of
+two bfloat16"): "amx-gemm" splits x into two bf16 parts instead of three, about 16 significant
+bits of each x value, so its products round by at most 2^-17 of |x w| (over a 2304-term sum
+the largest error was as large as that of the f32 sums themselves), for two thirds of the tile
+work. Only the AMX
+build's GEMM changes; activations stay float32 and every other path is as at "highest".
+
 The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
 `plan()` is called (the first forward, or a loader or benchmark calling it), and logged; again
@@ -218,7 +225,7 @@ def plan() -> Plan:
     return _plan
 
 
-PRECISIONS = ("highest", "medium")
+PRECISIONS = ("highest", "high", "medium")
 
 
 def set_matmul_precision(precision: str) -> str:
@@ -226,7 +233,8 @@ def set_matmul_precision(precision: str) -> str:
 
     "medium" rounds matmul inputs to bf16 (see the module docstring); it is only worth it with
     native bf16 dot products: elsewhere oneDNN would emulate them, slower than float32, so the
-    precision stays "highest" (with a warning).
+    precision stays "highest" (with a warning). "high" (x in two bf16 parts) changes only the
+    AMX build's GEMM, and stays "highest" (with a warning) without it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"matmul precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -235,6 +243,11 @@ def set_matmul_precision(precision: str) -> str:
         logger.warning("--matmul-precision medium: this CPU (%s) has no native bf16 dot products "
                        "(amx_bf16 / avx512_bf16), where bf16 GEMMs are slower than float32: "
                        "keeping float32 (highest)", cpu.model)
+        precision = "highest"
+    if precision == "high" and plan().kernel != "amx":
+        logger.warning("--matmul-precision high: only the AMX build's GEMM takes x in two bf16 "
+                       "parts, and this process has no AMX build (CPU %s): keeping float32 "
+                       "(highest)", cpu.model)
         precision = "highest"
     torch.set_float32_matmul_precision(precision)
     return plan().precision

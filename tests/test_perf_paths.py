@@ -452,8 +452,33 @@ def test_medium_is_refused_without_native_bf16(precision, monkeypatch):
     assert dispatch.set_matmul_precision("medium") == "highest"
     assert torch.get_float32_matmul_precision() == "highest"
     assert len(warned) == 1 and "(an EPYC) has no native bf16" in warned[0]
-    with pytest.raises(ValueError, match="'low': expected one of highest, medium"):
+    with pytest.raises(ValueError, match="'low': expected one of highest, high, medium"):
         dispatch.set_matmul_precision("low")
+
+
+def test_high_is_refused_without_the_amx_build(precision, monkeypatch):
+    """"high" changes only the AMX build's GEMM: elsewhere it would change nothing."""
+    warned = []
+    monkeypatch.setattr(dispatch.logger, "warning", lambda msg, *args: warned.append(msg % args))
+    monkeypatch.setattr(dispatch, "_plan", dispatch.choose(AMX, frozenset({"kernel"})))
+    assert dispatch.set_matmul_precision("high") == "highest"
+    assert len(warned) == 1 and "no AMX build (CPU a Xeon)" in warned[0]
+
+
+@needs_amx
+def test_high_precision_takes_x_in_two_bf16_parts(precision):
+    """At "high", bf16 weights at many rows meet x as two bf16 parts, hi = bf16(x) and mid =
+    bf16(x - hi): through identity weights, x comes out as hi + mid (within 2^-16 of x), where
+    "highest" returns x itself; decode steps are unchanged."""
+    w = torch.eye(48, 64).bfloat16()
+    x = torch.randn(40, 64)
+    hi = x.bfloat16().float()
+    two_parts = hi + (x - hi).bfloat16().float()
+    assert torch.equal(linear(x, w), x[:, :48])
+    assert dispatch.set_matmul_precision("high") == "high"
+    assert torch.equal(linear(x, w), two_parts[:, :48])
+    assert not torch.equal(two_parts, x)
+    assert torch.equal(linear(x[:2], w), x[:2, :48])
 
 
 @pytest.mark.skipif(not CPU.native_bf16, reason="needs native bf16 dot products (AMX/AVX512-BF16)")
