@@ -21,8 +21,8 @@ than the last-level cache), so they measure memory bandwidth, not cache bandwidt
                  three bf16 parts ("amx-gemm"), for bf16, int8 and packed int4 (group 128)
                  weights; "x1": on x rounded to bf16 ("amx-gemm-bf16", --matmul-precision
                  medium), next to what medium runs otherwise: "bf16-gemm int8" (`_bf16_mm`);
-                 "amx int8 tiles": int8 weights on AMX-INT8 tiles, x rounded to int16 steps in
-                 two int8 halves ("amx-int8")
+                 "amx int8 tiles", "amx int4 tiles": int8 and int4 codes on AMX-INT8 tiles, x
+                 rounded to int16 steps in two int8 halves ("amx-int8")
   int8 gemm      oneDNN's int8 GEMM on x in two int8 halves ("int8-gemm", `layers._int8_mm`)
   int4 widen     packed int4 dequantized to f32 a few MB at a time, f32 GEMM (no AMX build)
 
@@ -167,8 +167,9 @@ def main() -> None:
                     ways[f"amx {kind} x3"] = (kind, lambda x, w, u=unpack: layers._amx_mm(x, *u(w)))
                     ways[f"amx {kind} x1"] = (kind, lambda x, w, u=unpack: layers._amx_mm(
                         x.bfloat16(), *u(w)))
-                ways["amx int8 tiles"] = ("int8", lambda x, w: layers._amx_mm(
-                    x, *w, int8_tiles=True))
+                for kind in ("int8", "int4"):
+                    ways[f"amx {kind} tiles"] = (kind, lambda x, w: layers._amx_mm(
+                        x, *w, int8_tiles=True))
         copies["f32bf16"] = [c.bfloat16().float() for c in copies["f32"][:1]]
         print(f"\n{rows} rows: {'ms per weight, GB/s of weights' if decode else 'ms, GFLOP/s'}; "
               "max |error| against float64")
