@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TextConfig
 from .kv_cache import KVCache
-from .layers import Embedding, Linear, matmul_dtype
+from .layers import Embedding, Linear, gelu_tanh_, matmul_dtype
 
 RMS_NORM_EPS = 1e-6  # hard-coded in big_vision; config.norm_eps is never read
 MASK_FILL = -2.3819763e38  # big_vision's K_MASK; a finite fill keeps fully masked rows NaN-free
@@ -226,8 +226,7 @@ class GeGLU(nn.Module):
         gate = self.gate_proj(x)
         if torch.is_grad_enabled():  # autograd needs gelu's input: no in-place ops
             return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))
-        hidden = torch.ops.aten.gelu_(gate, approximate="tanh").mul_(self.up_proj(x))
-        return self.down_proj(hidden)
+        return self.down_proj(gelu_tanh_(gate, self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -75,6 +75,7 @@ def _build(isa: str) -> bool:
                       "the next instruction set or PyTorch ops", stacklevel=4)
         return False
     torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
+    torch.library.register_fake(f"paligemma::gelu_tanh_{isa}")(_in_place)
     if isa == "amx":
         torch.library.register_fake("paligemma::gemm_amx")(_gemm_shape)
         torch.library.register_fake("paligemma::gemm_amx_int8")(_gemm_int8_shape)
@@ -113,8 +114,18 @@ def _gemm_int8_shape(
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def _in_place(x: torch.Tensor, other: torch.Tensor | None) -> None:
+    return None
+
+
 def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])  # lets torch.compile trace through the op
+
+
+def gelu_tanh_(isa: str, x: torch.Tensor, other: torch.Tensor | None = None) -> None:
+    """x = gelu(x, approximate="tanh") * other (or without `other`), in place; float32,
+    contiguous, other of x's shape. Only call after `load(isa)` returned True."""
+    getattr(torch.ops.paligemma, f"gelu_tanh_{isa}")(x, other)
 
 
 def gemv(

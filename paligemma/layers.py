@@ -220,6 +220,22 @@ def _bf16_mm(
     return out
 
 
+def gelu_tanh_(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """x = gelu(x, approximate="tanh") * other (or gelu(x)), in place (no autograd), returning x.
+
+    float32 x and other on CPU take the kernel's one pass (`kernels.gelu_tanh_`: x * sigmoid(2u),
+    the same function as 0.5 x (1 + tanh(u)), a few ulp from it) where PyTorch makes two passes
+    with a slower tanh: 3.5x faster for a Gemma 2B MLP's 262 x 16384 on one AMX Xeon."""
+    isa = dispatch.plan().kernel
+    same = other is None or (other.dtype == x.dtype and other.shape == x.shape
+                             and other.is_contiguous())
+    if isa and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and same:
+        kernels.gelu_tanh_(isa, x, other)
+        return x
+    x = torch.ops.aten.gelu_(x, approximate="tanh")
+    return x if other is None else x.mul_(other)
+
+
 def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype for x [..., K] entering a run of matmuls on weights like `weight` (a block's
     projections and what lies between them: GELU, attention): bfloat16 where `linear` rounds x

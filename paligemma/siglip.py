@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .layers import Conv2d, LayerNorm, Linear, matmul_dtype
+from .layers import Conv2d, LayerNorm, Linear, gelu_tanh_, matmul_dtype
 
 LAYER_NORM_EPS = 1e-6  # flax nn.LayerNorm default
 
@@ -48,7 +48,9 @@ class SiglipMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D] (bf16 at `--matmul-precision medium`)."""
         x = x.to(matmul_dtype(x, self.fc1.weight))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        if torch.is_grad_enabled():  # autograd needs gelu's input: no in-place ops
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh_(self.fc1(x)))
 
 
 class SiglipBlock(nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from paligemma import gemma
+from paligemma import dispatch, gemma
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma.gemma import rope_angles
 from paligemma.generate import generate
@@ -145,12 +145,14 @@ def test_mlp_in_row_chunks_equals_one_piece(monkeypatch):
 
 
 def test_mlp_in_place_without_autograd_equals_autograd_path():
-    """Without autograd, gelu and the gate * up product are taken in place: same values."""
+    """Without autograd, gelu and the gate * up product are taken in place: the same values, up
+    to the few ulp between the C++ kernel's tanh-GELU (where it builds) and PyTorch's."""
     mlp = tiny_model().decoder.layers[0].mlp
     x = torch.randn(2, 9, mlp.gate_proj.in_features)
     with torch.no_grad():
         in_place = mlp(x)
-    torch.testing.assert_close(mlp(x).detach(), in_place, atol=0, rtol=0)
+    exact = 0 if dispatch.plan().kernel is None else 1e-5
+    torch.testing.assert_close(mlp(x).detach(), in_place, atol=exact, rtol=exact)
 
 
 @pytest.mark.parametrize("text", [{}, dict(post_norms=False, attn_logits_softcap=None)])

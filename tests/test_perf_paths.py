@@ -676,3 +676,31 @@ def test_building_on_the_meta_device_does_not_import_dynamo():
             "    PaliGemmaModel(VARIANTS['pg1-3b-224'])\n"
             "assert 'torch._dynamo' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_gelu_kernel_matches_float64(isa):
+    """The kernel's tanh-GELU (x * sigmoid(2u)) against 0.5 x (1 + tanh(u)) in float64: within
+    a few ulp wherever gelu(x) is not negligible, times `other` in the same pass; 1001
+    elements (a tail past the last vector), large |x| on both sides, and a NaN kept."""
+    x = torch.cat([torch.randn(900) * 3, torch.linspace(-60, 60, 100),
+                   torch.tensor([float("nan")])])
+    other = torch.randn(1001)
+    expected = F.gelu(x.double(), approximate="tanh")
+    y = x.clone()
+    kernels.gelu_tanh_(isa, y)
+    finite = expected.abs() > 1e-6
+    assert ((y.double() - expected)[finite].abs() / expected[finite].abs()).max() < 1e-5
+    assert (y.double() - expected)[~finite & ~x.isnan()].abs().max() < 1e-6
+    assert y[-1].isnan()
+    y = x.clone()
+    kernels.gelu_tanh_(isa, y, other)
+    torch.testing.assert_close(y[:-1].double(), (expected * other.double())[:-1], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_gelu_without_the_kernel_is_pytorchs(replan):
+    replan("kernel")
+    x, other = torch.randn(3, 40), torch.randn(3, 40)
+    expected = F.gelu(x, approximate="tanh") * other
+    assert torch.equal(layers.gelu_tanh_(x.clone(), other), expected)

@@ -25,14 +25,18 @@
 // the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
 // float32 for the GEMM of many rows.
 //
-// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 and AMX-INT8 tiles) adds `gemm_amx`, the GEMM of
-// many rows (prefill, vision) for bf16, int8 and packed int4 weights. Weight codes are exact in
-// bf16, and x is split into bf16 parts (three carry float32's 24 bits: x = hi + mid + lo up to
-// f32 rounding), so every product is exact in the tiles' f32 accumulators; one part is bf16 x.
+// The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 and AMX-INT8 tiles) adds
+// `gemm_amx`, the GEMM of many rows (prefill, vision) for bf16, int8 and packed int4 weights.
+// Weight codes are exact in bf16, and x is split into bf16 parts (three carry float32's 24
+// bits: x = hi + mid + lo up to f32 rounding), so every product is exact in the tiles' f32
+// accumulators; one part is bf16 x (two: `--matmul-precision high`).
 // int8 and int4 weights also have `gemm_amx_int8`, on AMX-INT8 tiles: x rounded to int16 steps
 // per row, as the decode kernel rounds it, split into two int8 halves whose int32 sums with the
 // codes are exact: no bf16 unpacking (int4 codes are only split into bytes), and int8 tiles do
 // twice the products of bf16 ones.
+//
+// `gelu_tanh_` (both builds) is the tanh-GELU of the MLPs, times the up projection in the same
+// pass for Gemma's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -94,6 +98,13 @@ inline vi set1_i16(int16_t v) { return _mm512_set1_epi16(v); }
 template <int S> inline vi srli_i16(vi v) { return S ? _mm512_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
 inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf round_nearest(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+inline vf clamp(vf v, float lo, float hi) {
+  return _mm512_min_ps(_mm512_max_ps(v, set1(lo)), set1(hi));
+}
+inline vf times_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
 // kI16Lanes int16 -> two vectors of f32: the low half, then the high half.
 inline void i16_to_float(vi v, vf* out) {
   out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
@@ -152,6 +163,19 @@ inline vi set1_i16(int16_t v) { return _mm256_set1_epi16(v); }
 template <int S> inline vi srli_i16(vi v) { return S ? _mm256_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
 inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf round_nearest(vf v) {
+  return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline vf clamp(vf v, float lo, float hi) {
+  return _mm256_min_ps(_mm256_max_ps(v, set1(lo)), set1(hi));
+}
+inline vf times_pow2(vf p, vf n) {  // p * 2^n, n integral in [-126, 127]: the exponent field
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256i e = _mm256_slli_epi32(biased, 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 inline void i16_to_float(vi v, vf* out) {
   out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
   out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
@@ -847,20 +871,20 @@ inline void transpose16(__m512 (&v)[16]) {
   for (int i = 0; i < 16; ++i) v[i] = t[i];
 }
 
-// y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over the chunk of columns [k0, k0 +
-// KB * 32), or, given `y_bf16` (the last chunk of a bf16 output), y_bf16 = y (if accumulating) +
-// x @ w.T rounded to bf16: x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4 weights
-// `xsums` [groups of the chunk][XB * 16], the sums of x over each group. With `int8_tiles`
-// (int8 weights, int4 ones with G % 64 == 0): x as the halves of `split_x_int8` (XB = 2 per 16
-// rows of x; `xsums` then [groups][XB * 8]), `steps` its int16 steps per row (16 per block,
-// rows past M included), column steps of 64, and the int32 sums of x block b's two halves
-// combined as step * (256 hi + lo). Each thread takes blocks
-// of weight rows (kBlockBytes), unpacked to bf16 in an aligned buffer that every x row then
-// reuses from L2 (a checkpoint's mapped tensors start anywhere: safetensors packs them back to
-// back, and a tile row straddling two cache lines made the GEMM 25-30% slower); every pair of x
-// blocks meets every pair of weight-row blocks in 4 tiles of sums, each column step loading 2
-// weight tiles and, per part, 2 x tiles for 4 tdpbf16ps. int4 sums are taken per group and
-// scaled into f32 accumulators: y += scale * sum(code * x) + offset * sum(x).
+// y[rows, N] (row stride N) = or += (`accumulate`) x @ w.T over the chunk of columns [k0, k0 + KB *
+// 32), or, given `y_bf16` (the last chunk of a bf16 output), y_bf16 = y (if accumulating) + x @ w.T
+// rounded to bf16: x as the `n_parts` parts of `split_x` (XB blocks of 16 rows), and for int4
+// weights `xsums` [groups of the chunk][XB * 16], the sums of x over each group. With `int8_tiles`
+// (int8 weights, int4 ones with G % 64 == 0): x as the halves of `split_x_int8` (XB = 2 per 16 rows
+// of x; `xsums` then [groups][XB * 8]), `steps` its int16 steps per row (16 per block, rows past M
+// included), column steps of 64, and the int32 sums of x block b's two halves combined as step *
+// (256 hi + lo). Each thread takes blocks of weight rows (kBlockBytes), unpacked to bf16 in an
+// aligned buffer that every x row then reuses from L2 (a checkpoint's mapped tensors start
+// anywhere: safetensors packs them back to back, and a tile row straddling two cache lines made the
+// GEMM 25-30% slower); every pair of x blocks meets every pair of weight-row blocks in 4 tiles of
+// sums, each column step loading 2 weight tiles and, per part, 2 x tiles for 4 tdpbf16ps. int4 sums
+// are taken per group and scaled into f32 accumulators: y += scale * sum(code * x) + offset *
+// sum(x).
 template <int n_parts, bool int8_tiles = false>  // constants: the loop over parts unrolls (3-4%
                                                   // faster at 3)
 void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
@@ -1183,6 +1207,51 @@ at::Tensor gemm_amx_int8(const at::Tensor& x, const at::Tensor& w,
 }
 #endif  // AMX
 
+// exp(y) for y in [-87, 88] (callers clamp): y = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts,
+// so that r is exact), exp(r) by Cephes' expf polynomial (about 1 ulp), times 2^n.
+inline vf exp_clamped(vf y) {
+  const vf n = round_nearest(mul(y, set1(1.44269504088896341f)));
+  const vf r = fmadd(n, set1(2.12194440e-4f), fmadd(n, set1(-0.693359375f), y));
+  vf p = set1(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                  5.0000001201e-1f})
+    p = fmadd(p, r, set1(c));
+  return times_pow2(fmadd(p, mul(r, r), add(r, set1(1.0f))), n);
+}
+
+// gelu(x) = 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3) (big_vision's nn.gelu with
+// approximate=True), as x / (1 + exp(-2u)): the same function (0.5 (1 + tanh(u)) = sigmoid(2u))
+// with one exp and one division, a few ulp from the exact value.
+constexpr float kGeluBeta2 = 2 * 0.7978845608028654f, kGeluKappa = 0.044715f;
+inline vf gelu_tanh(vf x) {
+  const vf minus_2u = mul(mul(x, set1(-kGeluBeta2)), fmadd(mul(x, x), set1(kGeluKappa), set1(1)));
+  return div(x, add(set1(1.0f), exp_clamped(clamp(minus_2u, -87.0f, 88.0f))));
+}
+
+// x = gelu(x) * other (or gelu(x)), in place: one pass where PyTorch's tanh-GELU and then a
+// multiply take two, and its tanh is a slower one (benchmarks/RESULTS.md).
+void gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& other) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "gelu_tanh_: x must be contiguous float32");
+  TORCH_CHECK(!other.has_value() || (other->scalar_type() == at::kFloat &&
+                                     other->is_contiguous() && other->sizes() == x.sizes()),
+              "gelu_tanh_: other must be contiguous float32 of x's shape");
+  float* xp = x.data_ptr<float>();
+  const float* op = other.has_value() ? other->data_ptr<float>() : nullptr;
+  const int64_t n = x.numel(), vectors = n / kLanes;
+  at::parallel_for(0, vectors, 2048, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      vf g = gelu_tanh(load(xp + v * kLanes));
+      if (op) g = mul(g, load(op + v * kLanes));
+      store(xp + v * kLanes, g);
+    }
+  });
+  for (int64_t i = vectors * kLanes; i < n; ++i) {
+    const float u = 0.7978845608028654f * (xp[i] + kGeluKappa * xp[i] * xp[i] * xp[i]);
+    xp[i] = 0.5f * xp[i] * (1.0f + std::tanh(u)) * (op ? op[i] : 1.0f);
+  }
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemv: x must be 2-D float32");
   if (w.scalar_type() == at::kByte) {
@@ -1220,6 +1289,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
+  m.def(PG_STR(PG_CAT(gelu_tanh_, PG_ISA)) "(Tensor(a!) x, Tensor? other) -> ()");
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
   m.def("gemm_amx(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int parts) -> Tensor");
   m.def("gemm_amx_int8(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
@@ -1229,6 +1299,7 @@ TORCH_LIBRARY_FRAGMENT(paligemma, m) {
 TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
   m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
+  m.impl(PG_STR(PG_CAT(gelu_tanh_, PG_ISA)), &gelu_tanh_);
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
   m.impl("gemm_amx", &gemm_amx);
   m.impl("gemm_amx_int8", &gemm_amx_int8);
