@@ -934,6 +934,20 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
         _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(so[1]), xs, v));
       }
     };
+    // int4 on int8 tiles: a: [weight row][x row] += scale * (256 hi + lo) + offset * xs / step,
+    // the last term's sums of x already divided by the rows' steps (`gemm_chunks_int8`); the
+    // step multiplies the whole at the end. 256 hi + lo of one group is exact in int32 (|sum|
+    // <= 128 * 15 * 256 * 257 < 2^31).
+    auto fold_group = [&](float (&a)[16][16], int64_t n, int64_t b, int64_t g) {
+      const __m512 xs = _mm512_loadu_ps(xsums + g * x_rows + b * 16);
+      for (int j = 0; j < 16; ++j) {
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(halves[0][j]), 8),
+                                             _mm512_load_si512(halves[1][j]));
+        const float* so = w.scale + ((n * 16 + j) * w.groups + k0 / w.group + g) * 2;
+        const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(so[1]), xs, _mm512_load_ps(a[j]));
+        _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(so[0]), _mm512_cvtepi32_ps(sum), v));
+      }
+    };
     const int64_t lines = (w.row_bytes(K) + 63) / 64;  // cache lines of a stored weight row
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block);
@@ -993,16 +1007,17 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
                   _tile_stored(2, halves[0], 64);
                   _tile_stored(3, halves[1], 64);
                 }
+                if (w.group) {
+                  fold_group(acc[t / 2], n + t / 2, b / 2, c0 / group_steps);
+                  continue;
+                }
                 for (int j = 0; j < 16; ++j) {  // exact in f32 up to the one addition
                   const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(halves[0][j]));
                   const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(halves[1][j]));
                   _mm512_store_ps(sums[j], _mm512_mul_ps(
                                                _mm512_fmadd_ps(hi, _mm512_set1_ps(256), lo), step));
                 }
-                if (w.group)
-                  scale_into(acc[t / 2], n + t / 2, b / 2, c0 / group_steps);
-                else
-                  write(sums, n + t / 2, b / 2);
+                write(sums, n + t / 2, b / 2);
               }
               continue;
             }
@@ -1017,8 +1032,14 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
                 write(sums, n + t / 2, b + t % 2);
             }
           }
-          if (w.group && int8_tiles)
-            for (int t = 0; t < used; t += 2) write(acc[t / 2], n + t / 2, b / 2);
+          if (w.group && int8_tiles) {
+            const __m512 step = _mm512_loadu_ps(steps + b / 2 * 16);  // [x row]
+            for (int t = 0; t < used; t += 2) {
+              for (int j = 0; j < 16; ++j)
+                _mm512_store_ps(acc[t / 2][j], _mm512_mul_ps(_mm512_load_ps(acc[t / 2][j]), step));
+              write(acc[t / 2], n + t / 2, b / 2);
+            }
+          }
           else if (w.group)
             for (int t = 0; t < used; ++t) write(acc[t], n + t / 2, b + t % 2);
         }
@@ -1112,7 +1133,11 @@ void gemm_chunks_int8(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t width = std::min(kChunkK, K - k0);
       split_x_int8(xp + m0 * ldx + k0, ldx, rows, width, step, parts);
-      if (w.group) group_sums(xp + m0 * ldx + k0, ldx, rows, width, w.group, steps.size(), xsums);
+      if (w.group) {  // divided by the steps: `tile_products` multiplies them back at the end
+        group_sums(xp + m0 * ldx + k0, ldx, rows, width, w.group, steps.size(), xsums);
+        for (int64_t g = 0; g < width / w.group; ++g)
+          for (int64_t r = 0; r < rows; ++r) xsums[g * steps.size() + r] /= step[r];
+      }
       tile_products<1, true>(parts, (rows + 15) / 16 * 2, width / kTileK8, rows, w, k0,
                              xsums.data(), step, N, k0 > 0, yp + m0 * N, nullptr);
     }
