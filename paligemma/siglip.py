@@ -62,8 +62,15 @@ class SiglipBlock(nn.Module):
         self.mlp = SiglipMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D], a new tensor."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """The same without autograd, each residual update added into x itself: x must be the
+        caller's own buffer (`SiglipVisionEncoder`'s residual stream)."""
+        x += self.attn(self.norm1(x))
+        return x.add_(self.mlp(self.norm2(x)))
 
 
 class SiglipVisionEncoder(nn.Module):
@@ -84,6 +91,13 @@ class SiglipVisionEncoder(nn.Module):
             )
         x = self.patch_embed(images)  # [B, D, h, w]
         x = x.flatten(2).transpose(1, 2) + self.pos_embedding.float()  # row-major patches
+        # Without autograd the blocks add into this residual stream in place, as the decoder's
+        # layers do: no fresh [B, N, D] per update (an int8 vision tower on one AMX Xeon: 0-13%
+        # faster over three alternated pairs of runs). Not while a hook observes a block (the
+        # parity tool keeps their inputs and outputs).
+        in_place = not torch.is_grad_enabled() and not any(
+            m._forward_hooks or m._forward_pre_hooks for m in self.blocks.modules()
+        )
         for block in self.blocks:
-            x = block(x)
+            x = block.forward_in_place(x) if in_place else block(x)
         return self.norm(x)

@@ -704,3 +704,30 @@ def test_gelu_without_the_kernel_is_pytorchs(replan):
     x, other = torch.randn(3, 40), torch.randn(3, 40)
     expected = F.gelu(x, approximate="tanh") * other
     assert torch.equal(layers.gelu_tanh_(x.clone(), other), expected)
+
+
+def test_vision_blocks_add_in_place_only_while_unobserved(monkeypatch):
+    """Without autograd the encoder's blocks add into its own residual stream; while a hook
+    observes a block they return new tensors, so what the hook kept is not added into by the
+    next block. The values are the same either way, and as with autograd."""
+    vision = SiglipVisionEncoder(VisionConfig(width=32, depth=3, mlp_dim=64, num_heads=2,
+                                              patch_size=14, image_size=56)).eval()
+    with torch.no_grad():
+        for p in vision.parameters():
+            p.normal_(0, 0.3)
+    images = torch.rand(2, 3, 56, 56) * 2 - 1
+    in_place_calls = []
+    original = type(vision.blocks[0]).forward_in_place
+    monkeypatch.setattr(type(vision.blocks[0]), "forward_in_place",
+                        lambda self, x: in_place_calls.append(1) or original(self, x))
+    with torch.no_grad():
+        in_place = vision(images)
+        assert len(in_place_calls) == 3
+        kept = []
+        vision.blocks[0].register_forward_hook(lambda m, a, out: kept.append((out, out.clone())))
+        observed = vision(images)
+        assert len(in_place_calls) == 3  # none while observed
+    assert torch.equal(in_place, observed)
+    assert torch.equal(kept[0][0], kept[0][1])
+    # autograd: out of place, and PyTorch's GELU, a few ulp from the kernel's
+    torch.testing.assert_close(vision(images), in_place, rtol=1e-5, atol=1e-5)
