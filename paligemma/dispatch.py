@@ -17,8 +17,8 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
   int4: per group of 64, 128 or 256 columns, scaled in f32, plus the offset times the group's
   sum of x). int8 codes are read as they are stored, int4 ones only split into bytes, and int8
   tiles do twice the products of bf16 ones. 262 x 2048 -> 16384 on one AMX Xeon: int8 9.5 ms,
-  against 28.6 on "amx-gemm", 25.7 on "int8-gemm" and 11.2 for transformers' bf16 GEMM
-  (`benchmarks/bf16_matmul.py`); int4 2.8x faster than on "amx-gemm";
+  against 26.8 on "amx-gemm", 21.4 on "int8-gemm" and 12.6 for transformers' bf16 GEMM; int4
+  16.0 against 39.0 on "amx-gemm" (`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`);
 - "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
   GEMM (`layers._widening_mm`); also what few rows take without the kernel;
@@ -65,8 +65,8 @@ In between, "high" (`--matmul-precision high`; PyTorch's name for "each float32 
 two bfloat16"): "amx-gemm" splits x into two bf16 parts instead of three, about 16 significant
 bits of each x value, so its products round by at most 2^-17 of |x w| (over a 2304-term sum
 the largest error was as large as that of the f32 sums themselves), for two thirds of the tile
-work. Only the AMX
-build's GEMM changes; activations stay float32 and every other path is as at "highest".
+work. Only the AMX build's GEMM changes; activations stay float32 and every other path is as at
+"highest".
 
 The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time

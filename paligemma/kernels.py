@@ -5,7 +5,7 @@ f32 / bf16 / f16 / int8 weights, at memory bandwidth. The source is built once p
 set (`ISAS`), each as its own extension and op (`paligemma::gemv_avx512`, `paligemma::gemv_avx2`),
 so both can live in one process. The AMX build (`amx`: the AVX-512 kernel plus AMX-BF16 and
 AMX-INT8 tiles) also has `gemm_amx`, the GEMM of many rows on tiles for bf16, int8 and int4
-weights, and `gemm_amx_int8`, int8 weights' on int8 tiles. Which build
+weights, and `gemm_amx_int8`, the same for int8 and int4 weights on int8 tiles. Which build
 a process uses, if any, is `paligemma.dispatch`'s choice; building needs a C++ compiler, and
 without one `load` returns False and `linear` uses PyTorch ops, with the same results up to f32
 rounding.
@@ -170,7 +170,9 @@ def gemm_amx_int8(
 ) -> torch.Tensor:
     """x [M, K] float32 @ (w [N, K] int8 * scale [N]).T + bias -> [M, N] float32 on AMX-INT8
     tiles; K % 64 == 0 and N % 16 == 0, x and w with unit column stride, scale and bias float32
-    [N]. Only after `load("amx")`.
+    [N]. Or w packed int4 [N, K / 2] with scale [N, K / G, 2] (`paligemma.int4`), G a multiple
+    of 64: each group's sums scaled, plus its offset times the group's sum of x. Only after
+    `load("amx")`.
 
     Each row of x is rounded to int16 steps of its largest |x| / 32639 and split into two int8
     halves, x = step * (256 hi + lo) (as `layers._int8_mm` and the decode kernel round x for int8
