@@ -130,9 +130,8 @@ def _amx_mm(
     scale [N], or packed int4 with scale [N, K / G, 2]; bias [N] (any float dtype) added to
     the f32 sums. `int8_tiles` ("amx-int8", `kernels.gemm_amx_int8`): float32 x, int8 weights
     or int4 ones in groups of a multiple of 64 columns on int8 tiles, x rounded to int16 steps
-    per row -> f32. The kernel takes whole tiles (32
-    columns, 64 on int8 tiles; 16 rows); the last K % 32 (64) columns (never int4's: its groups
-    are whole tiles) and N % 16 rows widen."""
+    per row -> f32. The kernel takes whole tiles (32 columns, 64 on int8 tiles; 16 rows); the
+    last K % 32 (64) columns (never int4's: its groups are whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
     parts = 1 if x.dtype == torch.bfloat16 else 2 if dispatch.plan().precision == "high" else 3
     k, n = x.shape[1], weight.shape[0]

@@ -906,7 +906,7 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
     const int64_t K = KB * (int8_tiles ? kTileK8 : kTileK), ldw = 64 * KB;  // ldw: tile row bytes
     thread_local std::vector<uint16_t> packed;  // 64 bytes of slack for the alignment below
     packed.resize(std::max<size_t>(packed.size(), block * 16 * ldw / 2 + 32));
-    const char* aligned = reinterpret_cast<const char*>(
+    char* aligned = reinterpret_cast<char*>(
         (reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~static_cast<uintptr_t>(63));
     alignas(64) int32_t halves[2][16][16];  // int8 tiles: [hi / lo][weight row][x row]
     auto write = [&](const float (&v)[16][16], int64_t n, int64_t b) {  // v: [weight][x row]
@@ -951,8 +951,7 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
     const int64_t lines = (w.row_bytes(K) + 63) / 64;  // cache lines of a stored weight row
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block);
-      w.unpack(n0 * 16, (n1 - n0) * 16, k0, K, int8_tiles,
-               reinterpret_cast<uint16_t*>(const_cast<char*>(aligned)));
+      w.unpack(n0 * 16, (n1 - n0) * 16, k0, K, int8_tiles, reinterpret_cast<uint16_t*>(aligned));
       // The next block's cache lines, spread over this block's column steps, into L2.
       const int64_t next = fetch_ahead ? (std::min(end, n1 + block) - n1) * 16 * lines : 0;
       const int64_t per_step = (next + (XB / 2) * ((n1 - n0 + 1) / 2) * KB - 1) /
@@ -1144,6 +1143,36 @@ void gemm_chunks_int8(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
   }
 }
 
+// The weights of the tile GEMM `op` for x [M, K], checked: packed int4 [N, K / 2] with its scales
+// [N, K / G, 2]; or int8 (or, with `bf16`, bf16) [N, K] with unit column stride and scale float32
+// [N] or none; bias float32 [N] or none.
+TileWeights tile_weights(const char* op, const at::Tensor& w,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& bias, int64_t K, bool bf16) {
+  const int64_t N = w.size(0);
+  TileWeights tw{w.scalar_type(), w.data_ptr(), w.stride(0), nullptr};
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(scale.has_value(), op, ": int4 weights need their scales");
+    tw.group = int4_group(w, *scale, op);
+    tw.groups = scale->size(1);
+    TORCH_CHECK(2 * w.size(1) == K, op, ": int4 w must be [N, K / 2] with K = x.size(1)");
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == K &&
+                    (w.scalar_type() == at::kChar || (bf16 && w.scalar_type() == at::kBFloat16)),
+                op, ": w must be ", bf16 ? "bf16 or int8" : "int8",
+                " [N, K] with unit column stride");
+    TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat &&
+                                       scale->is_contiguous() && scale->numel() == N),
+                op, ": scale must be float32 [N]");
+  }
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                                    bias->numel() == N),
+              op, ": bias must be float32 [N]");
+  if (scale.has_value()) tw.scale = scale->data_ptr<float>();
+  if (bias.has_value()) tw.bias = bias->data_ptr<float>();
+  return tw;
+}
+
 // The GEMM of many rows on AMX tiles ("amx-gemm"): x [M, K] float32 (split into `n_parts` bf16
 // parts: 3 make every product exact, float32 numerics; 1 is bf16 x, `--matmul-precision
 // medium`) or bf16 (1 part), both with unit column stride; w [N, K] bf16, int8 with scale [N],
@@ -1159,25 +1188,7 @@ at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(n_parts >= 1 && n_parts <= kMaxParts && (!bf16_x || n_parts == 1),
               "gemm_amx: x takes 1 to 3 parts (bf16 x: 1), got ", n_parts);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TileWeights tw{w.scalar_type(), w.data_ptr(), w.stride(0), nullptr};
-  if (w.scalar_type() == at::kByte) {
-    TORCH_CHECK(scale.has_value(), "gemm_amx: int4 weights need their scales");
-    tw.group = int4_group(w, *scale, "gemm_amx");
-    tw.groups = scale->size(1);
-    TORCH_CHECK(2 * w.size(1) == K, "gemm_amx: int4 w must be [N, K / 2] with K = x.size(1)");
-  } else {
-    TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == K &&
-                    (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar),
-                "gemm_amx: w must be bf16 or int8 [N, K] with unit column stride");
-    TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat &&
-                                       scale->is_contiguous() && scale->numel() == N),
-                "gemm_amx: scale must be float32 [N]");
-  }
-  if (scale.has_value()) tw.scale = scale->data_ptr<float>();
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                                    bias->numel() == N),
-              "gemm_amx: bias must be float32 [N]");
-  if (bias.has_value()) tw.bias = bias->data_ptr<float>();
+  const TileWeights tw = tile_weights("gemm_amx", w, scale, bias, K, /*bf16=*/true);
   TORCH_CHECK(K % kTileK == 0 && N % 16 == 0, "gemm_amx: K % 32 and N % 16 must be 0");
   if (!bf16_x) {
     at::Tensor y = at::empty({M, N}, x.options());
@@ -1204,28 +1215,10 @@ at::Tensor gemm_amx_int8(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "gemm_amx_int8: x must be float32 [M, K] with unit column stride");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TileWeights tw{w.scalar_type(), w.data_ptr(), w.stride(0), nullptr};
-  if (w.scalar_type() == at::kByte) {
-    TORCH_CHECK(scale.has_value(), "gemm_amx_int8: int4 weights need their scales");
-    tw.group = int4_group(w, *scale, "gemm_amx_int8");
-    tw.groups = scale->size(1);
-    TORCH_CHECK(2 * w.size(1) == K && tw.group % kTileK8 == 0,
-                "gemm_amx_int8: int4 w must be [N, K / 2] with K = x.size(1), in groups of a "
-                "multiple of 64 columns");
-  } else {
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.stride(1) == 1 &&
-                    w.size(1) == K,
-                "gemm_amx_int8: w must be int8 [N, K] with unit column stride");
-    TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat &&
-                                       scale->is_contiguous() && scale->numel() == N),
-                "gemm_amx_int8: scale must be float32 [N]");
-  }
+  const TileWeights tw = tile_weights("gemm_amx_int8", w, scale, bias, K, /*bf16=*/false);
+  TORCH_CHECK(tw.group % kTileK8 == 0,
+              "gemm_amx_int8: int4 weights need groups of a multiple of 64 columns");
   TORCH_CHECK(K % kTileK8 == 0 && N % 16 == 0, "gemm_amx_int8: K % 64 and N % 16 must be 0");
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                                    bias->numel() == N),
-              "gemm_amx_int8: bias must be float32 [N]");
-  if (scale.has_value()) tw.scale = scale->data_ptr<float>();
-  if (bias.has_value()) tw.bias = bias->data_ptr<float>();
   at::Tensor y = at::empty({M, N}, x.options());
   gemm_chunks_int8(x.data_ptr<float>(), x.stride(0), M, K, tw, N, y.data_ptr<float>());
   return y;
