@@ -3,6 +3,7 @@ this CPU can run), chunk-widened GEMMs, the dispatch between them, SDPA attentio
 weight storage and int8 quantization. No timings here."""
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -28,6 +29,18 @@ KERNEL_ISAS = [isa for isa, (needs, _) in kernels.ISAS.items()
 # then no int8 GEMM either where the CPU has one.
 PLANS = ([",".join(isa for isa in KERNEL_ISAS[:i]) for i in range(len(KERNEL_ISAS))] + ["kernel"]
          + (["kernel,int8-gemm"] if CPU.native_int8 else []))
+
+
+def test_every_kernel_build_this_cpu_can_run_loads():
+    """A failed build only skips the tests of that build (a machine without a compiler still
+    runs the suite); PALIGEMMA_REQUIRE_KERNELS=1 makes it a failure, for machines that must
+    test the kernels."""
+    failed = [isa for isa, (needs, _) in kernels.ISAS.items()
+              if needs <= CPU.flags and isa not in KERNEL_ISAS]
+    if failed and os.environ.get("PALIGEMMA_REQUIRE_KERNELS") != "1":
+        pytest.skip(f"kernel builds {failed} failed here (their warning says why); "
+                    "PALIGEMMA_REQUIRE_KERNELS=1 fails instead")
+    assert not failed, f"kernel builds {failed} failed here (their warning says why)"
 
 
 @pytest.fixture(autouse=True)
