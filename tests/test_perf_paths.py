@@ -185,9 +185,10 @@ def scaled_rows(m: int, k: int) -> torch.Tensor:
 
 @needs_amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-# x rows: one, a block of 16 and one more, past the 256-row chunk; columns: one tile, past the
-# 2048-column chunk with a 16-column tail; weight rows: 16, a tail of 8, an odd number of blocks
-@pytest.mark.parametrize("m", [1, 17, 300])
+# x rows: one, a block of 16 and one more, three blocks (an odd count: the last one alone), past
+# the 512-row chunk (two chunks of 19 blocks); columns: one tile, past the 2048-column chunk with a
+# 16-column tail; weight rows: 16, a tail of 8, an odd number of blocks
+@pytest.mark.parametrize("m", [1, 17, 40, 600])
 @pytest.mark.parametrize("k", [32, 4304])
 @pytest.mark.parametrize("n", [16, 40, 48])
 def test_amx_gemm_matches_float64(dtype, m, k, n):
@@ -211,10 +212,10 @@ def int16_rounded_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_amx
-# x rows: one, a block of 16 and one more, past the 768-row chunk; columns: one int8 tile, past
+# x rows: one, a block of 16 and one more, past the 1536-row chunk; columns: one int8 tile, past
 # the 2048-column chunk with a 16-column tail; weight rows: 16, a tail of 8, an odd number of
 # blocks
-@pytest.mark.parametrize("m", [1, 17, 800])
+@pytest.mark.parametrize("m", [1, 17, 1600])
 @pytest.mark.parametrize("k", [64, 4304])
 @pytest.mark.parametrize("n", [16, 40, 48])
 def test_amx_int8_tiles_are_exact_on_x_rounded_to_int16_steps(m, k, n):
