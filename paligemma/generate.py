@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import heap
 from .model import PaliGemmaModel, make_attn_mask
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> tokens [B]
@@ -117,22 +118,26 @@ def prefill(
     first, padding last). cache_dtype: None is float32 (the activations' dtype);
     torch.bfloat16 rounds keys/values as big_vision's default cache does.
     """
-    x = model.embed_inputs(images, tokens)  # [B, P, D]
-    b, p = x.shape[:2]
-    n_img = p - tokens.shape[1]
-    valid = torch.cat([input_mask.new_ones(b, n_img), input_mask], dim=1).bool()
-    ar = torch.cat([mask_ar.new_zeros(b, n_img), mask_ar], dim=1) * valid
-    lengths = valid.sum(1)
-    if not torch.equal(valid, torch.arange(p, device=valid.device)[None] < lengths[:, None]):
-        raise ValueError("prompts must be left-aligned: input_mask True on a prefix of each row")
-    x, valid, ar = (right_align(a, lengths) for a in (x, valid, ar))
-    positions = (torch.cumsum(valid, 1) - 1).clamp(min=0)
-    model.decoder.setup_kv_cache(b, p + max_new_tokens, cache_dtype)
-    hidden = model.decoder(
-        x, positions, make_attn_mask(valid, ar), cache_index=0, overwrite_input=True
-    )
-    key_valid = torch.cat([valid, valid.new_zeros(b, max_new_tokens)], dim=1)
-    return DecodeState(key_valid, lengths, p, model.decoder.logits(hidden[:, -1]))
+    rows = tokens.shape[0] * (model.config.num_image_tokens + tokens.shape[1])
+    with heap.reusing_activations(rows * model.config.text.width * 4):  # the f32 stream
+        x = model.embed_inputs(images, tokens)  # [B, P, D]
+        b, p = x.shape[:2]
+        n_img = p - tokens.shape[1]
+        valid = torch.cat([input_mask.new_ones(b, n_img), input_mask], dim=1).bool()
+        ar = torch.cat([mask_ar.new_zeros(b, n_img), mask_ar], dim=1) * valid
+        lengths = valid.sum(1)
+        if not torch.equal(valid, torch.arange(p, device=valid.device)[None] < lengths[:, None]):
+            raise ValueError(
+                "prompts must be left-aligned: input_mask True on a prefix of each row"
+            )
+        x, valid, ar = (right_align(a, lengths) for a in (x, valid, ar))
+        positions = (torch.cumsum(valid, 1) - 1).clamp(min=0)
+        model.decoder.setup_kv_cache(b, p + max_new_tokens, cache_dtype)
+        hidden = model.decoder(
+            x, positions, make_attn_mask(valid, ar), cache_index=0, overwrite_input=True
+        )
+        key_valid = torch.cat([valid, valid.new_zeros(b, max_new_tokens)], dim=1)
+        return DecodeState(key_valid, lengths, p, model.decoder.logits(hidden[:, -1]))
 
 
 @torch.no_grad()

@@ -150,7 +150,7 @@ def _amx_mm(
     else:
         y = kernels.gemm_amx(x[:, :k_main], w, main_scale, main_bias, parts)  # in x's dtype
     if k_main < k:
-        y += x[:, k_main:].float() @ dequantize(main[:, k_main:], main_scale).T
+        y.addmm_(x[:, k_main:].float(), dequantize(main[:, k_main:], main_scale).T)
     if n_main < n:
         tail = dequantize(weight[n_main:], None if scale is None else scale[n_main:])
         tail = F.linear(x.float(), tail, None if bias is None else bias[n_main:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import heap
 from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
 from .layers import Linear
@@ -33,7 +34,9 @@ class PaliGemmaModel(nn.Module):
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, 3, H, W] in [-1, 1] -> image tokens [B, N, D_text] (`zimg`, not scaled)."""
-        return self.projector(self.vision(images))
+        vision = self.config.vision
+        with heap.reusing_activations(images.shape[0] * vision.num_patches * vision.width * 4):
+            return self.projector(self.vision(images))
 
     def embed_inputs(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens followed by text tokens: [B, N + T, D_text]."""

@@ -72,3 +72,57 @@ def test_the_trim_threshold_is_fixed_with_the_mmap_threshold(user_set, monkeypat
                 "MALLOC_TRIM_THRESHOLD_": (heap._M_TRIM_THRESHOLD, heap.KEPT_FREE_TOP_BYTES)}
     assert libc.calls == [call for name, call in expected.items() if name != user_set]
     assert heap.KEPT_FREE_TOP_BYTES == 2 * heap.LARGE_ALLOCATION_BYTES  # glibc's own pairing
+
+
+REUSE_PROBE = textwrap.dedent("""
+    import ctypes, torch
+    from paligemma import heap
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped_by(nbytes):
+        before = libc.mallinfo2().hblkhd
+        t = torch.empty(nbytes // 4)
+        grown = libc.mallinfo2().hblkhd - before
+        del t
+        return grown
+
+    heap.map_large_allocations()
+    with heap.reusing_activations(heap.REUSE_STREAM_BYTES):
+        print(mapped_by(16 << 20))  # from the heap, which then keeps it
+        with heap.reusing_activations(heap.REUSE_STREAM_BYTES + 1):  # nested: no change
+            pass
+        print(mapped_by(16 << 20))
+    print(mapped_by(16 << 20) >= 16 << 20)  # mapped again after the outermost
+    with heap.reusing_activations(heap.REUSE_STREAM_BYTES + 1):  # a large stream: mapped
+        print(mapped_by(16 << 20) >= 16 << 20)
+""")
+
+
+def test_small_forwards_reuse_large_blocks_from_the_heap():
+    out = subprocess.run([sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["0", "0", "True", "True"]
+
+
+def test_reusing_changes_nothing_unless_the_thresholds_were_fixed(monkeypatch):
+    """A process that never loaded a model through `formats` keeps glibc's own behaviour."""
+    libc = FakeLibc()
+    libc.malloc_trim = lambda pad: libc.calls.append(("trim", pad))
+    monkeypatch.setattr(heap, "_glibc", lambda: libc)
+    monkeypatch.setattr(heap, "_thresholds_fixed", False)
+    with heap.reusing_activations(0):
+        pass
+    assert libc.calls == []
+    monkeypatch.setattr(heap, "_thresholds_fixed", True)
+    with heap.reusing_activations(0):
+        assert heap._reusing == 1
+    assert heap._reusing == 0
+    assert libc.calls[-3:] == [(heap._M_MMAP_THRESHOLD, heap.LARGE_ALLOCATION_BYTES),
+                               (heap._M_TRIM_THRESHOLD, heap.KEPT_FREE_TOP_BYTES), ("trim", 0)]
