@@ -1,5 +1,6 @@
 """Generation strategies on the pg1_tiny gold checkpoint (greedy is checked by the parity tests)."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from paligemma import heap
 from paligemma.formats import load_official
 from paligemma.generate import (
     beam_search,
@@ -176,3 +178,25 @@ def test_record_attention_gives_last_query_probabilities(model, inputs):
     torch.testing.assert_close(calls[2].sum(-1), torch.ones(2, cfg.depth, cfg.num_heads))
     assert float(calls[0][1, :, :, :5].abs().max()) == 0  # row 1's padding slots
     assert not model.decoder.layers[0].attn.probs._forward_hooks  # hooks removed
+
+
+def test_prefill_and_vision_reuse_activations_by_the_size_of_their_stream(
+    model, inputs, monkeypatch
+):
+    """The prefill asks `heap.reusing_activations` with its f32 residual stream's bytes
+    [B, P, D_text] (the embedded image asks with the vision stream's [B, N, D_vision]): the
+    size that decides whether its large activations may stay in the heap."""
+    asked = []
+
+    @contextlib.contextmanager
+    def record(stream_bytes):
+        asked.append(stream_bytes)
+        yield
+
+    monkeypatch.setattr(heap, "reusing_activations", record)
+    images, tokens, mask_ar, input_mask, _ = inputs
+    generate(model, images, tokens, mask_ar, input_mask, max_new_tokens=2)
+    cfg = model.config
+    b, p = tokens.shape[0], cfg.num_image_tokens + tokens.shape[1]
+    assert asked == [b * p * cfg.text.width * 4,
+                     b * cfg.vision.num_patches * cfg.vision.width * 4]
