@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
             "bits; float32 activations), two thirds of the tile work; medium: prefill and "
             "vision matmuls as bf16 GEMMs (bf16 inputs and outputs, float32 sums) with bf16 "
             "activations inside each block, as transformers' bf16 model, on CPUs with native "
-            "bf16 (AMX, AVX512-BF16): 3-5x faster prefill there (ignored, with a warning, "
-            "on other CPUs)")
+            "bf16 (AMX, AVX512-BF16): 3-5x faster prefill there (int8 and int4 weights keep "
+            "their AMX int8 tiles; ignored, with a warning, on other CPUs)")
     return parser
 
 

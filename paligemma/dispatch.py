@@ -50,10 +50,12 @@ round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or A
 bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
 computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
 AMX Xeon; int8 weights: a little faster than "int8-gemm", vision tower 583-602 vs 644-733 ms),
-except that with the AMX build int8 and packed int4 weights take "amx-gemm-bf16" (the same
-numerics; the codes are converted inside the GEMM instead of a few MB at a time before it: 11
-vs 22 ms for int8 at 262 x 2048 x 16384, 18 vs 74 ms for int4, which otherwise widens;
-`benchmarks/bf16_matmul.py`), and
+except that with the AMX build int8 and packed int4 weights keep "amx-int8" (9.5 vs 11.5 ms for
+int8 at 262 x 2048 x 16384 against one bf16 part, 16.0 vs 17.4 ms for int4; the whole int8 model
+at medium was slower than at the default, vision 1.22-1.44 vs 1.16-1.30 of transformers' time:
+benchmarks/RESULTS.md), or, where that is switched off, "amx-gemm-bf16" (the same numerics as
+"bf16-gemm"; the codes are converted inside the GEMM instead of a few MB at a time before it: 11
+vs 22 ms for int8, 18 vs 74 ms for int4, which otherwise widens; `benchmarks/bf16_matmul.py`), and
 float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
 output. Between the projections of a block (the vision tower's attention and MLP, the Gemma
 MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
@@ -200,11 +202,13 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
         paths[torch.int8, False] = "amx-int8" if kernel == "amx" else "int8-gemm"
         if kernel == "amx":
             paths[torch.uint8, False] = "amx-int8"
-    if precision == "medium" and cpu.native_bf16:  # int8 too: 5-20% faster than "int8-gemm"
-        for dtype in (torch.bfloat16, torch.float16, torch.int8):
-            paths[dtype, False] = "bf16-gemm"
-        if kernel == "amx":  # codes converted in the tiles' loop: int8 twice as fast
+    if precision == "medium" and cpu.native_bf16:
+        paths[torch.bfloat16, False] = paths[torch.float16, False] = "bf16-gemm"
+        if kernel != "amx":  # int8 too: 5-20% faster than "int8-gemm"
+            paths[torch.int8, False] = "bf16-gemm"
+        elif paths[torch.int8, False] != "amx-int8":  # codes converted in the tiles' loop
             paths[torch.int8, False] = paths[torch.uint8, False] = "amx-gemm-bf16"
+        # else int8 and int4 keep "amx-int8": at least as fast as one bf16 part, and exact
     return Plan(cpu, disabled, kernel, paths, precision)
 
 

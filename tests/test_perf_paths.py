@@ -276,6 +276,37 @@ def test_int4_groups_of_32_leave_the_int8_tiles_for_three_bf16_parts(replan):
 
 
 @needs_amx
+@pytest.mark.parametrize("disable", ["", "int8-gemm"])
+def test_int8_and_int4_keep_the_int8_tiles_at_medium(disable, replan, precision):
+    """At medium, int8 and int4 weights at many rows stay on "amx-int8" (at least as fast as one
+    bf16 part on AMX, and exact); with it switched off, their codes meet one bf16 part of x."""
+    torch.set_float32_matmul_precision("medium")
+    paths = replan(disable).paths
+    expected = "amx-int8" if not disable else "amx-gemm-bf16"
+    assert paths[torch.int8, False] == paths[torch.uint8, False] == expected
+    assert paths[torch.bfloat16, False] == "bf16-gemm"
+
+
+@needs_amx
+def test_int4_groups_of_32_at_medium_meet_one_bf16_part_of_x(replan, precision):
+    """Groups of 32 leave the int8 tiles (above); at medium their f32 x meets the codes rounded
+    to bf16 once, as the one-part GEMM of bf16 x would (the offsets' sums of x stay f32)."""
+    torch.set_float32_matmul_precision("medium")
+    assert replan("").paths[torch.uint8, False] == "amx-int8"
+    w, scale = int4.quantize_int4(torch.randn(32, 256), 32)
+    x = scaled_rows(20, 256)
+    codes = int4.unpack(w).double().view(32, -1, 32)
+    s = scale.double()
+    expected = (torch.einsum("mgk,ngk,ng->mn", x.bfloat16().double().view(20, -1, 32), codes,
+                             s[..., 0])
+                + torch.einsum("mgk,ng->mn", x.double().view(20, -1, 32), s[..., 1])).float()
+    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    y = linear(x, w, None, scale)
+    torch.testing.assert_close(y / row_scale, expected / row_scale, rtol=1e-5, atol=1e-6)
+    assert y.dtype == torch.float32
+
+
+@needs_amx
 def test_amx_int8_tiles_keep_a_nan_in_its_row():
     """A NaN in a row of x makes that row's outputs NaN (rounding it to an integer would hide
     it), and no other row's."""
@@ -505,6 +536,9 @@ def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, p
     x = torch.randn(40, 256)
     exact = linear(x, w, None, scale)
     assert dispatch.set_matmul_precision("medium") == "medium"
+    if dispatch.plan().paths[dtype, False] == "amx-int8":  # kept: as fast, and exact
+        assert torch.equal(linear(x, w, None, scale), exact)
+        return
     # f32 weights are rounded; bf16 ones are already; int8 values are exact in bf16.
     rounded = w.bfloat16() if dtype == torch.float32 else w.to(torch.float64)
     products = (x.bfloat16().double() @ rounded.double().T).float()
