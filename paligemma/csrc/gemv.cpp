@@ -886,9 +886,9 @@ inline void transpose16(__m512 (&v)[16]) {
 // anywhere: safetensors packs them back to back, and a tile row straddling two cache lines made the
 // GEMM 25-30% slower); every pair of x blocks meets every pair of weight-row blocks in 4 tiles of
 // sums, each column step loading 2 weight tiles and, per part, 2 x tiles for 4 tdpbf16ps (the
-// last x block of an odd count meets them alone: 262 rows are 17 blocks, 5% less work than 18). int4 sums
-// are taken per group and scaled into f32 accumulators: y += scale * sum(code * x) + offset *
-// sum(x).
+// last x block of an odd count meets them alone: 262 rows are 17 blocks, 5% less work than 18).
+// int4 sums are taken per group and scaled into f32 accumulators: y += scale * sum(code * x) +
+// offset * sum(x).
 template <int n_parts, bool int8_tiles = false>  // constants: the loop over parts unrolls (3-4%
                                                   // faster at 3)
 void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
