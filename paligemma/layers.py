@@ -126,13 +126,12 @@ def _amx_mm(
     """x [M, K] @ (weight * scale).T + bias -> [M, N] on AMX tiles ("amx-gemm",
     `kernels.gemm_amx`): float32 x in three bf16 parts (products exact, f32 sums; two at
     `--matmul-precision high`, one at medium) -> f32; bf16 x ("amx-gemm-bf16") in one -> bf16,
-    rounded once
-    from the f32 sums. weight bf16, int8 with
-    scale [N], or packed int4 with scale [N, K / G, 2]; bias [N] (any float dtype) added to
-    the f32 sums. `int8_tiles` ("amx-int8", `kernels.gemm_amx_int8`): float32 x, int8 weights
-    or int4 ones in groups of a multiple of 64 columns on int8 tiles, x rounded to int16 steps
-    per row -> f32. The kernel takes whole tiles (32 columns, 64 on int8 tiles; 16 rows); the
-    last K % 32 (64) columns (never int4's: its groups are whole tiles) and N % 16 rows widen."""
+    rounded once from the f32 sums. weight bf16, int8 with scale [N], or packed int4 with scale
+    [N, K / G, 2]; bias [N] (any float dtype) added to the f32 sums. `int8_tiles` ("amx-int8",
+    `kernels.gemm_amx_int8`): float32 x, int8 weights or int4 ones in groups of a multiple of 64
+    columns on int8 tiles, x rounded to int16 steps per row -> f32. The kernel takes whole tiles
+    (32 columns, 64 on int8 tiles; 16 rows); the last K % 32 (64) columns (never int4's: its
+    groups are whole tiles) and N % 16 rows widen."""
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows of x in place
     precision = dispatch.plan().precision  # medium: f32 x in one part (int4 groups of 32)
     parts = {"medium": 1, "high": 2}.get(precision, 3) if x.dtype == torch.float32 else 1

@@ -10,9 +10,10 @@ from paligemma import heap
 
 pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="needs glibc (Linux)")
 
-# A fresh interpreter: glibc's dynamic threshold depends on what the process freed before.
-# mallinfo2().hblkhd is the number of bytes in memory-mapped blocks.
-PROBE = textwrap.dedent("""
+# Probes run in a fresh interpreter: glibc's dynamic threshold depends on what the process freed
+# before. mapped_by(n): by how much an n-byte tensor grew the memory-mapped blocks
+# (mallinfo2().hblkhd).
+MAPPED_BY = textwrap.dedent("""
     import ctypes, torch
     from paligemma import heap
 
@@ -30,7 +31,9 @@ PROBE = textwrap.dedent("""
         grown = libc.mallinfo2().hblkhd - before
         del t
         return grown
+""")
 
+PROBE = MAPPED_BY + textwrap.dedent("""
     torch.empty(30 << 18)  # freed at once: a freed 30 MB mapping raises glibc's threshold to 30 MB
     print(mapped_by(8 << 20) >= 8 << 20)
     heap.map_large_allocations()
@@ -74,25 +77,7 @@ def test_the_trim_threshold_is_fixed_with_the_mmap_threshold(user_set, monkeypat
     assert heap.KEPT_FREE_TOP_BYTES == 2 * heap.LARGE_ALLOCATION_BYTES  # glibc's own pairing
 
 
-REUSE_PROBE = textwrap.dedent("""
-    import ctypes, torch
-    from paligemma import heap
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-            "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-
-    def mapped_by(nbytes):
-        before = libc.mallinfo2().hblkhd
-        t = torch.empty(nbytes // 4)
-        grown = libc.mallinfo2().hblkhd - before
-        del t
-        return grown
-
+REUSE_PROBE = MAPPED_BY + textwrap.dedent("""
     heap.map_large_allocations()
     with heap.reusing_activations(heap.REUSE_STREAM_BYTES):
         print(mapped_by(16 << 20))  # from the heap, which then keeps it
