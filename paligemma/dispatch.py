@@ -19,9 +19,11 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
   tiles do twice the products of bf16 ones. 262 x 2048 -> 16384 on one AMX Xeon: int8 9.5 ms,
   against 26.8 on "amx-gemm", 21.4 on "int8-gemm" and 12.6 for transformers' bf16 GEMM; int4
   16.0 against 39.0 on "amx-gemm" (`benchmarks/bf16_matmul.py`, `benchmarks/RESULTS.md`);
-- "aten": `F.linear` on the stored float32 weights (MKL / oneDNN sgemm);
+- "aten": `F.linear` on the stored float32 weights (MKL's sgemm on x86);
+- "onednn": float32 weights at many rows where MKL is slow (`Plan.sgemm`, below): oneDNN's f32
+  GEMM (`torch.ops.mkldnn._linear_pointwise`, what torch.compile's CPU backend calls);
 - "widen": the stored weights widened to float32 a few MB at a time, each piece feeding an f32
-  GEMM (`layers._widening_mm`); also what few rows take without the kernel;
+  GEMM (`layers._widening_mm`, on `Plan.sgemm`); also what few rows take without the kernel;
 - "int8-gemm": int8 weights at many rows on CPUs with int8 dot products but not the AMX build
   (AVX512-VNNI, or AMX with `amx` switched off): x rounded to int16 steps per row and split
   into two int8 halves, both multiplied by one exact int8 GEMM, `torch._int_mm` (oneDNN;
@@ -56,8 +58,9 @@ at medium was slower than at the default, vision 1.22-1.44 vs 1.16-1.30 of trans
 benchmarks/RESULTS.md), or, where that is switched off, "amx-gemm-bf16" (the same numerics as
 "bf16-gemm"; the codes are converted inside the GEMM instead of a few MB at a time before it: 11
 vs 22 ms for int8, 18 vs 74 ms for int4, which otherwise widens; `benchmarks/bf16_matmul.py`), and
-float32 weights stay on "aten", which oneDNN then runs with bf16 inputs and float32
-output. Between the projections of a block (the vision tower's attention and MLP, the Gemma
+float32 weights stay on `F.linear` ("aten"), which PyTorch then runs with bf16 inputs and
+float32 output on AMX CPUs (elsewhere it stays within 4e-5 of float32 on sums of 256 terms of
+size 1, and still ran 2x faster than MKL's sgemm on an AVX-512 AMD EPYC). Between the projections of a block (the vision tower's attention and MLP, the Gemma
 MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
 widening and rounding again at the next GEMM). Decode steps keep the float32 kernel
 (bandwidth-bound: rounding would buy nothing); norms, the residual stream and the decoder's
@@ -70,14 +73,23 @@ the largest error was as large as that of the f32 sums themselves), for two thir
 work. Only the AMX build's GEMM changes; activations stay float32 and every other path is as at
 "highest".
 
-The choice is made from the CPU's flags (/proc/cpuinfo), PyTorch's capability
+The f32 GEMM itself (`Plan.sgemm`: "aten" or "onednn") follows the CPU's vendor. PyTorch's x86
+build runs f32 `F.linear` on MKL, whose fast AVX-512 code runs only on Intel CPUs: on an AMD EPYC
+with AVX-512 (Zen 5) MKL's sgemm reached 130-170 GFLOP/s with two threads where oneDNN's, on the
+same CPU, reached 350-390 (262 x 2048 -> 16384; the vision tower's 256 x 1152 -> 4304 and
+256 x 1152 -> 1152: 2.1x; `benchmarks/RESULTS.md`). So x86 CPUs of other vendors take oneDNN
+for f32 GEMMs at the default precision; Intel ones keep MKL. Both are float32 throughout
+(oneDNN's call ignores the matmul precision); they differ in summation order only (max error
+6e-6 vs 2e-6 against float64 on sums of 2048 terms of size 1).
+
+The choice is made from the CPU's vendor and flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
 `plan()` is called (the first forward, or a loader or benchmark calling it), and logged; again
 only if the precision changes. `PALIGEMMA_DISABLE` turns paths off, a comma-separated list of
 `SWITCHES`: `kernel` (no C++ kernel), `amx` (the AVX-512 build even on AMX CPUs: bf16 and int4
 weights at many rows widen), `avx512` (the AVX2 build even on AVX-512 CPUs),
 `int8-gemm` (int8 weights at many rows take neither "amx-int8" nor "int8-gemm": they widen, or
-take "amx-gemm").
+take "amx-gemm"), `onednn` (f32 GEMMs on MKL whatever the vendor).
 `PALIGEMMA_NO_KERNELS=1` is the older spelling of `PALIGEMMA_DISABLE=kernel`.
 """
 
@@ -97,31 +109,35 @@ from . import kernels
 logger = logging.getLogger("paligemma")
 
 FEW_ROWS = 8  # up to this many rows a matmul is bandwidth-bound: the kernel beats a GEMM
-SWITCHES = ("kernel", "amx", "avx512", "int8-gemm")
+SWITCHES = ("kernel", "amx", "avx512", "int8-gemm", "onednn")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # uint8:
 # packed int4 (`paligemma.int4`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Cpu:
-    """What the machine offers: model name, /proc/cpuinfo flags, PyTorch's capability."""
+    """What the machine offers: model name, /proc/cpuinfo flags, PyTorch's capability, vendor
+    ("GenuineIntel", "AuthenticAMD"; "" where /proc/cpuinfo names none, as on ARM)."""
 
     model: str
     flags: frozenset[str]
     capability: str
+    vendor: str = ""
 
     @classmethod
     def detect(cls) -> Cpu:
-        model, flags = platform.processor() or platform.machine(), frozenset()
+        model, flags, vendor = platform.processor() or platform.machine(), frozenset(), ""
         cpuinfo = Path("/proc/cpuinfo")
         if cpuinfo.is_file():
             for line in cpuinfo.read_text().splitlines():
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     model = value.strip()
+                elif key.strip() == "vendor_id":
+                    vendor = value.strip()
                 elif key.strip() in ("flags", "Features") and not flags:  # x86, arm
                     flags = frozenset(value.split())
-        return cls(model, flags, torch.backends.cpu.get_cpu_capability())
+        return cls(model, flags, torch.backends.cpu.get_cpu_capability(), vendor)
 
     @property
     def native_bf16(self) -> bool:
@@ -133,6 +149,12 @@ class Cpu:
         """int8 dot products with int32 sums (AMX-INT8, AVX512-VNNI): oneDNN's int8 GEMM
         (`torch._int_mm`) is several times faster than f32 sgemm."""
         return bool({"amx_int8", "avx512_vnni"} & self.flags)
+
+    @property
+    def mkl_slow(self) -> bool:
+        """An x86 CPU that is not Intel's: MKL's fastest sgemm code runs only on Intel CPUs, so
+        oneDNN's beats it (2.1-2.7x on an AVX-512 AMD EPYC, see the module docstring)."""
+        return bool(self.vendor) and self.vendor != "GenuineIntel" and "avx2" in self.flags
 
     def matmul_flags(self) -> list[str]:
         """The flags that matter for the matmul paths (for logs and benchmark records)."""
@@ -149,6 +171,7 @@ class Plan:
     kernel: str | None  # the instruction set the C++ kernel was built for, None without it
     paths: dict[tuple[torch.dtype, bool], str]
     precision: str = "highest"  # torch.get_float32_matmul_precision() when chosen
+    sgemm: str = "aten"  # the f32 GEMM of "widen" (and of "onednn"): "aten" or "onednn"
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the CPU, the switches, and e.g. {"bfloat16/few": "kernel-avx512"}."""
@@ -158,6 +181,7 @@ class Plan:
             "flags": self.cpu.matmul_flags(),
             "disabled": sorted(self.disabled),
             "precision": self.precision,
+            "sgemm": self.sgemm,
             "paths": {
                 f"{str(dtype).removeprefix('torch.')}/{'few' if few else 'many'}": path
                 for (dtype, few), path in self.paths.items()
@@ -190,11 +214,14 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
             if kernels.load(isa):
                 kernel = isa
                 break
+    sgemm = "onednn" if cpu.mkl_slow and "onednn" not in disabled and onednn_sgemm() else "aten"
     paths = {}
     for dtype in WEIGHT_DTYPES:
         paths[dtype, True] = f"kernel-{kernel}" if kernel else (
             "aten" if dtype == torch.float32 else "widen")
         paths[dtype, False] = "aten" if dtype == torch.float32 else "widen"
+    if sgemm == "onednn" and precision == "highest":  # else F.linear rounds as PyTorch's precision
+        paths[torch.float32, False] = "onednn"
     if kernel == "amx":
         for dtype in (torch.bfloat16, torch.int8, torch.uint8):
             paths[dtype, False] = "amx-gemm"
@@ -209,7 +236,12 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
         elif paths[torch.int8, False] != "amx-int8":  # codes converted in the tiles' loop
             paths[torch.int8, False] = paths[torch.uint8, False] = "amx-gemm-bf16"
         # else int8 and int4 keep "amx-int8": at least as fast as one bf16 part, and exact
-    return Plan(cpu, disabled, kernel, paths, precision)
+    return Plan(cpu, disabled, kernel, paths, precision, sgemm)
+
+
+def onednn_sgemm() -> bool:
+    """Whether this PyTorch build has oneDNN's f32 linear op (x86 builds since before 2.4)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 _plan: Plan | None = None  # a plain global (not functools.cache): torch.compile reads it

@@ -20,7 +20,8 @@ capabilities, per weight dtype and row count:
   (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, or the
   tile GEMM on x in one bf16 part, and the activations between a block's projections stay bf16:
   `matmul_dtype`);
-- f32 weights otherwise: `F.linear`.
+- f32 weights otherwise: `F.linear`, or oneDNN's f32 GEMM on x86 CPUs where MKL is slow (which
+  also runs the widened pieces' GEMMs there: `dispatch.Plan.sgemm`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def linear(
         y = kernels.gemv(dispatch.plan().kernel, x.reshape(rows, -1), weight, scale)
     elif path == "aten" and scale is None:
         return F.linear(x, weight, bias)
+    elif path == "onednn" and scale is None:
+        return onednn_linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
     elif path == "int8-gemm":
         y = _int8_mm(x.reshape(rows, -1), weight, scale)
     elif path in ("amx-gemm", "amx-int8"):  # adds the bias itself
@@ -261,12 +264,24 @@ def chunked_weight_mm(
     step = max(1, CHUNK_BYTES // (4 * k))
     out = x.new_empty(m, n)
     buf = x.new_empty(min(step, n), k)
+    onednn = dispatch.plan().sgemm == "onednn"
     for start in range(0, n, step):
         stop = min(start + step, n)
         w = buf[: stop - start]
         fill(start, stop, w)
-        torch.mm(x, w.T, out=out[:, start:stop])  # a column block: BLAS ldc = n
+        if onednn:  # no out=: its [M, stop - start] result is copied into the column block
+            out[:, start:stop] = onednn_linear(x, w)
+        else:
+            torch.mm(x, w.T, out=out[:, start:stop])  # a column block: BLAS ldc = n
     return out
+
+
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] f32 @ weight [N, K] f32 .T + bias -> [M, N] on oneDNN's f32 GEMM ("onednn",
+    `dispatch.Plan.sgemm`): float32 math whatever the matmul precision."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
 class Linear(nn.Linear):
