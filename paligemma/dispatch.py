@@ -60,9 +60,10 @@ benchmarks/RESULTS.md), or, where that is switched off, "amx-gemm-bf16" (the sam
 vs 22 ms for int8, 18 vs 74 ms for int4, which otherwise widens; `benchmarks/bf16_matmul.py`), and
 float32 weights stay on `F.linear` ("aten"), which PyTorch then runs with bf16 inputs and
 float32 output on AMX CPUs (elsewhere it stays within 4e-5 of float32 on sums of 256 terms of
-size 1, and still ran 2x faster than MKL's sgemm on an AVX-512 AMD EPYC). Between the projections of a block (the vision tower's attention and MLP, the Gemma
-MLP) activations then stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no
-widening and rounding again at the next GEMM). Decode steps keep the float32 kernel
+size 1, and still ran 2x faster than MKL's sgemm on an AVX-512 AMD EPYC). Between the
+projections of a block (the vision tower's attention and MLP, the Gemma MLP) activations then
+stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no widening and rounding
+again at the next GEMM). Decode steps keep the float32 kernel
 (bandwidth-bound: rounding would buy nothing); norms, the residual stream and the decoder's
 attention stay float32. The default, "highest", is big_vision's numerics.
 
