@@ -76,6 +76,9 @@ def _build(isa: str) -> bool:
         return False
     torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
     torch.library.register_fake(f"paligemma::gelu_tanh_{isa}")(_in_place)
+    if isa in INT8_HALVES_ISAS:
+        torch.library.register_fake(f"paligemma::int8_halves_{isa}")(_halves_in_place)
+        torch.library.register_fake(f"paligemma::int8_combine_{isa}")(_combine_in_place)
     if isa == "amx":
         torch.library.register_fake("paligemma::gemm_amx")(_gemm_shape)
         torch.library.register_fake("paligemma::gemm_amx_int8")(_gemm_int8_shape)
@@ -118,6 +121,16 @@ def _in_place(x: torch.Tensor, other: torch.Tensor | None) -> None:
     return None
 
 
+def _halves_in_place(x: torch.Tensor, halves: torch.Tensor, step: torch.Tensor) -> None:
+    return None
+
+
+def _combine_in_place(
+    sums: torch.Tensor, step: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    return None
+
+
 def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])  # lets torch.compile trace through the op
 
@@ -136,6 +149,31 @@ def gemv(
     Only call after `load(isa)` returned True.
     """
     return getattr(torch.ops.paligemma, f"gemv_{isa}")(x.contiguous(), w, scale)
+
+
+INT8_HALVES_ISAS = ("amx", "avx512")  # the builds with `int8_halves` and `int8_combine`
+
+
+def int8_halves(isa: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (halves int8 [2M, K], step [M, 1] float32): each row of x rounded to
+    int16 steps of its largest |x| / 32639 and split as x / step = 256 hi + lo, the high halves'
+    rows first (what `layers._int8_mm` computes in PyTorch ops, in one pass). Only after
+    `load(isa)` returned True, isa in INT8_HALVES_ISAS."""
+    halves = torch.empty(2 * x.shape[0], x.shape[1], dtype=torch.int8)
+    step = x.new_empty(x.shape[0], 1)
+    getattr(torch.ops.paligemma, f"int8_halves_{isa}")(
+        x if x.stride(-1) == 1 else x.contiguous(), halves, step)
+    return halves, step
+
+
+def int8_combine(
+    isa: str, sums: torch.Tensor, step: torch.Tensor, scale: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """out [M, W] = (lo + 256 hi) * step * scale from the int32 sums [2M, W] of both halves of
+    `int8_halves` (high rows first), step [M, 1], scale [W] or None; out in place, unit column
+    stride. Only after `load(isa)` returned True, isa in INT8_HALVES_ISAS."""
+    getattr(torch.ops.paligemma, f"int8_combine_{isa}")(sums, step, scale, out)
 
 
 def dequantize_int4(isa: str, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:

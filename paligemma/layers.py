@@ -176,12 +176,18 @@ def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) 
     exact; only the final combination 256 hi.w + lo.w is rounded to f32. The output is made a
     few MB of columns at a time, so the int32 sums stay in cache."""
     (m, k), n = x.shape, weight.shape[0]
-    step = x.abs().amax(1, keepdim=True).div_(X_INT16_LEVELS).clamp_(min=torch.finfo(x.dtype).tiny)
-    units = x.div(step).round_().to(torch.int16)
-    high = units.add(128).bitwise_right_shift_(8)  # so that lo = units - 256 hi is in [-128, 127]
-    halves = torch.empty(2 * m, k, dtype=torch.int8)  # hi, then lo
-    halves[:m] = high
-    halves[m:] = units.sub_(high.bitwise_left_shift_(8))
+    isa = dispatch.plan().kernel
+    fused = isa in kernels.INT8_HALVES_ISAS  # the same numbers in one pass (AVX-512 builds)
+    if fused:
+        halves, step = kernels.int8_halves(isa, x)
+    else:
+        step = (x.abs().amax(1, keepdim=True).div_(X_INT16_LEVELS)
+                .clamp_(min=torch.finfo(x.dtype).tiny))
+        units = x.div(step).round_().to(torch.int16)
+        high = units.add(128).bitwise_right_shift_(8)  # so that lo = units - 256 hi: [-128, 127]
+        halves = torch.empty(2 * m, k, dtype=torch.int8)  # hi, then lo
+        halves[:m] = high
+        halves[m:] = units.sub_(high.bitwise_left_shift_(8))
     out = x.new_empty(m, n)
     width = min(n, max(256, INT32_PIECE_BYTES // (4 * 2 * m)))
     sums = torch.empty(2 * m * width, dtype=torch.int32)  # reused: no fresh pages
@@ -190,6 +196,9 @@ def _int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) 
         piece = sums[: 2 * m * (stop - start)].view(2 * m, stop - start)
         torch._int_mm(halves, weight[start:stop].T, out=piece)
         y = out[:, start:stop]
+        if fused:
+            kernels.int8_combine(isa, piece, step, None if scale is None else scale[start:stop], y)
+            continue
         y.copy_(piece[m:]).add_(piece[:m], alpha=256).mul_(step)
         if scale is not None:
             y.mul_(scale[start:stop])

@@ -150,18 +150,50 @@ def test_gemv_kernel_on_rows_shorter_than_a_page(isa, dtype, m):
     torch.testing.assert_close(kernels.gemv(isa, x, w, scale), expected, rtol=1e-5, atol=atol)
 
 
-def test_int8_gemm_is_exact_on_x_rounded_to_int16_steps(monkeypatch):
+def int16_edge_rows(k: int) -> torch.Tensor:
+    """6 rows of x: rows whose largest value sits at either end of the int16 range (units
+    +32639 and -32639: high halves 127 and -127), tiny and large rows and an all-zero row."""
+    x = torch.randn(6, k) * torch.tensor([[1.0], [1e-3], [50.0], [1.0], [1.0], [0.0]])
+    x[3, 7], x[4, 9] = 10.0, -10.0
+    return x
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch-ops"])
+def test_int8_gemm_is_exact_on_x_rounded_to_int16_steps(fused, monkeypatch):
     """`_int8_mm` = x rounded to int16 steps of max|x_row| / 32639, times the dequantized
-    weights, in pieces of output columns (the last one short); rows whose largest value sits
-    at either end of the int16 range and an all-zero row included."""
+    weights, in pieces of output columns (the last one short), with x split and the output
+    combined by the AVX-512 build's ops or by PyTorch ops."""
+    if fused and dispatch.plan().kernel not in kernels.INT8_HALVES_ISAS:
+        pytest.skip("needs the AVX-512 build")
+    if not fused:
+        monkeypatch.setattr(kernels, "INT8_HALVES_ISAS", ())
     monkeypatch.setattr(layers, "INT32_PIECE_BYTES", 4 * 2 * 6 * 10)  # 6 rows: 256 columns
     w, scale = weights(torch.int8, 600, 96)
-    x = torch.randn(6, 96) * torch.tensor([[1.0], [1e-3], [50.0], [1.0], [1.0], [0.0]])
-    x[3, 7], x[4, 9] = 10.0, -10.0  # units +32639 and -32639: high halves 127 and -127
+    x = int16_edge_rows(96)
     unit = (x.abs().amax(1, keepdim=True) / layers.X_INT16_LEVELS).clamp(min=1e-38)
     rounded = torch.round(x / unit) * unit
     torch.testing.assert_close(layers._int8_mm(x, w, scale), reference(rounded, w, scale),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not set(KERNEL_ISAS) & set(kernels.INT8_HALVES_ISAS),
+                    reason="needs an AVX-512 build")
+@pytest.mark.parametrize("k", [96, 100])  # 100: a tail after 16-column vectors
+def test_int8_gemm_ops_of_the_kernel_are_the_pytorch_ops_bit_for_bit(k, monkeypatch):
+    """The kernel's split of x and combination of the sums give the same bits as PyTorch's ops
+    (strided x, pieces of output columns of 16 x 3 + 2 and the last one short, a NaN row)."""
+    isa = next(i for i in KERNEL_ISAS if i in kernels.INT8_HALVES_ISAS)
+    monkeypatch.setattr(dispatch, "_plan", dataclasses.replace(dispatch.plan(), kernel=isa))
+    monkeypatch.setattr(layers, "INT32_PIECE_BYTES", 4 * 2 * 7 * 50)  # 7 rows: 50 columns
+    x = torch.cat([int16_edge_rows(k), torch.randn(1, k)]).T.contiguous().T  # column stride 7
+    x[6, 3] = float("nan")
+    w, scale = weights(torch.int8, 130, k)
+    for s in (scale, None):
+        fused = layers._int8_mm(x, w, s)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "INT8_HALVES_ISAS", ())
+            assert torch.equal(fused[:6], layers._int8_mm(x, w, s)[:6])
+        assert fused[6].isnan().all()
 
 
 @pytest.mark.parametrize("cpu", [AMX_INT8, VNNI, AMX], ids=["amx-int8-bf16", "vnni", "amx-bf16"])

@@ -1277,6 +1277,108 @@ void gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& other) {
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// "int8-gemm"'s two passes over x and over the output in one each (`layers._int8_mm`, which
+// computes the same in PyTorch ops, bit for bit, without an AVX-512 build).
+//
+// x [M, K] f32 (unit column stride) -> halves int8 [2M, K] (the high halves' rows, then the low
+// ones) and step [M]: each row rounded to int16 steps of its largest |x| / 32639 (x / step
+// rounded to nearest even), u = 256 hi + lo with lo in [-128, 127]. A row holding a NaN gets a
+// NaN step (its codes are then meaningless, and its outputs NaN).
+void int8_halves(const at::Tensor& x, at::Tensor halves, at::Tensor step) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "int8_halves: x must be 2-D float32 with unit column stride");
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
+  TORCH_CHECK(halves.scalar_type() == at::kChar && halves.is_contiguous() &&
+                  halves.size(0) == 2 * M && halves.size(1) == K,
+              "int8_halves: halves must be contiguous int8 [2M, K]");
+  TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.numel() == M,
+              "int8_halves: step must be contiguous float32 [M]");
+  const float* xp = x.data_ptr<float>();
+  int8_t* hp = halves.data_ptr<int8_t>();
+  float* sp = step.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * ldx;
+      __m512 largest = _mm512_setzero_ps();
+      __mmask16 nan = 0;
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_loadu_ps(xr + k);
+        largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      }
+      float amax = _mm512_reduce_max_ps(largest);
+      bool has_nan = nan != 0;
+      for (; k < K; ++k) amax = std::max(amax, std::abs(xr[k])), has_nan |= std::isnan(xr[k]);
+      const float st = has_nan ? NAN : std::max(amax / 32639.0f, std::numeric_limits<float>::min());
+      sp[r] = st;
+      int8_t* hi = hp + r * K;
+      int8_t* lo = hp + (M + r) * K;
+      const __m512 vst = _mm512_set1_ps(st);
+      for (k = 0; k + 16 <= K; k += 16) {
+        const __m512i u = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(xr + k), vst));
+        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(128)), 8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + k), _mm512_cvtepi32_epi8(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + k),
+                         _mm512_cvtepi32_epi8(_mm512_sub_epi32(u, _mm512_slli_epi32(h, 8))));
+      }
+      for (; k < K; ++k) {
+        const int32_t u = static_cast<int32_t>(std::nearbyint(xr[k] / st));
+        const int32_t h = (u + 128) >> 8;
+        hi[k] = static_cast<int8_t>(h);
+        lo[k] = static_cast<int8_t>(u - (h << 8));
+      }
+    }
+  });
+}
+
+// sums int32 [2M, W] (high halves' rows, then low ones) -> out [M, W] (unit column stride) =
+// (lo + 256 hi) * step[row] * scale[column] (scale float32 [W] or none), rounded as in that order.
+void int8_combine(const at::Tensor& sums, const at::Tensor& step,
+                  const std::optional<at::Tensor>& scale, at::Tensor out) {
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.stride(1) == 1,
+              "int8_combine: out must be 2-D float32 with unit column stride");
+  const int64_t M = out.size(0), W = out.size(1), ldo = out.stride(0);
+  TORCH_CHECK(sums.scalar_type() == at::kInt && sums.is_contiguous() && sums.size(0) == 2 * M &&
+                  sums.size(1) == W,
+              "int8_combine: sums must be contiguous int32 [2M, W]");
+  TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.numel() == M,
+              "int8_combine: step must be contiguous float32 [M]");
+  const float* scp = nullptr;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                    scale->numel() == W,
+                "int8_combine: scale must be contiguous float32 [W]");
+    scp = scale->data_ptr<float>();
+  }
+  const int32_t* hp = sums.data_ptr<int32_t>();
+  const float* sp = step.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* hi = hp + r * W;
+      const int32_t* lo = hp + (M + r) * W;
+      float* o = op + r * ldo;
+      const __m512 vst = _mm512_set1_ps(sp[r]);
+      int64_t j = 0;
+      for (; j + 16 <= W; j += 16) {
+        const __m512 h = _mm512_cvtepi32_ps(_mm512_loadu_si512(hi + j));
+        const __m512 l = _mm512_cvtepi32_ps(_mm512_loadu_si512(lo + j));
+        __m512 v = _mm512_mul_ps(_mm512_add_ps(l, _mm512_mul_ps(h, _mm512_set1_ps(256.0f))), vst);
+        if (scp) v = _mm512_mul_ps(v, _mm512_loadu_ps(scp + j));
+        _mm512_storeu_ps(o + j, v);
+      }
+      for (; j < W; ++j) {
+        const float h = static_cast<float>(hi[j]) * 256.0f;
+        float v = (static_cast<float>(lo[j]) + h) * sp[r];
+        o[j] = scp ? v * scp[j] : v;
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemv: x must be 2-D float32");
   if (w.scalar_type() == at::kByte) {
@@ -1315,6 +1417,11 @@ TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
   m.def(PG_STR(PG_CAT(gelu_tanh_, PG_ISA)) "(Tensor(a!) x, Tensor? other) -> ()");
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  m.def(PG_STR(PG_CAT(int8_halves_, PG_ISA)) "(Tensor x, Tensor(a!) halves, Tensor(b!) step) -> ()");
+  m.def(PG_STR(PG_CAT(int8_combine_, PG_ISA))
+        "(Tensor sums, Tensor step, Tensor? scale, Tensor(a!) out) -> ()");
+#endif
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
   m.def("gemm_amx(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int parts) -> Tensor");
   m.def("gemm_amx_int8(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
@@ -1325,6 +1432,10 @@ TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
   m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
   m.impl(PG_STR(PG_CAT(gelu_tanh_, PG_ISA)), &gelu_tanh_);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  m.impl(PG_STR(PG_CAT(int8_halves_, PG_ISA)), &int8_halves);
+  m.impl(PG_STR(PG_CAT(int8_combine_, PG_ISA)), &int8_combine);
+#endif
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
   m.impl("gemm_amx", &gemm_amx);
   m.impl("gemm_amx_int8", &gemm_amx_int8);
