@@ -4,12 +4,15 @@ One weight of Gemma 2B's MLP (16384 x 2048) against 262 rows (256 image + 6 text
 prefill) and 8, 4, 1 rows (decode steps). Decode rows stream several copies of the weight (more
 than the last-level cache), so they measure memory bandwidth, not cache bandwidth. Ways:
 
-  f32            F.linear, float32 weights and activations (MKL / oneDNN sgemm)
+  f32            F.linear, float32 weights and activations (MKL's sgemm on x86)
+  f32 onednn     oneDNN's f32 GEMM (`layers.onednn_linear`; what "onednn" and the widened pieces
+                 run on x86 CPUs not Intel's, `dispatch.Plan.sgemm`)
   aten bf16      F.linear, bf16 weights and activations (what transformers runs in bfloat16;
                  rounds x to bf16, so not a path of ours: for comparison)
   ours bf16      `paligemma.layers.linear` on bf16 weights, float32 activations, as this
                  process's plan (`paligemma.dispatch`) runs it; each kernel build this CPU can
-                 run ("bf16 avx512", "bf16 avx2"), and the widening GEMM ("bf16 widen"), alone
+                 run ("bf16 avx512", "bf16 avx2"), and the widening GEMM ("bf16 widen", on the
+                 plan's f32 GEMM), alone
   ours int8      the same with int8 weights + per-row scales
   int8pack       torch._weight_int8pack_mm (float32 activations), the library int8 kernel
   bf16x3 mkl     x split into three bf16 parts (x1 + x2 + x3 == x exactly for normal floats),
@@ -152,6 +155,8 @@ def main() -> None:
                 ways[f"{kind} {isa}"] = (kind, lambda x, w, isa=isa, kind=kind: (
                     kernels.gemv(isa, x, *w) if kind == "int8" else kernels.gemv(isa, x, w)))
         if not decode:
+            if dispatch.onednn_sgemm():
+                ways["f32 onednn"] = ("f32", lambda x, w: layers.onednn_linear(x, w))
             ways["bf16 widen"] = ("bf16", lambda x, w: layers._widening_mm(x, w, None))
             if mkl is not None:
                 ways["bf16x3 mkl"] = ("bf16", lambda x, w: sum3(mkl(split3(x), w)))
