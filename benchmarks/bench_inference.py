@@ -298,6 +298,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     out["peak_rss"] = _peak_rss()
     if spec["framework"] == "ours":  # the matmul path each (weight dtype, rows) took
         out["paths"] = dispatch.plan().describe()["paths"]
+        out["sgemm"] = dispatch.plan().sgemm  # the f32 GEMM of "widen"
     return out
 
 
@@ -403,6 +404,8 @@ def table(results: dict[str, dict[str, Any]], floors: dict[str, float]) -> str:
         if weights == "uint8":  # packed int4; a matrix whose K is no multiple of G is int8
             line += (f"; int8 ones: few rows {paths.get('int8/few')}, many rows "
                      f"{paths.get('int8/many')}")
+        if "sgemm" in ours:
+            line += f"; f32 GEMM of widen: {ours['sgemm']}"
         lines.append(line)
         lines.append("")
     return "\n".join(lines)
