@@ -51,9 +51,11 @@ Faster prefill at lower precision, on request: `torch.set_float32_matmul_precisi
 round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or AVX512-BF16):
 bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
 computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
-AMX Xeon; int8 weights: a little faster than "int8-gemm", vision tower 583-602 vs 644-733 ms),
-except that with the AMX build int8 and packed int4 weights keep "amx-int8" (9.5 vs 11.5 ms for
-int8 at 262 x 2048 x 16384 against one bf16 part, 16.0 vs 17.4 ms for int4; the whole int8 model
+AMX Xeon; int8 weights: a little faster than "int8-gemm", vision tower 583-602 vs 644-733 ms;
+without the AMX build packed int4 weights too, dequantized and rounded to bf16 a few MB at a time
+as f32 weights are: prefill 2.3-2.5 s against 3.9-5.0 widened on an AVX-512 AMD EPYC), except
+that with the AMX build int8 and packed int4 weights keep "amx-int8" (9.5 vs 11.5 ms for int8
+at 262 x 2048 x 16384 against one bf16 part, 16.0 vs 17.4 ms for int4; the whole int8 model
 at medium was slower than at the default, vision 1.22-1.44 vs 1.16-1.30 of transformers' time:
 benchmarks/RESULTS.md), or, where that is switched off, "amx-gemm-bf16" (the same numerics as
 "bf16-gemm"; the codes are converted inside the GEMM instead of a few MB at a time before it: 11
@@ -232,8 +234,8 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
             paths[torch.uint8, False] = "amx-int8"
     if precision == "medium" and cpu.native_bf16:
         paths[torch.bfloat16, False] = paths[torch.float16, False] = "bf16-gemm"
-        if kernel != "amx":  # int8 too: 5-20% faster than "int8-gemm"
-            paths[torch.int8, False] = "bf16-gemm"
+        if kernel != "amx":  # int8 too: 5-20% faster than "int8-gemm"; and int4 (else widened)
+            paths[torch.int8, False] = paths[torch.uint8, False] = "bf16-gemm"
         elif paths[torch.int8, False] != "amx-int8":  # codes converted in the tiles' loop
             paths[torch.int8, False] = paths[torch.uint8, False] = "amx-gemm-bf16"
         # else int8 and int4 keep "amx-int8": at least as fast as one bf16 part, and exact

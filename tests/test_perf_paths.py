@@ -548,8 +548,9 @@ def test_medium_precision_takes_the_bf16_gemm_only_with_native_bf16(cpu):
     medium = dispatch.choose(cpu, frozenset({"kernel"}), "medium")
     assert medium.precision == "medium" and medium.describe()["precision"] == "medium"
     changed = {key: path for key, path in medium.paths.items() if path != highest.paths[key]}
-    expected = {(dtype, False): "bf16-gemm"
-                for dtype in (torch.bfloat16, torch.float16, torch.int8)} if cpu.native_bf16 else {}
+    expected = {(dtype, False): "bf16-gemm"  # no AMX build here: packed int4 too
+                for dtype in (torch.bfloat16, torch.float16, torch.int8, torch.uint8)
+                } if cpu.native_bf16 else {}
     if highest.paths[torch.float32, False] == "onednn":  # F.linear, which rounds at medium
         expected[torch.float32, False] = "aten"
     assert changed == expected
@@ -628,6 +629,21 @@ def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, p
     assert (linear(x, w, None, scale) - exact).abs().max() > 1e-3  # it did round
     torch.testing.assert_close(linear(x[:2], w, None, scale), exact[:2], rtol=1e-5,
                                atol=2e-3 if dtype == torch.int8 else 1e-5)
+
+
+@pytest.mark.skipif(not CPU.native_bf16, reason="needs native bf16 dot products (AMX/AVX512-BF16)")
+def test_medium_precision_takes_int4_weights_dequantized_to_bf16(precision, monkeypatch):
+    """Without the AMX build ("bf16-gemm"): the bf16-rounded x times the dequantized int4
+    weights rounded to bf16, f32 sums, one rounding of the output; pieces of 3 weight rows."""
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 256)
+    w, scale = int4.quantize_int4(torch.randn(64, 256), 128)
+    x, bias = torch.randn(40, 256), torch.randn(64)
+    assert dispatch.set_matmul_precision("medium") == "medium"
+    monkeypatch.setattr(dispatch, "_plan", dataclasses.replace(
+        dispatch.plan(), paths={**dispatch.plan().paths, (torch.uint8, False): "bf16-gemm"}))
+    rounded = int4.dequantize(w, scale).bfloat16().double()
+    products = (x.bfloat16().double() @ rounded.T).float() + bias.bfloat16().float()  # bias: bf16
+    torch.testing.assert_close(linear(x, w, bias, scale), products, rtol=2**-7, atol=1e-5)
 
 
 @pytest.fixture
