@@ -27,7 +27,8 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
 - "int8-gemm": int8 weights at many rows on CPUs with int8 dot products but not the AMX build
   (AVX512-VNNI, or AMX with `amx` switched off): x rounded to int16 steps per row and split
   into two int8 halves, both multiplied by one exact int8 GEMM, `torch._int_mm` (oneDNN;
-  `layers._int8_mm`). 2-4x faster than "widen" on one AMX Xeon;
+  `layers._int8_mm`; the split and the combination of the int32 sums in one C++ pass each with
+  an AVX-512 build). 2-4x faster than "widen" on one AMX Xeon;
 - "bf16-gemm" and "amx-gemm-bf16" (only at `--matmul-precision medium`, below): PyTorch's bf16
   GEMM on the bf16-rounded x and weights (`layers._bf16_mm`), or the AMX GEMM on x in one bf16
   part.
