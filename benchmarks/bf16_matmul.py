@@ -6,7 +6,7 @@ than the last-level cache), so they measure memory bandwidth, not cache bandwidt
 
   f32            F.linear, float32 weights and activations (MKL's sgemm on x86)
   f32 onednn     oneDNN's f32 GEMM (`layers.onednn_linear`; what "onednn" and the widened pieces
-                 run on x86 CPUs not Intel's, `dispatch.Plan.sgemm`)
+                 run on AVX-512 x86 CPUs not Intel's, `dispatch.Plan.sgemm`)
   aten bf16      F.linear, bf16 weights and activations (what transformers runs in bfloat16;
                  rounds x to bf16, so not a path of ours: for comparison)
   ours bf16      `paligemma.layers.linear` on bf16 weights, float32 activations, as this

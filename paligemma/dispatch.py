@@ -81,10 +81,11 @@ The f32 GEMM itself (`Plan.sgemm`: "aten" or "onednn") follows the CPU's vendor.
 build runs f32 `F.linear` on MKL, whose fast AVX-512 code runs only on Intel CPUs: on an AMD EPYC
 with AVX-512 (Zen 5) MKL's sgemm reached 130-170 GFLOP/s with two threads where oneDNN's, on the
 same CPU, reached 350-390 (262 x 2048 -> 16384; the vision tower's 256 x 1152 -> 4304 and
-256 x 1152 -> 1152: 2.1x; `benchmarks/RESULTS.md`). So x86 CPUs of other vendors take oneDNN
-for f32 GEMMs at the default precision; Intel ones keep MKL. Both are float32 throughout
-(oneDNN's call ignores the matmul precision); they differ in summation order only (max error
-6e-6 vs 2e-6 against float64 on sums of 2048 terms of size 1).
+256 x 1152 -> 1152: 2.1x; `benchmarks/RESULTS.md`). So AVX-512 x86 CPUs of other vendors take
+oneDNN for f32 GEMMs at the default precision; Intel ones keep MKL, and so do AVX2-only CPUs
+(where MKL runs its AVX2 code whatever the vendor; oneDNN was not measured against it there).
+Both are float32 throughout (oneDNN's call ignores the matmul precision); they differ in
+summation order only (max error 6e-6 vs 2e-6 against float64 on sums of 2048 terms of size 1).
 
 The choice is made from the CPU's vendor and flags (/proc/cpuinfo), PyTorch's capability
 (`torch.backends.cpu.get_cpu_capability()`) and the float32 matmul precision, the first time
@@ -156,9 +157,10 @@ class Cpu:
 
     @property
     def mkl_slow(self) -> bool:
-        """An x86 CPU that is not Intel's: MKL's fastest sgemm code runs only on Intel CPUs, so
-        oneDNN's beats it (2.1-2.7x on an AVX-512 AMD EPYC, see the module docstring)."""
-        return bool(self.vendor) and self.vendor != "GenuineIntel" and "avx2" in self.flags
+        """An AVX-512 x86 CPU that is not Intel's: MKL's AVX-512 sgemm runs only on Intel CPUs,
+        so oneDNN's beats it (2.1-2.7x on an AVX-512 AMD EPYC, see the module docstring). On
+        AVX2-only ones both run AVX2 code: not measured against each other, MKL stays."""
+        return bool(self.vendor) and self.vendor != "GenuineIntel" and "avx512f" in self.flags
 
     def matmul_flags(self) -> list[str]:
         """The flags that matter for the matmul paths (for logs and benchmark records)."""

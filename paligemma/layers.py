@@ -20,8 +20,8 @@ capabilities, per weight dtype and row count:
   (at `--matmul-precision medium` on CPUs with native bf16: PyTorch's bf16 GEMM instead, or the
   tile GEMM on x in one bf16 part, and the activations between a block's projections stay bf16:
   `matmul_dtype`);
-- f32 weights otherwise: `F.linear`, or oneDNN's f32 GEMM on x86 CPUs where MKL is slow (which
-  also runs the widened pieces' GEMMs there: `dispatch.Plan.sgemm`).
+- f32 weights otherwise: `F.linear`, or oneDNN's f32 GEMM on AVX-512 x86 CPUs where MKL is slow
+  (which also runs the widened pieces' GEMMs there: `dispatch.Plan.sgemm`).
 """
 
 from __future__ import annotations

@@ -443,19 +443,21 @@ def test_widening_gemm_matches_float64_across_chunks(dtype, monkeypatch):
                                rtol=1e-5, atol=1e-4)
 
 
-INTEL = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c"}), "AVX2", "GenuineIntel")
+INTEL = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "avx512f"}), "AVX512",
+                     "GenuineIntel")
 AMD = dataclasses.replace(INTEL, model="an EPYC", vendor="AuthenticAMD")
+AMD_AVX2 = dataclasses.replace(AMD, flags=frozenset({"avx2", "fma", "f16c"}), capability="AVX2")
 ARM = dispatch.Cpu("a Neoverse", frozenset({"asimd", "bf16"}), "DEFAULT")
 
 
 @pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_f32_gemms_take_onednn_on_x86_cpus_not_intels(precision):
+def test_f32_gemms_take_onednn_on_avx512_cpus_not_intels(precision):
     amd = dispatch.choose(AMD, frozenset({"kernel"}), precision)
     assert amd.sgemm == ("onednn" if dispatch.onednn_sgemm() else "aten")
     # at medium F.linear stays: PyTorch rounds its inputs to bf16 there, oneDNN's call would not
     expected = "onednn" if amd.sgemm == "onednn" and precision == "highest" else "aten"
     assert amd.paths[torch.float32, False] == expected
-    for cpu, disabled in [(INTEL, set()), (ARM, set()), (AMD, {"onednn"})]:
+    for cpu, disabled in [(INTEL, set()), (AMD_AVX2, set()), (ARM, set()), (AMD, {"onednn"})]:
         plan = dispatch.choose(cpu, frozenset({"kernel"} | disabled), precision)
         assert (plan.sgemm, plan.paths[torch.float32, False]) == ("aten", "aten")
 
@@ -463,10 +465,11 @@ def test_f32_gemms_take_onednn_on_x86_cpus_not_intels(precision):
 @pytest.mark.skipif(not dispatch.onednn_sgemm(), reason="this PyTorch has no oneDNN linear op")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_onednn_sgemm_matches_float64_on_every_cpu(dtype, monkeypatch):
-    """The oneDNN engine as an AMD CPU with this machine's flags takes it, whatever the vendor
-    here: the "onednn" path and the widened pieces (3 rows per chunk, the last one short)."""
+    """The oneDNN engine as an AVX-512 AMD CPU takes it, whatever the CPU here: the "onednn"
+    path and the widened pieces (3 rows per chunk, the last one short)."""
     monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 96)
-    plan = dispatch.choose(dataclasses.replace(CPU, vendor="AuthenticAMD"), frozenset({"kernel"}))
+    amd = dataclasses.replace(CPU, vendor="AuthenticAMD", flags=CPU.flags | {"avx512f"})
+    plan = dispatch.choose(amd, frozenset({"kernel"}))
     monkeypatch.setattr(dispatch, "_plan", plan)
     w, _ = weights(dtype, 11, 96)
     bias, x = torch.randn(11), torch.randn(2, 150, 96)
