@@ -61,6 +61,16 @@ namespace {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
+// The data of `op`'s optional argument `name`, checked to be n contiguous float32 values
+// (scales, biases); nullptr without it.
+const float* float_values(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                          int64_t n) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, op, ": ",
+              name, " must be contiguous float32 [", n, "]");
+  return t->data_ptr<float>();
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // ---- AVX-512: 16 f32 lanes; int8 steps of 32 weights as one vector of 32 int16.
 using vf = __m512;
@@ -643,6 +653,26 @@ void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
   });
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The int16 step of a row of x for int8 weights on "amx-int8" and "int8-gemm": its largest |x|
+// / 32639 (X_INT16_LEVELS: the high int8 half stays within int8), at least the smallest normal
+// float; NaN if the row holds a NaN.
+inline float int16_step(const float* xr, int64_t K) {
+  __m512 largest = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + k);
+    largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float amax = _mm512_reduce_max_ps(largest);
+  bool has_nan = nan != 0;
+  for (; k < K; ++k) amax = std::max(amax, std::abs(xr[k])), has_nan |= std::isnan(xr[k]);
+  return has_nan ? NAN : std::max(amax / 32639.0f, std::numeric_limits<float>::min());
+}
+#endif
+
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1122,19 +1152,7 @@ void gemm_chunks_int8(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
     steps.assign((rows + 15) / 16 * 16, 0.0f);  // whole blocks: tile_products reads 16 at a time
     float* step = steps.data();  // not `steps` inside: each thread has its own thread_local
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* xr = xp + (m0 + r) * ldx;
-        __m512 largest = _mm512_setzero_ps();
-        __mmask16 nan = 0;
-        for (int64_t k = 0; k < K; k += 16) {
-          const __m512 v = _mm512_loadu_ps(xr + k);
-          largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
-          nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        }
-        step[r] = nan ? NAN
-                       : std::max(_mm512_reduce_max_ps(largest) / 32639.0f,  // X_INT16_LEVELS
-                                  std::numeric_limits<float>::min());
-      }
+      for (int64_t r = r0; r < r1; ++r) step[r] = int16_step(xp + (m0 + r) * ldx, K);
     });
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t width = std::min(kChunkK, K - k0);
@@ -1168,15 +1186,10 @@ TileWeights tile_weights(const char* op, const at::Tensor& w,
                     (w.scalar_type() == at::kChar || (bf16 && w.scalar_type() == at::kBFloat16)),
                 op, ": w must be ", bf16 ? "bf16 or int8" : "int8",
                 " [N, K] with unit column stride");
-    TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat &&
-                                       scale->is_contiguous() && scale->numel() == N),
-                op, ": scale must be float32 [N]");
   }
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                                    bias->numel() == N),
-              op, ": bias must be float32 [N]");
-  if (scale.has_value()) tw.scale = scale->data_ptr<float>();
-  if (bias.has_value()) tw.bias = bias->data_ptr<float>();
+  tw.scale = w.scalar_type() == at::kByte ? scale->data_ptr<float>()  // checked by int4_group
+                                          : float_values(op, "scale", scale, N);
+  tw.bias = float_values(op, "bias", bias, N);
   return tw;
 }
 
@@ -1300,23 +1313,12 @@ void int8_halves(const at::Tensor& x, at::Tensor halves, at::Tensor step) {
   at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * ldx;
-      __m512 largest = _mm512_setzero_ps();
-      __mmask16 nan = 0;
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        const __m512 v = _mm512_loadu_ps(xr + k);
-        largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      }
-      float amax = _mm512_reduce_max_ps(largest);
-      bool has_nan = nan != 0;
-      for (; k < K; ++k) amax = std::max(amax, std::abs(xr[k])), has_nan |= std::isnan(xr[k]);
-      const float st = has_nan ? NAN : std::max(amax / 32639.0f, std::numeric_limits<float>::min());
-      sp[r] = st;
+      const float st = sp[r] = int16_step(xr, K);
       int8_t* hi = hp + r * K;
       int8_t* lo = hp + (M + r) * K;
       const __m512 vst = _mm512_set1_ps(st);
-      for (k = 0; k + 16 <= K; k += 16) {
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
         const __m512i u = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(xr + k), vst));
         const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(128)), 8);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + k), _mm512_cvtepi32_epi8(h));
@@ -1345,13 +1347,7 @@ void int8_combine(const at::Tensor& sums, const at::Tensor& step,
               "int8_combine: sums must be contiguous int32 [2M, W]");
   TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.numel() == M,
               "int8_combine: step must be contiguous float32 [M]");
-  const float* scp = nullptr;
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
-                    scale->numel() == W,
-                "int8_combine: scale must be contiguous float32 [W]");
-    scp = scale->data_ptr<float>();
-  }
+  const float* scp = float_values("int8_combine", "scale", scale, W);
   const int32_t* hp = sums.data_ptr<int32_t>();
   const float* sp = step.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -1388,13 +1384,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "gemv: x and w must be contiguous");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  const float* s = nullptr;
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
-                    scale->numel() == N,
-                "gemv: scale must be float32 [N]");
-    s = scale->data_ptr<float>();
-  }
+  const float* s = float_values("gemv", "scale", scale, N);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
