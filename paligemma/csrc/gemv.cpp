@@ -395,7 +395,7 @@ inline void nibble_products(const vi* words, const int16_t* xq, int64_t K, vi (&
 // The f32 side of `dot_rows_int4`: per group g, y[i, r] += scale[r, g] * xscale[i, g] *
 // sum_lanes(sum[i][r]) + offset[r, g] * xsum[i, g], with (scale, offset) = s[r, g, :].
 // One f32 vector per (x row, weight row), each int32 lane converted and scaled on its own.
-template <int XR, int NR, bool paired = false>
+template <int XR, int NR, bool tree = false>
 struct Int4Accumulators {
   vf acc[XR][NR];
   float offsets[XR][NR] = {};
@@ -421,56 +421,67 @@ struct Int4Accumulators {
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// Four weight rows on AVX-512: the group's sums of rows (0, 1) and of rows (2, 3) are first
-// paired into one vector each (lanes r0 r1 r0 r1 ..., each the sum of two int32 lanes: at most
-// 2 * 256 / 32 * 2 * 15 * 32767 < 2^24, so still converted exactly), which halves the
-// conversions and multiplies; the offsets go to one 4-lane vector per x row. At group 128 and
-// 4 rows of x the per-group work was half of the step's instructions: one decode step's int4
-// matrices 5-9% faster at batch 4; at one row of x it saves nothing, and is not used
-// (`benchmarks/decode_kernel.py`, RESULTS.md).
+// Four weight rows on AVX-512, 2 or 4 rows of x. A group's XR x 4 int32 sum vectors are added
+// across their lanes in one shuffle tree down to a single vector whose 128-bit lane j holds the
+// four weight rows' sums of x row j * XR / 4 (with 2 rows of x, a row's sums are split over two
+// lanes, added in `write`); it is converted once and scaled by one vector of scale[r, g] *
+// xscale[i, g], and the offsets added with another. At groups of 128 this per-group work was
+// about half of a step's instructions at 4 rows of x: the tree (9 integer ops per x row, 9 more
+// to merge 4 of them) replaces the 2 conversions and 2 multiplies per x row of scaling row pairs,
+// and its one f32 accumulator leaves the 16 int32 sums their registers. One decode step's int4
+// matrices at batch 4: 0.86-0.97x the time of scaling row pairs (`benchmarks/decode_kernel.py`,
+// RESULTS.md). At one row of x the conversions it saves are few, and it is not used.
 template <int XR>
 struct Int4Accumulators<XR, 4, true> {
-  __m512 pairs[XR][2];  // rows (0, 1) and (2, 3)
-  __m128 offsets[XR];
+  static_assert(XR == 2 || XR == 4, "one x row keeps the general accumulators");
+  __m512 acc = zero();
 
-  Int4Accumulators() {
-    for (int i = 0; i < XR; ++i) {
-      pairs[i][0] = pairs[i][1] = zero();
-      offsets[i] = _mm_setzero_ps();
-    }
+  // (a0 + a2, b0 + b2, a1 + a3, b1 + b3) in every 128-bit lane.
+  static vi merge32(vi a, vi b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
   }
-  static __m512 repeat_pair(float a, float b) {  // a b a b ... (a in the low lane)
-    uint32_t ua, ub;
-    std::memcpy(&ua, &a, 4), std::memcpy(&ub, &b, 4);
-    return _mm512_castsi512_ps(_mm512_set1_epi64(static_cast<int64_t>(uint64_t{ub} << 32 | ua)));
+  // 128-bit lanes (a0 + a1, a2 + a3, b0 + b1, b2 + b3).
+  static vi merge128(vi a, vi b) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+  }
+  // (v0, v1, v2, v3) -> v_j in every float of 128-bit lane j.
+  static __m512 spread(const float* v) {
+    const __m512i lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(lane, _mm512_castps128_ps512(_mm_load_ps(v)));
   }
   void add(const vi (&sum)[XR][4], const float* s, int64_t groups, int64_t g,
            const float* xscale, const float* xsum) {
-    const float* sg[4];
-    for (int r = 0; r < 4; ++r) sg[r] = s + (r * groups + g) * 2;  // (scale, offset)
-    const __m512 scales[2] = {repeat_pair(sg[0][0], sg[1][0]), repeat_pair(sg[2][0], sg[3][0])};
-    const __m128 offset = _mm_setr_ps(sg[0][1], sg[1][1], sg[2][1], sg[3][1]);
+    vi rows[XR];  // x row i: weight rows 0..3 in every 128-bit lane, each lane a partial sum
     for (int i = 0; i < XR; ++i) {
-      const __m512 xs = set1(xscale[i]);
-      for (int h = 0; h < 2; ++h) {
-        const vi a = sum[i][2 * h], b = sum[i][2 * h + 1];
-        const vi paired = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b),
-                                           _mm512_unpackhi_epi32(a, b));
-        pairs[i][h] = fmadd(to_float(paired), _mm512_mul_ps(scales[h], xs), pairs[i][h]);
-      }
-      offsets[i] = _mm_fmadd_ps(offset, _mm_set1_ps(xsum[i]), offsets[i]);
+      const vi u01 = merge32(sum[i][0], sum[i][1]), u23 = merge32(sum[i][2], sum[i][3]);
+      rows[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(u01, u23),
+                                 _mm512_unpackhi_epi64(u01, u23));
     }
-  }
-  static __m128 pair_totals(__m512 v) {  // lanes r0 r1 r0 r1 ... -> (r0, r1, r0, r1) summed
-    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), high);
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    return _mm_add_ps(q, _mm_movehl_ps(q, q));  // (r0, r1) in the low two lanes
+    const vi total = XR == 2 ? merge128(rows[0], rows[1])
+                             : merge128(merge128(rows[0], rows[1]), merge128(rows[2], rows[3]));
+    // (scale, offset) pairs of weight rows 0..3 -> (s0 s1 s2 s3), (o0 o1 o2 o3)
+    auto pair = [&](int r) {
+      return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + (r * groups + g) * 2)));
+    };
+    const __m128 so01 = _mm_movelh_ps(pair(0), pair(1)), so23 = _mm_movelh_ps(pair(2), pair(3));
+    const __m512 scale = _mm512_broadcast_f32x4(_mm_shuffle_ps(so01, so23, _MM_SHUFFLE(2, 0, 2, 0)));
+    const __m512 offset = _mm512_broadcast_f32x4(_mm_shuffle_ps(so01, so23, _MM_SHUFFLE(3, 1, 3, 1)));
+    // per 128-bit lane its x row's scale, and its x row's sum in the row's first lane only
+    alignas(16) float lane_scale[4], lane_sum[4];
+    for (int j = 0; j < 4; ++j) {
+      lane_scale[j] = xscale[j * XR / 4];
+      lane_sum[j] = j % (4 / XR) == 0 ? xsum[j * XR / 4] : 0.0f;
+    }
+    acc = fmadd(to_float(total), _mm512_mul_ps(scale, spread(lane_scale)), acc);
+    acc = fmadd(offset, spread(lane_sum), acc);
   }
   void write(float* y, int64_t N) const {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc);
     for (int i = 0; i < XR; ++i) {
-      const __m128 totals = _mm_movelh_ps(pair_totals(pairs[i][0]), pair_totals(pairs[i][1]));
-      _mm_storeu_ps(y + i * N, _mm_add_ps(totals, offsets[i]));
+      __m128 row = _mm_load_ps(lanes + 16 / XR * i);
+      if (XR == 2) row = _mm_add_ps(row, _mm_load_ps(lanes + 16 / XR * i + 4));
+      _mm_storeu_ps(y + i * N, row);
     }
   }
 };
