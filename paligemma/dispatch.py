@@ -47,28 +47,30 @@ sgemm on widened weights ("widen") ties or beats the kernel's int16 products for
 two threads on that Xeon; oneDNN's int8 GEMM on the two halves of int16-rounded x beats both
 ("int8-gemm").
 
-Faster prefill at lower precision, on request: `torch.set_float32_matmul_precision("medium")`
-(the CLI's `--matmul-precision medium`, `set_matmul_precision`) lets the GEMMs of many rows
-round their inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or AVX512-BF16):
-bf16, f16 and int8 weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model
-computes its matmuls: inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one
-AMX Xeon; int8 weights: a little faster than "int8-gemm", vision tower 583-602 vs 644-733 ms;
-without the AMX build packed int4 weights too, dequantized and rounded to bf16 a few MB at a time
-as f32 weights are: prefill 2.3-2.5 s against 3.9-5.0 widened on an AVX-512 AMD EPYC), except
-that with the AMX build int8 and packed int4 weights keep "amx-int8" (9.5 vs 11.5 ms for int8
-at 262 x 2048 x 16384 against one bf16 part, 16.0 vs 17.4 ms for int4; the whole int8 model
-at medium was slower than at the default, vision 1.22-1.44 vs 1.16-1.30 of transformers' time:
-benchmarks/RESULTS.md), or, where that is switched off, "amx-gemm-bf16" (the same numerics as
-"bf16-gemm"; the codes are converted inside the GEMM instead of a few MB at a time before it: 11
-vs 22 ms for int8, 18 vs 74 ms for int4, which otherwise widens; `benchmarks/bf16_matmul.py`), and
-float32 weights stay on `F.linear` ("aten"), which PyTorch then runs with bf16 inputs and
-float32 output on AMX CPUs (elsewhere it stays within 4e-5 of float32 on sums of 256 terms of
-size 1, and still ran 2x faster than MKL's sgemm on an AVX-512 AMD EPYC). Between the
-projections of a block (the vision tower's attention and MLP, the Gemma MLP) activations then
-stay bf16 (`layers.matmul_dtype`: GELU and vision attention in bf16, no widening and rounding
-again at the next GEMM). Decode steps keep the float32 kernel
-(bandwidth-bound: rounding would buy nothing); norms, the residual stream and the decoder's
-attention stay float32. The default, "highest", is big_vision's numerics.
+Faster prefill at lower precision, on request: `torch.set_float32_matmul_precision("medium")` (the
+CLI's `--matmul-precision medium`, `set_matmul_precision`) lets the GEMMs of many rows round their
+inputs to bf16, on CPUs with native bf16 dot products (AMX-BF16 or AVX512-BF16): bf16, f16 and int8
+weights take "bf16-gemm" (oneDNN's bf16 GEMM, as transformers' bf16 model computes its matmuls:
+inputs and outputs bf16, f32 accumulation; 3-5x faster than "widen" on one AMX Xeon; int8 weights
+where that GEMM runs on AMX tiles: a little faster than "int8-gemm", vision tower 583-602 vs
+644-733 ms; with AVX512-BF16 and VNNI only they keep "int8-gemm": on an AVX-512 AMD EPYC it was the
+faster one, vision 425 vs 477 ms, prefill 2.14 vs 2.41 s, and it is exact on 16-bit steps of x;
+without the AMX build packed int4 weights take "bf16-gemm" too, dequantized and rounded to bf16 a
+few MB at a time as f32 weights are: prefill 2.3-2.5 s against 3.9-5.0 widened on an AVX-512 AMD
+EPYC), except that with the AMX build int8 and packed int4 weights keep "amx-int8" (9.5 vs 11.5 ms
+for int8 at 262 x 2048 x 16384 against one bf16 part, 16.0 vs 17.4 ms for int4; the whole int8
+model at medium was slower than at the default, vision 1.22-1.44 vs 1.16-1.30 of transformers'
+time: benchmarks/RESULTS.md), or, where that is switched off, "amx-gemm-bf16" (the same numerics as
+"bf16-gemm"; the codes are converted inside the GEMM instead of a few MB at a time before it: 11 vs
+22 ms for int8, 18 vs 74 ms for int4, which otherwise widens; `benchmarks/bf16_matmul.py`), and
+float32 weights stay on `F.linear` ("aten"), which PyTorch then runs with bf16 inputs and float32
+output on AMX CPUs (elsewhere it stays within 4e-5 of float32 on sums of 256 terms of size 1, and
+still ran 2x faster than MKL's sgemm on an AVX-512 AMD EPYC). Between the projections of a block
+(the vision tower's attention and MLP, the Gemma MLP) activations then stay bf16
+(`layers.matmul_dtype`: GELU and vision attention in bf16, no widening and rounding again at the
+next GEMM). Decode steps keep the float32 kernel (bandwidth-bound: rounding would buy nothing);
+norms, the residual stream and the decoder's attention stay float32. The default, "highest", is
+big_vision's numerics.
 
 In between, "high" (`--matmul-precision high`; PyTorch's name for "each float32 as the sum of
 two bfloat16"): "amx-gemm" splits x into two bf16 parts instead of three, about 16 significant
@@ -237,8 +239,13 @@ def choose(cpu: Cpu, disabled: frozenset[str], precision: str = "highest") -> Pl
             paths[torch.uint8, False] = "amx-int8"
     if precision == "medium" and cpu.native_bf16:
         paths[torch.bfloat16, False] = paths[torch.float16, False] = "bf16-gemm"
-        if kernel != "amx":  # int8 too: 5-20% faster than "int8-gemm"; and int4 (else widened)
-            paths[torch.int8, False] = paths[torch.uint8, False] = "bf16-gemm"
+        if kernel != "amx":
+            paths[torch.uint8, False] = "bf16-gemm"  # int4: else widened to f32
+            # int8 too where oneDNN's bf16 GEMM runs on AMX tiles (5-20% faster than its int8
+            # GEMM there); with AVX512-BF16 and VNNI only, "int8-gemm" was 11% faster (and
+            # exact on 16-bit steps of x), so int8 keeps it (benchmarks/RESULTS.md)
+            if paths[torch.int8, False] != "int8-gemm" or "amx_bf16" in cpu.flags:
+                paths[torch.int8, False] = "bf16-gemm"
         elif paths[torch.int8, False] != "amx-int8":  # codes converted in the tiles' loop
             paths[torch.int8, False] = paths[torch.uint8, False] = "amx-gemm-bf16"
         # else int8 and int4 keep "amx-int8": at least as fast as one bf16 part, and exact

@@ -80,6 +80,9 @@ AMX = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "amx_bf16"}), "AV
 AMX_INT8 = dispatch.Cpu("a Xeon", AMX.flags | {"amx_int8"}, "AVX2")
 VNNI = dispatch.Cpu("a Xeon", frozenset({"avx2", "fma", "f16c", "avx512_vnni"}), "AVX2")
 NO_BF16 = dispatch.Cpu("an EPYC", frozenset({"avx2", "fma", "f16c"}), "AVX2", "AuthenticAMD")
+# AVX512-BF16 and VNNI, no AMX (an AMD EPYC Zen 5)
+BF16_VNNI = dispatch.Cpu("an EPYC", NO_BF16.flags | {"avx512_bf16", "avx512_vnni"}, "AVX2",
+                         "AuthenticAMD")
 
 INT8_STEP = {"amx": 64, "avx512": 64, "avx2": 32}  # int8 weights per step (csrc/gemv.cpp)
 
@@ -196,16 +199,18 @@ def test_int8_gemm_ops_of_the_kernel_are_the_pytorch_ops_bit_for_bit(k, monkeypa
         assert fused[6].isnan().all()
 
 
-@pytest.mark.parametrize("cpu", [AMX_INT8, VNNI, AMX], ids=["amx-int8-bf16", "vnni", "amx-bf16"])
+@pytest.mark.parametrize("cpu", [AMX_INT8, VNNI, AMX, BF16_VNNI],
+                         ids=["amx-int8-bf16", "vnni", "amx-bf16", "avx512-bf16-vnni"])
 @pytest.mark.parametrize("matmul_precision", ["highest", "medium"])
 def test_int8_weights_take_the_int8_gemm_only_with_int8_dot_products(cpu, matmul_precision):
-    """...except at medium on CPUs with native bf16, where the bf16 GEMM is a little faster."""
+    """...except at medium where oneDNN's bf16 GEMM runs on AMX tiles (a little faster there);
+    with AVX512-BF16 and VNNI only the int8 GEMM was the faster one, and stays."""
     plan = dispatch.choose(cpu, frozenset({"kernel"}), matmul_precision)
     off = dispatch.choose(cpu, frozenset({"kernel", "int8-gemm"}), matmul_precision)
-    bf16_gemm = matmul_precision == "medium" and cpu.native_bf16
-    without = "bf16-gemm" if bf16_gemm else "widen"
-    assert plan.paths[torch.int8, False] == ("int8-gemm" if cpu.native_int8 and not bf16_gemm
-                                             else without)
+    medium_bf16 = matmul_precision == "medium" and cpu.native_bf16
+    without = "bf16-gemm" if medium_bf16 else "widen"
+    int8_gemm = cpu.native_int8 and not (medium_bf16 and "amx_bf16" in cpu.flags)
+    assert plan.paths[torch.int8, False] == ("int8-gemm" if int8_gemm else without)
     assert off.paths[torch.int8, False] == without
     assert plan.paths[torch.int8, True] == off.paths[torch.int8, True] == "widen"  # decode
 
@@ -545,15 +550,17 @@ def precision():
 
 
 
-@pytest.mark.parametrize("cpu", [AMX, NO_BF16], ids=["native-bf16", "no-bf16"])
+@pytest.mark.parametrize("cpu", [AMX, BF16_VNNI, NO_BF16],
+                         ids=["amx-bf16", "avx512-bf16-vnni", "no-bf16"])
 def test_medium_precision_takes_the_bf16_gemm_only_with_native_bf16(cpu):
     highest = dispatch.choose(cpu, frozenset({"kernel"}), "highest")
     medium = dispatch.choose(cpu, frozenset({"kernel"}), "medium")
     assert medium.precision == "medium" and medium.describe()["precision"] == "medium"
     changed = {key: path for key, path in medium.paths.items() if path != highest.paths[key]}
-    expected = {(dtype, False): "bf16-gemm"  # no AMX build here: packed int4 too
-                for dtype in (torch.bfloat16, torch.float16, torch.int8, torch.uint8)
-                } if cpu.native_bf16 else {}
+    moved = (torch.bfloat16, torch.float16, torch.uint8)  # no AMX build here: packed int4 too
+    if not cpu.native_int8:  # int8 was widened; with VNNI it keeps the int8 GEMM
+        moved += (torch.int8,)
+    expected = {(dtype, False): "bf16-gemm" for dtype in moved} if cpu.native_bf16 else {}
     if highest.paths[torch.float32, False] == "onednn":  # F.linear, which rounds at medium
         expected[torch.float32, False] = "aten"
     assert changed == expected
@@ -607,13 +614,14 @@ def test_high_precision_takes_x_in_two_bf16_parts(precision):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, precision):
     """At many rows, medium = an f32-accumulated product of the bf16-rounded x and weights
-    (float32 weights: an f32 output; bf16 / int8 weights: a bf16 output, then the int8 scale); at
-    few rows (decode) nothing changes."""
+    (float32 weights: an f32 output; bf16 / int8 weights: a bf16 output, then the int8 scale),
+    unless int8 weights keep their int8 GEMM (`dispatch.choose`); at few rows (decode) nothing
+    changes."""
     w, scale = weights(dtype, 64, 256)
     x = torch.randn(40, 256)
     exact = linear(x, w, None, scale)
     assert dispatch.set_matmul_precision("medium") == "medium"
-    if dispatch.plan().paths[dtype, False] == "amx-int8":  # kept: as fast, and exact
+    if dispatch.plan().paths[dtype, False] in ("amx-int8", "int8-gemm"):  # kept: faster, exact
         assert torch.equal(linear(x, w, None, scale), exact)
         return
     # f32 weights are rounded; bf16 ones are already; int8 values are exact in bf16.
