@@ -426,11 +426,13 @@ struct Int4Accumulators {
 // four weight rows' sums of x row j * XR / 4 (with 2 rows of x, a row's sums are split over two
 // lanes, added in `write`); it is converted once and scaled by one vector of scale[r, g] *
 // xscale[i, g], and the offsets added with another. At groups of 128 this per-group work was
-// about half of a step's instructions at 4 rows of x: the tree (9 integer ops per x row, 9 more
-// to merge 4 of them) replaces the 2 conversions and 2 multiplies per x row of scaling row pairs,
-// and its one f32 accumulator leaves the 16 int32 sums their registers. One decode step's int4
-// matrices at batch 4: 0.86-0.97x the time of scaling row pairs (`benchmarks/decode_kernel.py`,
-// RESULTS.md). At one row of x the conversions it saves are few, and it is not used.
+// about half of a step's instructions at 4 rows of x: the tree (9 integer ops per x row, 3 or 9
+// more to merge 2 or 4 rows) replaces the 2 conversions and 2 multiplies per x row of scaling row
+// pairs, and its one f32 accumulator leaves the 16 int32 sums their registers. One decode step's
+// int4 matrices at batch 4: 0.86-0.99x the time of scaling row pairs (`benchmarks/
+// decode_kernel.py`, RESULTS.md). At one row of x the conversions it saves are few, and it is not
+// used. The sums across lanes are still about a quarter of a step at 4 rows (skipping them took
+// 0.74-0.78x the time): only a layout with weight rows across the lanes would avoid them.
 template <int XR>
 struct Int4Accumulators<XR, 4, true> {
   static_assert(XR == 2 || XR == 4, "one x row keeps the general accumulators");
