@@ -424,15 +424,16 @@ struct Int4Accumulators {
 // Four weight rows on AVX-512, 2 or 4 rows of x. A group's XR x 4 int32 sum vectors are added
 // across their lanes in one shuffle tree down to a single vector whose 128-bit lane j holds the
 // four weight rows' sums of x row j * XR / 4 (with 2 rows of x, a row's sums are split over two
-// lanes, added in `write`); it is converted once and scaled by one vector of scale[r, g] *
-// xscale[i, g], and the offsets added with another. At groups of 128 this per-group work was
-// about half of a step's instructions at 4 rows of x: the tree (9 integer ops per x row, 3 or 9
-// more to merge 2 or 4 rows) replaces the 2 conversions and 2 multiplies per x row of scaling row
-// pairs, and its one f32 accumulator leaves the 16 int32 sums their registers. One decode step's
-// int4 matrices at batch 4: 0.86-0.99x the time of scaling row pairs (`benchmarks/
-// decode_kernel.py`, RESULTS.md). At one row of x the conversions it saves are few, and it is not
-// used. The sums across lanes are still about a quarter of a step at 4 rows (skipping them took
-// 0.74-0.78x the time): only a layout with weight rows across the lanes would avoid them.
+// lanes, added in `write`); it is converted once (a sum of at most G * 15 * 32767 < 2^31, so
+// rounded to f32 only above 2^24: far below x's int16 steps) and scaled by one vector of
+// scale[r, g] * xscale[i, g], and the offsets added with another. At groups of 128 this per-group
+// work was about half of a step's instructions at 4 rows of x: the tree (9 integer ops per x row, 3
+// or 9 more to merge 2 or 4 rows) replaces the 2 conversions and 2 multiplies per x row of scaling
+// row pairs, and its one f32 accumulator leaves the 16 int32 sums their registers. One decode
+// step's int4 matrices at batch 4: 0.86-0.99x the time of scaling row pairs
+// (`benchmarks/decode_kernel.py`, RESULTS.md). At one row of x the conversions it saves are few,
+// and it is not used. The sums across lanes are still about a quarter of a step at 4 rows (skipping
+// them took 0.74-0.78x the time): only a layout with weight rows across the lanes would avoid them.
 template <int XR>
 struct Int4Accumulators<XR, 4, true> {
   static_assert(XR == 2 || XR == 4, "one x row keeps the general accumulators");
@@ -463,11 +464,13 @@ struct Int4Accumulators<XR, 4, true> {
                              : merge128(merge128(rows[0], rows[1]), merge128(rows[2], rows[3]));
     // (scale, offset) pairs of weight rows 0..3 -> (s0 s1 s2 s3), (o0 o1 o2 o3)
     auto pair = [&](int r) {
-      return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + (r * groups + g) * 2)));
+      const float* so = s + (r * groups + g) * 2;
+      return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(so)));
     };
     const __m128 so01 = _mm_movelh_ps(pair(0), pair(1)), so23 = _mm_movelh_ps(pair(2), pair(3));
-    const __m512 scale = _mm512_broadcast_f32x4(_mm_shuffle_ps(so01, so23, _MM_SHUFFLE(2, 0, 2, 0)));
-    const __m512 offset = _mm512_broadcast_f32x4(_mm_shuffle_ps(so01, so23, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m128 scale4 = _mm_shuffle_ps(so01, so23, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 offset4 = _mm_shuffle_ps(so01, so23, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512 scale = _mm512_broadcast_f32x4(scale4), offset = _mm512_broadcast_f32x4(offset4);
     // per 128-bit lane its x row's scale, and its x row's sum in the row's first lane only
     alignas(16) float lane_scale[4], lane_sum[4];
     for (int j = 0; j < 4; ++j) {
