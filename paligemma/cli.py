@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
             "vision matmuls as bf16 GEMMs (bf16 inputs and outputs, float32 sums) with bf16 "
             "activations inside each block, as transformers' bf16 model, on CPUs with native "
             "bf16 (AMX, AVX512-BF16): 3-5x faster prefill there (int8 and int4 weights keep "
-            "their AMX int8 tiles; ignored, with a warning, on other CPUs)")
+            "their AMX int8 tiles, and int8 weights oneDNN's int8 GEMM on CPUs with VNNI but no "
+            "AMX; ignored, with a warning, on other CPUs)")
     return parser
 
 
