@@ -37,7 +37,8 @@ def aten_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed, scale = int4.quantize_int4(w, GROUP)
     codes = int4.unpack(packed).to(torch.int32)
     aten = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    s, offset = scale[..., 0], scale[..., 1]
+    by_row = int4.row_scales(scale)
+    s, offset = by_row[..., 0], by_row[..., 1]
     return aten, torch.stack([s, offset + 8 * s], -1).transpose(0, 1).contiguous()
 
 

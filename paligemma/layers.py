@@ -223,6 +223,8 @@ def _bf16_mm(
     # int4 pieces pass through f32 (dequantized) on their way: CHUNK_BYTES of them stay in cache
     # (16384 x 2048 at 262 rows on an AMD EPYC: 29 ms, 43 ms with 16 MB pieces; bf16: 24 ms)
     step = max(1, CHUNK_BYTES // (4 * k) if packed else BF16_CHUNK_BYTES // (2 * k))
+    if packed:  # whole blocks of rows (`int4`)
+        step = max(1, step // int4.BLOCK_ROWS) * int4.BLOCK_ROWS
     buf = x.new_empty(min(step, n), k)  # reused: no fresh pages
     wide = x.new_empty(buf.shape, dtype=torch.float32) if packed else None
     for start in range(0, n, step):
@@ -270,16 +272,17 @@ def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def chunked_weight_mm(
-    x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor], None]
+    x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor], None], rows: int = 1
 ) -> torch.Tensor:
     """x [M, K] f32 @ W.T -> [M, N] for weights W [N, K] stored in another form (bf16, int8, packed
-    int4): `fill(start, stop, buf)` writes rows [start, stop) of W as float32 into buf.
+    int4): `fill(start, stop, buf)` writes rows [start, stop) of W as float32 into buf, `start`
+    a multiple of `rows` (packed int4: whole blocks).
 
     Widening the whole matrix at once would write and re-read 4 bytes per weight through main
     memory (and page-fault a fresh buffer); one cached chunk buffer keeps the GEMM compute-bound.
     """
     m, k = x.shape
-    step = max(1, CHUNK_BYTES // (4 * k))
+    step = max(1, CHUNK_BYTES // (4 * k) // rows) * rows
     out = x.new_empty(m, n)
     buf = x.new_empty(min(step, n), k)
     onednn = dispatch.plan().sgemm == "onednn"

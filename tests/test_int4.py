@@ -4,7 +4,7 @@ path (C++ kernel, dequantizing GEMM, PyTorch fallback) against a float64 referen
 import pytest
 import torch
 
-from paligemma import dispatch, int4
+from paligemma import dispatch, int4, layers
 from paligemma.demo.command import DEMO_MODEL
 from paligemma.formats import load_model, open_checkpoint
 from paligemma.layers import Embedding, Linear, dequantize, linear
@@ -26,15 +26,49 @@ def path(request, monkeypatch):
     dispatch.replan()
 
 
-def test_layout_is_q4_0_order():
-    codes = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)  # two runs of 32
+def test_layout_puts_the_words_of_16_rows_side_by_side():
+    seed = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (32, 24), dtype=torch.uint8, generator=seed)
     packed = int4.pack(codes)
-    for run in range(2):
-        for j in range(16):
-            byte = int(packed[0, run * 16 + j])
-            assert byte & 15 == int(codes[0, run * 32 + j])
-            assert byte >> 4 == int(codes[0, run * 32 + j + 16])
+    assert packed.shape == (32, 12)
+    flat = packed.view(-1)
+    for n in range(32):
+        block, r = divmod(n, 16)
+        for c in range(3):  # word c: columns 8c .. 8c + 7
+            for j in range(4):
+                byte = int(flat[block * 16 * 12 + 64 * c + 4 * r + j])
+                assert byte & 15 == int(codes[n, 8 * c + 2 * j])
+                assert byte >> 4 == int(codes[n, 8 * c + 2 * j + 1])
     assert torch.equal(int4.unpack(packed), codes)
+
+
+def test_scales_come_in_the_same_blocks():
+    by_row = torch.randn(32, 3, 2)
+    blocked = int4.block_scales(by_row).view(2, 3, 2, 16)  # [block, group, scale/offset, row]
+    for n in range(32):
+        for g in range(3):
+            for i in range(2):
+                assert blocked[n // 16, g, i, n % 16] == by_row[n, g, i]
+    assert torch.equal(int4.row_scales(int4.block_scales(by_row)), by_row)
+
+
+def test_rows_reads_single_rows_of_the_blocks():
+    packed, scale = int4.quantize_int4(torch.randn(48, 64), 32)
+    index = torch.tensor([0, 17, 47, 17, 5])
+    codes, pairs = int4.rows(packed, scale, index)
+    assert torch.equal(codes, int4.unpack(packed)[index])
+    assert torch.equal(pairs, int4.row_scales(scale)[index])
+
+
+def test_the_first_layout_converts_to_the_same_codes_and_scales():
+    seed = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8, generator=seed)
+    by_row = torch.rand(32, 2, 2)
+    runs = codes.view(32, 2, 2, 16)  # layout 1: per run of 32 columns, byte j = j | (j + 16) << 4
+    layout_1 = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(32, 32)
+    packed, scale = int4.from_layout_1(layout_1, by_row)
+    assert torch.equal(int4.unpack(packed), codes)
+    assert torch.equal(int4.row_scales(scale), by_row)
 
 
 @pytest.mark.parametrize("group", int4.GROUP_SIZES)
@@ -45,16 +79,16 @@ def test_quantization_error_is_half_a_step(group, path):
     packed, scale = int4.quantize_int4(w.bfloat16(), group)
     assert packed.shape == (48, 256) and scale.shape == (48, 512 // group, 2)
     restored = int4.dequantize(packed, scale)
-    step = scale[..., 0].repeat_interleave(group, 1)
+    step = int4.row_scales(scale)[..., 0].repeat_interleave(group, 1)
     assert ((restored - w.bfloat16().float()).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
     assert torch.equal(restored[0, :group], w[0, :group])
 
 
 def reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float64 x @ W.T, W dequantized from the codes independently of int4.dequantize."""
-    groups = scale.shape[1]
+    groups, by_row = scale.shape[1], int4.row_scales(scale).double()
     q = int4.unpack(packed).double().view(packed.shape[0], groups, -1)
-    w = (q * scale[..., :1].double() + scale[..., 1:].double()).view(packed.shape[0], -1)
+    w = (q * by_row[..., :1] + by_row[..., 1:]).view(packed.shape[0], -1)
     return x.double() @ w.T
 
 
@@ -72,6 +106,17 @@ def test_linear_matches_float64(rows, path):
     tolerance = 2e-4 if path == "kernel" and rounds_x else 2e-5
     assert y.dtype == torch.float32 and y.shape == (2, rows, 80)
     assert (y.double() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_dequantizing_gemm_takes_whole_blocks_across_pieces(path, monkeypatch):
+    """Pieces of 3 rows' worth of f32 are rounded up to one block of 16: 80 rows, 5 pieces."""
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 128)
+    torch.manual_seed(0)
+    packed, scale = int4.quantize_int4(torch.randn(80, 128), 32)
+    x = torch.randn(int4.GEMV_MAX_ROWS + 1, 128)
+    expected = reference(x, packed, scale)
+    error = (linear(x, packed, None, scale).double() - expected).abs().max()
+    assert error <= 2e-5 * expected.abs().max()
 
 
 def test_gradients_flow_through_the_dequantized_weights():
@@ -100,6 +145,13 @@ def test_widths_that_are_not_a_multiple_of_the_group_fall_back_to_int8():
     assert weight.dtype == torch.int8 and scale.shape == (16,)
     with pytest.raises(ValueError, match="group size"):
         quantize_weight(layer.weight.detach(), "int4", 48)
+
+
+def test_heights_that_are_not_whole_blocks_fall_back_to_int8():
+    weight, scale = quantize_weight(torch.randn(24, 64), "int4", 32)
+    assert weight.dtype == torch.int8 and scale.shape == (24,)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        int4.quantize_int4(torch.randn(24, 64), 32)
 
 
 def test_demo_model_int4_at_load_equals_quantizing_in_place():

@@ -117,18 +117,27 @@ def test_gemv_kernel_matches_float64(isa, dtype, k, m):
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
 def test_gemv_kernel_int4_matches_float64(isa, group, m):
-    """Packed int4 (6 rows: a block of 4 and a tail): the codes' products take x rounded to
-    int16 per group of G, the offsets' the group sums of x itself. Groups of whole nibble blocks
-    (64 columns on AVX2, 128 on AVX-512) take the nibble path, the others the widening one."""
-    w, scale = int4.quantize_int4(torch.randn(6, 2 * group) * torch.rand(6, 1), group)
+    """Packed int4 (3 blocks of 16 rows): the codes' products take x rounded to int16 per group
+    of G, the offsets' the group sums of x itself; x rows 4, 2 and 1 at a time (AVX2: 2, 1)."""
+    w, scale = int4.quantize_int4(torch.randn(48, 2 * group) * torch.rand(48, 1), group)
     x = torch.randn(m, 2 * group) * 3
-    codes = int4.unpack(w).double() * scale[..., 0].double().repeat_interleave(group, 1)
-    offsets = scale[..., 1].double()  # [6, 2]
+    by_row = int4.row_scales(scale).double()
+    codes = int4.unpack(w).double() * by_row[..., 0].repeat_interleave(group, 1)
+    offsets = by_row[..., 1]  # [48, 2]
     group_sums = x.double().view(m, 2, group).sum(-1)  # [m, 2]
     expected = int16_rounded(x, group, group).double() @ codes.T + group_sums @ offsets.T
     # atol: an x/step tie may round the other way (one int16 step of one element)
     torch.testing.assert_close(kernels.gemv(isa, x, w, scale), expected.float(), rtol=1e-5,
                                atol=2e-3)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_int4_kernels_refuse_rows_that_are_not_whole_blocks(isa):
+    w, scale = int4.quantize_int4(torch.randn(32, 64), 32)
+    with pytest.raises(RuntimeError, match="blocks of 16"):
+        kernels.gemv(isa, torch.randn(1, 64), w[:24], scale[:24])
+    with pytest.raises(RuntimeError, match="blocks of 16"):
+        kernels.dequantize_int4(isa, w[:24], scale[:24], torch.empty(24, 64))
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
@@ -138,13 +147,14 @@ def test_gemv_kernel_on_rows_shorter_than_a_page(isa, dtype, m):
     """Rows of 2 KB (bf16) and 1 KB (int8), K = 1024: the AVX-512 builds read 2 or 4 of them
     per stream (csrc/gemv.cpp `Rows`), so outputs and scales are taken that many rows apart; 75
     rows leave a partial run, a block of 4 and single rows at the end. int4 rows (512 B) are
-    never spread; they take the same shapes."""
+    never spread; they take 80 rows (whole blocks of 16)."""
     x = torch.randn(m, 1024)
     if dtype == torch.uint8:
-        w, scale = int4.quantize_int4(torch.randn(75, 1024), 128)
-        codes = int4.unpack(w).double() * scale[..., 0].double().repeat_interleave(128, 1)
+        w, scale = int4.quantize_int4(torch.randn(80, 1024), 128)
+        by_row = int4.row_scales(scale).double()
+        codes = int4.unpack(w).double() * by_row[..., 0].repeat_interleave(128, 1)
         expected = (int16_rounded(x, 128, 128).double() @ codes.T
-                    + x.double().view(m, 8, 128).sum(-1) @ scale[..., 1].double().T).float()
+                    + x.double().view(m, 8, 128).sum(-1) @ by_row[..., 1].T).float()
         atol = 2e-3
     else:
         w, scale = weights(dtype, 75, 1024)
@@ -283,21 +293,19 @@ def test_amx_int8_tiles_are_exact_on_x_rounded_to_int16_steps(m, k, n):
 @needs_amx
 @pytest.mark.parametrize("group", [64, 128, 256])
 @pytest.mark.parametrize("m", [1, 17, 300])
-@pytest.mark.parametrize("n", [16, 40])
+@pytest.mark.parametrize("n", [16, 48])
 def test_amx_int8_tiles_take_int4_groups(group, m, n):
     """Packed int4 on int8 tiles, 2304 columns (past the 2048-column chunk): per group, the
     exact products of the codes with x rounded to int16 steps per row, times the group's scale,
     plus its offset times the group's sum of x as it is."""
     w, scale = int4.quantize_int4(torch.randn(n, 2304) * torch.rand(n, 1), group)
     x = scaled_rows(m, 2304)
-    n_tiles = n // 16 * 16
-    codes = int4.unpack(w[:n_tiles]).double().view(n_tiles, -1, group)
-    s = scale[:n_tiles].double()
+    codes = int4.unpack(w).double().view(n, -1, group)
+    s = int4.row_scales(scale).double()
     rounded = int16_rounded_rows(x).double().view(m, -1, group)
     expected = (torch.einsum("mgk,ngk,ng->mn", rounded, codes, s[..., 0])
-                + torch.einsum("mgk,ng->mn", x.double().view(m, -1, group), s[..., 1]))
-    expected = torch.cat([expected.float(), reference(x, w[n_tiles:], scale[n_tiles:])], 1)
-    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+                + torch.einsum("mgk,ng->mn", x.double().view(m, -1, group), s[..., 1])).float()
+    row_scale = x.abs().amax(1, keepdim=True) * s[..., 0].abs().max().float() * 15
     torch.testing.assert_close(layers._amx_mm(x, w, scale, int8_tiles=True) / row_scale,
                                expected / row_scale, rtol=1e-5, atol=1.5e-5)
 
@@ -310,7 +318,7 @@ def test_int4_groups_of_32_leave_the_int8_tiles_for_three_bf16_parts(replan):
     w, scale = int4.quantize_int4(torch.randn(32, 256), 32)
     x = scaled_rows(20, 256)
     expected = (x.double() @ int4.dequantize(w, scale, torch.float64).T).float()
-    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    row_scale = x.abs().amax(1, keepdim=True) * int4.row_scales(scale)[..., 0].abs().max() * 15
     torch.testing.assert_close(linear(x, w, None, scale) / row_scale, expected / row_scale,
                                rtol=1e-5, atol=1e-6)
 
@@ -336,11 +344,11 @@ def test_int4_groups_of_32_at_medium_meet_one_bf16_part_of_x(replan, precision):
     w, scale = int4.quantize_int4(torch.randn(32, 256), 32)
     x = scaled_rows(20, 256)
     codes = int4.unpack(w).double().view(32, -1, 32)
-    s = scale.double()
+    s = int4.row_scales(scale).double()
     expected = (torch.einsum("mgk,ngk,ng->mn", x.bfloat16().double().view(20, -1, 32), codes,
                              s[..., 0])
                 + torch.einsum("mgk,ng->mn", x.double().view(20, -1, 32), s[..., 1])).float()
-    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    row_scale = x.abs().amax(1, keepdim=True) * int4.row_scales(scale)[..., 0].abs().max() * 15
     y = linear(x, w, None, scale)
     torch.testing.assert_close(y / row_scale, expected / row_scale, rtol=1e-5, atol=1e-6)
     assert y.dtype == torch.float32
@@ -360,7 +368,7 @@ def test_amx_int8_tiles_keep_a_nan_in_its_row():
 @needs_amx
 @pytest.mark.parametrize("group", [32, 128, 256])
 @pytest.mark.parametrize("m", [1, 17, 300])
-@pytest.mark.parametrize("n", [16, 40])
+@pytest.mark.parametrize("n", [16, 48])
 def test_amx_gemm_int4_matches_float64(group, m, n):
     """Packed int4 on AMX tiles, 2304 columns (past the 2048-column chunk): each group's exact
     products with the codes, scaled, plus the offset times the group's sum of x, against the
@@ -368,7 +376,7 @@ def test_amx_gemm_int4_matches_float64(group, m, n):
     w, scale = int4.quantize_int4(torch.randn(n, 2304) * torch.rand(n, 1), group)
     x = scaled_rows(m, 2304)
     expected = (x.double() @ int4.dequantize(w, scale, torch.float64).T).float()
-    row_scale = x.abs().amax(1, keepdim=True) * scale[..., 0].abs().max() * 15
+    row_scale = x.abs().amax(1, keepdim=True) * int4.row_scales(scale)[..., 0].abs().max() * 15
     torch.testing.assert_close(layers._amx_mm(x, w, scale) / row_scale, expected / row_scale,
                                rtol=1e-5, atol=1.5e-5)
 
@@ -431,10 +439,10 @@ def test_an_amx_build_the_os_refuses_falls_back_to_avx512(monkeypatch):
 @pytest.mark.parametrize("group", int4.GROUP_SIZES)
 def test_int4_dequantize_kernel_is_exact(isa, group):
     """q * scale + offset of every packed column, on each build (the many-row GEMM's widening)."""
-    w, scale = int4.quantize_int4(torch.randn(5, 4 * group) * torch.rand(5, 1), group)
-    codes, s = int4.unpack(w).double().view(5, 4, group), scale.double()
-    expected = (codes * s[..., :1] + s[..., 1:]).view(5, -1).float()  # one rounding, as an FMA
-    out = torch.empty(5, 4 * group)
+    w, scale = int4.quantize_int4(torch.randn(32, 4 * group) * torch.rand(32, 1), group)
+    codes, s = int4.unpack(w).double().view(32, 4, group), int4.row_scales(scale).double()
+    expected = (codes * s[..., :1] + s[..., 1:]).view(32, -1).float()  # one rounding, as an FMA
+    out = torch.empty(32, 4 * group)
     kernels.dequantize_int4(isa, w, scale, out)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
@@ -645,7 +653,8 @@ def test_medium_precision_rounds_the_inputs_of_many_row_matmuls_to_bf16(dtype, p
 @pytest.mark.skipif(not CPU.native_bf16, reason="needs native bf16 dot products (AMX/AVX512-BF16)")
 def test_medium_precision_takes_int4_weights_dequantized_to_bf16(precision, monkeypatch):
     """Without the AMX build ("bf16-gemm"): the bf16-rounded x times the dequantized int4
-    weights rounded to bf16, f32 sums, one rounding of the output; pieces of 3 weight rows."""
+    weights rounded to bf16, f32 sums, one rounding of the output; pieces of 3 weight rows,
+    rounded up to a block of 16."""
     monkeypatch.setattr(layers, "CHUNK_BYTES", 3 * 4 * 256)
     w, scale = int4.quantize_int4(torch.randn(64, 256), 128)
     x, bias = torch.randn(40, 256), torch.randn(64)

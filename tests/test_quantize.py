@@ -1,4 +1,5 @@
-"""int8 loading paths and the `--quantize` CLI flag (numerics: tests/test_perf_paths.py)."""
+"""int8 loading paths, the quantization record and the `--quantize` CLI flag (numerics:
+tests/test_perf_paths.py)."""
 
 import gc
 from pathlib import Path
@@ -8,10 +9,11 @@ import pytest
 import torch
 from test_api import cat_image, tiny_checkpoint
 
+from paligemma import int4
 from paligemma.cli import main
 from paligemma.formats import load_pretrained
 from paligemma.layers import Linear
-from paligemma.quantize import quantize_
+from paligemma.quantize import Quantization, quantize_
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-linear"])
@@ -61,3 +63,38 @@ def test_cli_quantize_flag(capsys, tmp_path):
                  "--max-new-tokens", "3"])
     out, err = capsys.readouterr()
     assert code == 0 and err == "" and out.startswith(f"{image}:")
+
+
+def test_the_record_carries_the_int4_layout():
+    assert int4.LAYOUT == 2
+    new = Quantization("int4", 32)
+    assert new.int4_layout == int4.LAYOUT
+    assert new.to_dict() == {"mode": "int4", "group_size": 32, "int4_layout": 2}
+    assert Quantization.from_dict(new.to_dict()) == new
+    # Checkpoints written before the layout was recorded are layout 1.
+    old = Quantization.from_dict({"mode": "int4-linear", "group_size": 64})
+    assert old == Quantization("int4-linear", 64, int4_layout=1)
+    assert old.to_dict() == {"mode": "int4-linear", "group_size": 64, "int4_layout": 1}
+    assert Quantization("int8").to_dict() == {"mode": "int8"}  # int8 has no layout to record
+
+
+@pytest.mark.parametrize(("record", "says"), [
+    ({"mode": "int4", "group_size": 32, "int4_layout": 3},
+     r"int4_layout must be one of \(1, 2\), got 3"),
+    ({"mode": "int4", "group_size": 32, "int4_layout": 0}, "int4_layout must be one of"),
+    ({"mode": "int4", "group_size": 32, "int4_layout": "2"},
+     r"int4_layout must be one of \(1, 2\), got '2'"),
+    ({"mode": "int4", "group_size": 32, "int4_layout": True}, "int4_layout must be one of"),
+    ({"mode": "int4", "group_size": 32, "int4_layout": None}, "int4_layout must be one of"),
+    ({"mode": "int8", "int4_layout": 2}, "int4_layout is for int4 modes, not int8"),
+    ({"mode": "int8-linear", "int4_layout": 1}, "int4_layout is for int4 modes, not int8-linear"),
+    ({"mode": "int4", "group_size": 32, "layout": 2}, "expected"),
+])
+def test_a_bad_int4_layout_is_refused(record, says):
+    with pytest.raises(ValueError, match=says):
+        Quantization.from_dict(record)
+
+
+def test_quantization_refuses_an_unknown_int4_layout():
+    with pytest.raises(ValueError, match=r"int4_layout must be one of \(1, 2\), got 3"):
+        Quantization("int4", 128, 3)

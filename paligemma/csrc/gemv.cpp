@@ -17,10 +17,10 @@
 // error <= 2^-16 of the group's largest |x|, far below the int8 weights' own rounding); each
 // group's int32 sums are scaled back and accumulated in f32.
 //
-// Packed int4 weights (uint8 [N, K / 2], `paligemma/int4.py`'s layout: per run of 32 columns, byte
-// j holds column j in its low nibble and column j + 16 in its high one; w = q * scale + offset
-// per group of G columns) take the int8 path's int16 products on their codes q in [0, 15], x
-// rounded per group of G; per group
+// Packed int4 weights (uint8 [N, K / 2] in `paligemma/int4.py`'s blocks of 16 rows whose 4-byte
+// words alternate; w = q * scale + offset per group of G columns) take the int8 path's int16
+// products on their codes q in [0, 15], 16 weight rows across the lanes, x rounded per group of
+// G; per group
 //   y[n] += scale[n, g] * xscale[g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k x[k],
 // the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
 // float32 for the GEMM of many rows.
@@ -115,27 +115,15 @@ inline vf clamp(vf v, float lo, float hi) {
   return _mm512_min_ps(_mm512_max_ps(v, set1(lo)), set1(hi));
 }
 inline vf times_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
-// kI16Lanes int16 -> two vectors of f32: the low half, then the high half.
-inline void i16_to_float(vi v, vf* out) {
-  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
-}
-// 16 packed bytes = 32 int4 columns in order (low nibbles 0..15, high 16..31) -> 32 int16.
-constexpr int kI4Vectors = 1;
-inline void widen_i4(const uint8_t* p, vi* out) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  out[0] = _mm512_cvtepu8_epi16(
-      _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)));
+inline vi set1_i32(int32_t v) { return _mm512_set1_epi32(v); }
+inline vf widen_u8(const uint8_t* p) {  // kLanes bytes -> f32
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
 }
 constexpr int kI16Lanes = 32;
 constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
-// x rows up to which int4 takes the nibble path (x blocks are 1, 2 or 4 rows): at 1 it is 12-16%
-// faster than widening; at 4, once the weight stream was prefetched across row blocks
-// (`prefetch_ahead`), 13% (one decode step's matrices of the 3B model; benchmarks/RESULTS.md)
-constexpr int kNibbleMaxXRows = 4;
-// Software prefetch distance along the weight stream (bytes), for float and int8 weights.
-constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048;
+// Software prefetch distance along the weight stream (bytes), for float, int8 and int4 weights.
+constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048, kPrefetchInt4 = 2048;
 constexpr bool kPrefetchNextBlock = true;  // see `prefetch_ahead`
 constexpr int64_t kRunBytes = 4096;  // see `Rows`
 #else
@@ -186,25 +174,16 @@ inline vf times_pow2(vf p, vf n) {  // p * 2^n, n integral in [-126, 127]: the e
   const __m256i e = _mm256_slli_epi32(biased, 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-inline void i16_to_float(vi v, vf* out) {
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
-}
-constexpr int kI4Vectors = 2;  // 32 int4 columns -> two vectors of 16 int16
-inline void widen_i4(const uint8_t* p, vi* out) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  out[0] = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
-  out[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+inline vi set1_i32(int32_t v) { return _mm256_set1_epi32(v); }
+inline vf widen_u8(const uint8_t* p) {  // kLanes bytes -> f32
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
 }
 constexpr int kI16Lanes = 16;
 constexpr int kRowBlock = 2;  // weight rows per block: 4 x 2 accumulators of 16 registers
-// With 16 registers the nibble path loses from 2 x rows on (2: 7-16% slower than widening, 4:
-// up to 20%) and wins at 1 (6-21% faster; the AVX2 build on the AMX Xeon, benchmarks/RESULTS.md).
-constexpr int kNibbleMaxXRows = 1;
 // 4 KB for float weights: measured on an AVX2-only EPYC (`benchmarks/RESULTS.md`), decode of the
 // bf16 3B model 19% faster than with 2 KB; int8 was 7% slower with 4 KB, so it keeps 2 KB.
-constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048;
+constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048, kPrefetchInt4 = 2048;
 constexpr bool kPrefetchNextBlock = false;  // see `prefetch_ahead`
 constexpr int64_t kRunBytes = 0;  // see `Rows`: not measured on an AVX2 CPU
 #endif
@@ -359,191 +338,113 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
   }
 }
 
-// int4 columns per step of the nibble path: one vector of packed bytes per weight row, read as
-// kI16Lanes int16 words of 4 nibbles each.
-constexpr int64_t kI4Block = 4 * kI16Lanes;
-
-// The nibble path reads a vector of packed bytes as int16 words and takes nibble V of every word
-// with one shift and one mask, so x must come in the matching column order: word j of a block
-// (bytes 2j, 2j + 1 of 16-byte chunk c = j / 8; a chunk holds columns 32c .. 32c + 31, low
-// nibbles first) holds the columns 32c + b, 32c + 16 + b, 32c + b + 1, 32c + 16 + b + 1 for
-// V = 0..3, with b = 2 (j % 8).
-std::vector<int16_t> nibble_order(const std::vector<int16_t>& q, int64_t M, int64_t K) {
-  std::vector<int16_t> out(q.size());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k0 = 0; k0 < K; k0 += kI4Block)
-      for (int v = 0; v < 4; ++v)
-        for (int j = 0; j < kI16Lanes; ++j) {
-          const int64_t col = k0 + 32 * (j / 8) + 2 * (j % 8) + (v % 2) * 16 + v / 2;
-          out[m * K + k0 + v * kI16Lanes + j] = q[m * K + col];
-        }
-  return out;
-}
-
-// Nibble V of NR rows' packed words against XR rows of x in nibble order (`nibble_order`).
-template <int V, int XR, int NR>
-inline void nibble_products(const vi* words, const int16_t* xq, int64_t K, vi (&sum)[XR][NR]) {
-  vi wv[NR];
-  for (int r = 0; r < NR; ++r)
-    wv[r] = V == 3 ? srli_i16<12>(words[r]) : and_i(srli_i16<4 * V>(words[r]), set1_i16(0x0F));
-  for (int i = 0; i < XR; ++i) {
-    const vi xv = load_i16(xq + i * K + V * kI16Lanes);
-    for (int r = 0; r < NR; ++r) sum[i][r] = dot_i16(sum[i][r], wv[r], xv);
-  }
-}
-
-// The f32 side of `dot_rows_int4`: per group g, y[i, r] += scale[r, g] * xscale[i, g] *
-// sum_lanes(sum[i][r]) + offset[r, g] * xsum[i, g], with (scale, offset) = s[r, g, :].
-// One f32 vector per (x row, weight row), each int32 lane converted and scaled on its own.
-template <int XR, int NR, bool tree = false>
-struct Int4Accumulators {
-  vf acc[XR][NR];
-  float offsets[XR][NR] = {};
-
-  Int4Accumulators() {
-    for (int i = 0; i < XR; ++i)
-      for (int r = 0; r < NR; ++r) acc[i][r] = zero();
-  }
-  void add(const vi (&sum)[XR][NR], const float* s, int64_t groups, int64_t g,
-           const float* xscale, const float* xsum) {
-    for (int i = 0; i < XR; ++i) {
-      for (int r = 0; r < NR; ++r) {
-        const float* sg = s + (r * groups + g) * 2;
-        acc[i][r] = fmadd(to_float(sum[i][r]), set1(sg[0] * xscale[i]), acc[i][r]);
-        offsets[i][r] += sg[1] * xsum[i];
-      }
-    }
-  }
-  void write(float* y, int64_t N) const {
-    for (int i = 0; i < XR; ++i)
-      for (int r = 0; r < NR; ++r) y[i * N + r] = hsum(acc[i][r]) + offsets[i][r];
-  }
-};
-
+// ---- int4 (`paligemma/int4.py`'s layout): weight rows in blocks of 16, the 16 rows' 4-byte words
+// side by side: word c of a block (64 bytes) holds columns 8c .. 8c + 7 of each row, row r in
+// bytes 4r .. 4r + 3, byte j column 8c + 2j in its low nibble and 8c + 2j + 1 in its high one.
+// Read as int16 words, a row's two words hold columns 8c + V and 8c + 4 + V in nibble V, so one
+// shift and one mask per nibble give every 32-bit lane the pair of one weight row that meets x's
+// pair (x[8c + V], x[8c + 4 + V]), broadcast: the lanes hold 16 weight rows, and each group's
+// int32 sums need no adding across lanes (the row-major layout's sums across lanes took about a
+// quarter of a decode step at 4 rows of x).
+constexpr int64_t kI4BlockRows = 16;
+constexpr int64_t kI4WordBytes = 64;                // one word of a block: 16 rows x 4 bytes
+constexpr int kI4Vectors = kI4BlockRows / kLanes;  // vectors per word of a block
+// Independent int32 sums per group at XR rows of x, enough to hide the dot products' latency:
+// on the AVX-512 EPYC one decode step's int4 matrices at batch 1 took 0.68x the time with 16
+// than with 8, at batch 4 1.09-1.13x (benchmarks/RESULTS.md). AVX2's 16 registers must also
+// hold the accumulators and words: 2 rows of x at most.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// Four weight rows on AVX-512, 2 or 4 rows of x. A group's XR x 4 int32 sum vectors are added
-// across their lanes in one shuffle tree down to a single vector whose 128-bit lane j holds the
-// four weight rows' sums of x row j * XR / 4 (with 2 rows of x, a row's sums are split over two
-// lanes, added in `write`); it is converted once (a sum of at most G * 15 * 32767 < 2^31, so
-// rounded to f32 only above 2^24: far below x's int16 steps) and scaled by one vector of
-// scale[r, g] * xscale[i, g], and the offsets added with another. At groups of 128 this per-group
-// work was about half of a step's instructions at 4 rows of x: the tree (9 integer ops per x row, 3
-// or 9 more to merge 2 or 4 rows) replaces the 2 conversions and 2 multiplies per x row of scaling
-// row pairs, and its one f32 accumulator leaves the 16 int32 sums their registers. One decode
-// step's int4 matrices at batch 4: 0.86-0.99x the time of scaling row pairs
-// (`benchmarks/decode_kernel.py`, RESULTS.md). At one row of x the conversions it saves are few,
-// and it is not used. The sums across lanes are still about a quarter of a step at 4 rows (skipping
-// them took 0.74-0.78x the time): only a layout with weight rows across the lanes would avoid them.
-template <int XR>
-struct Int4Accumulators<XR, 4, true> {
-  static_assert(XR == 2 || XR == 4, "one x row keeps the general accumulators");
-  __m512 acc = zero();
-
-  // (a0 + a2, b0 + b2, a1 + a3, b1 + b3) in every 128-bit lane.
-  static vi merge32(vi a, vi b) {
-    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-  }
-  // 128-bit lanes (a0 + a1, a2 + a3, b0 + b1, b2 + b3).
-  static vi merge128(vi a, vi b) {
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
-  }
-  // (v0, v1, v2, v3) -> v_j in every float of 128-bit lane j.
-  static __m512 spread(const float* v) {
-    const __m512i lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(lane, _mm512_castps128_ps512(_mm_load_ps(v)));
-  }
-  void add(const vi (&sum)[XR][4], const float* s, int64_t groups, int64_t g,
-           const float* xscale, const float* xsum) {
-    vi rows[XR];  // x row i: weight rows 0..3 in every 128-bit lane, each lane a partial sum
-    for (int i = 0; i < XR; ++i) {
-      const vi u01 = merge32(sum[i][0], sum[i][1]), u23 = merge32(sum[i][2], sum[i][3]);
-      rows[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(u01, u23),
-                                 _mm512_unpackhi_epi64(u01, u23));
-    }
-    const vi total = XR == 2 ? merge128(rows[0], rows[1])
-                             : merge128(merge128(rows[0], rows[1]), merge128(rows[2], rows[3]));
-    // (scale, offset) pairs of weight rows 0..3 -> (s0 s1 s2 s3), (o0 o1 o2 o3)
-    auto pair = [&](int r) {
-      const float* so = s + (r * groups + g) * 2;
-      return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(so)));
-    };
-    const __m128 so01 = _mm_movelh_ps(pair(0), pair(1)), so23 = _mm_movelh_ps(pair(2), pair(3));
-    const __m128 scale4 = _mm_shuffle_ps(so01, so23, _MM_SHUFFLE(2, 0, 2, 0));
-    const __m128 offset4 = _mm_shuffle_ps(so01, so23, _MM_SHUFFLE(3, 1, 3, 1));
-    const __m512 scale = _mm512_broadcast_f32x4(scale4), offset = _mm512_broadcast_f32x4(offset4);
-    // per 128-bit lane its x row's scale, and its x row's sum in the row's first lane only
-    alignas(16) float lane_scale[4], lane_sum[4];
-    for (int j = 0; j < 4; ++j) {
-      lane_scale[j] = xscale[j * XR / 4];
-      lane_sum[j] = j % (4 / XR) == 0 ? xsum[j * XR / 4] : 0.0f;
-    }
-    acc = fmadd(to_float(total), _mm512_mul_ps(scale, spread(lane_scale)), acc);
-    acc = fmadd(offset, spread(lane_sum), acc);
-  }
-  void write(float* y, int64_t N) const {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, acc);
-    for (int i = 0; i < XR; ++i) {
-      __m128 row = _mm_load_ps(lanes + 16 / XR * i);
-      if (XR == 2) row = _mm_add_ps(row, _mm_load_ps(lanes + 16 / XR * i + 4));
-      _mm_storeu_ps(y + i * N, row);
-    }
-  }
-};
+constexpr int int4_chains(int XR) { return XR == 1 ? 16 : 8; }
+constexpr int kI4MaxXRows = 4;  // x rows per pass over a block
+#else
+constexpr int int4_chains(int) { return 4; }
+constexpr int kI4MaxXRows = 2;
 #endif
 
-// int4 weights: NR packed rows (row stride K / 2 bytes, scales [groups, 2] per row) against XR
-// rows of x. Where a group is whole blocks of kI4Block columns (and XR <= kNibbleMaxXRows), a
-// step is one vector of packed bytes per row taken nibble by nibble (`nibble_products`: at most
-// 2 integer ops per nibble vector, x in `xq4`'s order; 17-35% faster than widening at one x row
-// on AVX-512); otherwise 32 columns (16 bytes) per step, widened to int16 in column order. Each
-// int32 lane adds at most 256 / 32 * 2 * 15 * 32767 < 2^31 per group (G <= 256).
-template <int XR, int NR>
-inline void dot_rows_int4(const QuantizedRows& xq, const std::vector<int16_t>& xq4, int64_t row0,
-                          const uint8_t* w, int64_t K, int64_t G, const Rows& rows,
-                          const float* s, float* y, int64_t N) {
-  const int64_t groups = K / G, ldw = K / 2;  // rows.spread is 1: see gemv_kernel_int4
-  const bool nibbles = G % kI4Block == 0 && XR <= kNibbleMaxXRows;
-  Int4Accumulators<XR, NR, (NR == 4 && XR > 1)> out;  // 4 rows: AVX-512 only
-  for (int64_t g = 0; g < groups; ++g) {
-    vi sum[XR][NR];
-    for (int i = 0; i < XR; ++i)
-      for (int r = 0; r < NR; ++r) sum[i][r] = izero();
-    if (nibbles) {
-      for (int64_t k = g * G; k < (g + 1) * G; k += kI4Block) {
-        vi words[NR];
-        for (int r = 0; r < NR; ++r) {
-          if (k % 128 == 0) prefetch_ahead(w + r * ldw, k / 2, kPrefetchInt8, rows);  // a line
-          words[r] = load_i16(reinterpret_cast<const int16_t*>(w + r * ldw + k / 2));
-        }
-        const int16_t* xk = xq4.data() + row0 * K + k;
-        nibble_products<0>(words, xk, K, sum);
-        nibble_products<1>(words, xk, K, sum);
-        nibble_products<2>(words, xk, K, sum);
-        nibble_products<3>(words, xk, K, sum);
-      }
-    }
-    for (int64_t k = g * G; !nibbles && k < (g + 1) * G; k += 32) {
-      vi wv[NR][kI4Vectors];
-      for (int r = 0; r < NR; ++r) {
-        if (k % 128 == 0) prefetch_ahead(w + r * ldw, k / 2, kPrefetchInt8, rows);  // a line
-        widen_i4(w + r * ldw + k / 2, wv[r]);
-      }
-      for (int v = 0; v < kI4Vectors; ++v) {
-        for (int i = 0; i < XR; ++i) {
-          const vi xv = load_i16(xq.q.data() + (row0 + i) * K + k + v * kI16Lanes);
-          for (int r = 0; r < NR; ++r) sum[i][r] = dot_i16(sum[i][r], wv[r][v], xv);
-        }
-      }
-    }
-    float xscale[XR], xsum[XR];
-    for (int i = 0; i < XR; ++i) {
-      xscale[i] = xq.scales[(row0 + i) * groups + g];
-      xsum[i] = xq.sums[(row0 + i) * groups + g];
-    }
-    out.add(sum, s, groups, g, xscale, xsum);
+// x rows rounded to int16 (`quantize_rows`) as the int32 pairs the words meet: per 8 columns,
+// (x0, x4), (x1, x5), (x2, x6), (x3, x7).
+std::vector<int32_t> int4_pairs(const std::vector<int16_t>& q) {
+  std::vector<int32_t> pairs(q.size() / 2);
+  for (size_t k0 = 0; k0 < q.size(); k0 += 8)
+    for (int v = 0; v < 4; ++v)
+      pairs[k0 / 2 + v] = static_cast<uint16_t>(q[k0 + v]) |
+                          static_cast<uint32_t>(static_cast<uint16_t>(q[k0 + 4 + v])) << 16;
+  return pairs;
+}
+
+// Nibble V of a word's vectors against XR rows of x's pairs `xp` (row stride `ldx` pairs): into
+// chain (U * 4 + V) % A of each (x row, vector).
+template <int V, int U, int XR, int A>
+inline void int4_products(const vi (&words)[kI4Vectors], const int32_t* xp, int64_t ldx,
+                          vi (&sum)[XR][kI4Vectors][A]) {
+  vi wv[kI4Vectors];
+  for (int h = 0; h < kI4Vectors; ++h)
+    wv[h] = V == 3 ? srli_i16<12>(words[h]) : and_i(srli_i16<4 * V>(words[h]), set1_i16(0x0F));
+  for (int i = 0; i < XR; ++i) {
+    const vi xv = set1_i32(xp[i * ldx + V]);
+    for (int h = 0; h < kI4Vectors; ++h)
+      sum[i][h][(U * 4 + V) % A] = dot_i16(sum[i][h][(U * 4 + V) % A], wv[h], xv);
   }
-  out.write(y, N);
+}
+
+// One block of 16 packed int4 rows (`w`: K / 2 * 16 bytes; `s`: its scales [K / G][2][16]) against
+// XR rows of x from row0 -> y[i * N + r]. Per group g: y[i, r] += scale[r, g] * xscale[i, g] *
+// sum_k q[r, k] * xq[i, k] + offset[r, g] * xsum[i, g]. A group's chains together add G products
+// of a code (<= 15) and an int16 step of x (<= 32767) per lane: < 2^31 for G <= 256.
+template <int XR>
+inline void dot_block_int4(const QuantizedRows& xq, const std::vector<int32_t>& pairs,
+                           int64_t row0, const uint8_t* w, int64_t K, int64_t G, const float* s,
+                           float* y, int64_t N) {
+  constexpr int A = std::max(1, int4_chains(XR) / (XR * kI4Vectors));  // per (x row, vector)
+  constexpr int U = (A + 3) / 4;  // words per step: a word's 4 nibbles feed 4 chains
+  const int64_t groups = K / G, words = G / 8;
+  const int32_t* xp = pairs.data() + row0 * (K / 2);
+  vf acc[XR][kI4Vectors];
+  for (int i = 0; i < XR; ++i)
+    for (int h = 0; h < kI4Vectors; ++h) acc[i][h] = zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    vi sum[XR][kI4Vectors][A];
+    for (int i = 0; i < XR; ++i)
+      for (int h = 0; h < kI4Vectors; ++h)
+        for (int a = 0; a < A; ++a) sum[i][h][a] = izero();
+    const uint8_t* wg = w + g * words * kI4WordBytes;
+    const int32_t* xg = xp + g * G / 2;
+    for (int64_t c = 0; c < words; c += U) {
+      auto word = [&](auto u) {
+        constexpr int kU = decltype(u)::value;
+        const uint8_t* wc = wg + (c + kU) * kI4WordBytes;
+        prefetch(wc + kPrefetchInt4);
+        vi v[kI4Vectors];
+        for (int h = 0; h < kI4Vectors; ++h) v[h] = load_i16(reinterpret_cast<const int16_t*>(
+                                                       wc + h * kLanes * 4));
+        const int32_t* xc = xg + (c + kU) * 4;
+        int4_products<0, kU, XR, A>(v, xc, K / 2, sum);
+        int4_products<1, kU, XR, A>(v, xc, K / 2, sum);
+        int4_products<2, kU, XR, A>(v, xc, K / 2, sum);
+        int4_products<3, kU, XR, A>(v, xc, K / 2, sum);
+      };
+      word(std::integral_constant<int, 0>{});
+      if constexpr (U > 1) word(std::integral_constant<int, 1>{});
+      if constexpr (U > 2) {
+        word(std::integral_constant<int, 2>{});
+        word(std::integral_constant<int, 3>{});
+      }
+    }
+    const float* sg = s + g * 2 * kI4BlockRows;  // 16 scales, then 16 offsets
+    for (int i = 0; i < XR; ++i) {
+      const vf xscale = set1(xq.scales[(row0 + i) * groups + g]);
+      const vf xsum = set1(xq.sums[(row0 + i) * groups + g]);
+      for (int h = 0; h < kI4Vectors; ++h) {
+        vi total = sum[i][h][0];
+        for (int a = 1; a < A; ++a) total = iadd(total, sum[i][h][a]);
+        const vf scale = mul(load(sg + h * kLanes), xscale);
+        acc[i][h] = fmadd(to_float(total), scale, acc[i][h]);
+        acc[i][h] = fmadd(load(sg + kI4BlockRows + h * kLanes), xsum, acc[i][h]);
+      }
+    }
+  }
+  for (int i = 0; i < XR; ++i)
+    for (int h = 0; h < kI4Vectors; ++h) store(y + i * N + h * kLanes, acc[i][h]);
 }
 
 // Weight rows [begin, end) of `row_bytes` each in blocks of kRowBlock rows (then single rows),
@@ -598,20 +499,26 @@ void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* s
   });
 }
 
-// x [M, K], packed w [N, K / 2], s [N, K / G, 2] (checked by the caller) -> y [M, N]. Rows are
-// not spread (`Rows`): int4's unpacking, not its memory stream, bounds it, and spreading its
-// 1 KB rows was 4-10% slower at 4 rows of x (benchmarks/RESULTS.md).
+// x [M, K], packed w [N, K / 2], s [N, K / G, 2] (`int4_group` checked them; rows in blocks of
+// 16) -> y [M, N]. Each thread takes a range of blocks, one stream of reads, and every block meets
+// the rows of x kI4MaxXRows at a time while its bytes are in L1 / L2.
 void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* s, int64_t N,
                       int64_t K, int64_t G, float* y) {
   const QuantizedRows xq = quantize_rows(x, M, K, G);
-  const std::vector<int16_t> xq4 = G % kI4Block == 0 ? nibble_order(xq.q, M, K)
-                                                     : std::vector<int16_t>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for_blocks(begin, end, M, K / 2, [&](auto nr, int64_t n, const Rows& rows, auto xr,
-                                         int64_t m) {
-      dot_rows_int4<decltype(xr)::value, decltype(nr)::value>(
-          xq, xq4, m, w + n * (K / 2), K, G, rows, s + n * (K / G) * 2, y + m * N + n, N);
-    }, /*run_bytes=*/0);
+  const std::vector<int32_t> pairs = int4_pairs(xq.q);
+  const int64_t block_bytes = kI4BlockRows * K / 2, block_scales = kI4BlockRows * K / G * 2;
+  at::parallel_for(0, N / kI4BlockRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      auto pass = [&](auto xr, int64_t m) {
+        dot_block_int4<decltype(xr)::value>(xq, pairs, m, w + b * block_bytes, K, G,
+                                            s + b * block_scales, y + m * N + b * kI4BlockRows, N);
+      };
+      int64_t m = 0;
+      for (; m + kI4MaxXRows <= M; m += kI4MaxXRows)
+        pass(std::integral_constant<int, kI4MaxXRows>{}, m);
+      if (m + 2 <= M) pass(std::integral_constant<int, 2>{}, m), m += 2;
+      if (m < M) pass(std::integral_constant<int, 1>{}, m);
+    }
   });
 }
 
@@ -622,6 +529,8 @@ int64_t int4_group(const at::Tensor& w, const at::Tensor& s, const char* op) {
   TORCH_CHECK(s.dim() == 3 && s.scalar_type() == at::kFloat && s.is_contiguous() &&
                   s.size(0) == w.size(0) && s.size(2) == 2,
               op, ": int4 scales must be contiguous float32 [N, K / G, 2]");
+  TORCH_CHECK(w.size(0) % kI4BlockRows == 0, op, ": packed int4 rows come in blocks of ",
+              kI4BlockRows, ", got N = ", w.size(0));
   const int64_t K = 2 * w.size(1), G = s.size(1) > 0 ? K / s.size(1) : 0;
   TORCH_CHECK(G > 0 && G * s.size(1) == K && G % 32 == 0 && G <= 256, op,
               ": int4 group size K / s.size(1) must be a multiple of 32, at most 256");
@@ -638,8 +547,31 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+// Columns [k0, k0 + cols) (multiples of 8) of the 16 rows of a packed int4 block (`block`: its
+// first byte) as one code per byte, row r at out + r * ld: per 16 bytes (4 rows' words), low and
+// high nibbles interleaved give each row's 8 columns in order.
+inline void int4_block_codes(const uint8_t* block, int64_t k0, int64_t cols, uint8_t* out,
+                             int64_t ld) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t c = 0; c < cols / 8; ++c) {
+    const uint8_t* word = block + (k0 / 8 + c) * kI4WordBytes;
+    for (int q = 0; q < 4; ++q) {  // rows 4q .. 4q + 3
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(word + 16 * q));
+      const __m128i low = _mm_and_si128(b, mask);
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      const __m128i r01 = _mm_unpacklo_epi8(low, high), r23 = _mm_unpackhi_epi8(low, high);
+      uint8_t* o = out + 4 * q * ld + 8 * c;
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o), r01);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + ld), _mm_unpackhi_epi64(r01, r01));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + 2 * ld), r23);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + 3 * ld), _mm_unpackhi_epi64(r23, r23));
+    }
+  }
+}
+
 // Packed int4 w [N, K / 2], s [N, K / G, 2] -> out [N, K] float32, q * scale + offset (written in
-// place): the GEMM of many rows dequantizes a few MB of rows at a time (`int4.py`).
+// place): the GEMM of many rows dequantizes a few MB of rows at a time (`int4.py`). A block's
+// codes go through L1 one group at a time.
 void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
   const int64_t G = int4_group(w, s, "int4_dequantize");
   const int64_t N = w.size(0), K = 2 * w.size(1);
@@ -649,20 +581,17 @@ void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
+  at::parallel_for(0, N / kI4BlockRows, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint8_t codes[kI4BlockRows][256];  // one group: G <= 256
+    for (int64_t b = begin; b < end; ++b) {
       for (int64_t g = 0; g < K / G; ++g) {
-        const float* so = sp + (n * (K / G) + g) * 2;  // (scale, offset)
-        const vf scale = set1(so[0]), offset = set1(so[1]);
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-          vi q[kI4Vectors];
-          widen_i4(wp + n * (K / 2) + k / 2, q);
-          float* o = op + n * K + k;
-          for (int v = 0; v < kI4Vectors; ++v) {
-            vf f[2];
-            i16_to_float(q[v], f);
-            for (int h = 0; h < 2; ++h) store(o + (2 * v + h) * kLanes, fmadd(f[h], scale, offset));
-          }
+        int4_block_codes(wp + b * kI4BlockRows * K / 2, g * G, G, codes[0], 256);
+        const float* sg = sp + (b * (K / G) + g) * 2 * kI4BlockRows;  // 16 scales, 16 offsets
+        for (int64_t r = 0; r < kI4BlockRows; ++r) {
+          const vf scale = set1(sg[r]), offset = set1(sg[kI4BlockRows + r]);
+          float* o = op + (b * kI4BlockRows + r) * K + g * G;
+          for (int64_t k = 0; k < G; k += kLanes)
+            store(o + k, fmadd(widen_u8(codes[r] + k), scale, offset));
         }
       }
     }
@@ -816,49 +745,72 @@ void split_x_int8(const float* x, int64_t ldx, int64_t M, int64_t K, const float
 }
 
 // The weights of a GEMM on tiles: bf16 w; int8 codes (w = code * scale[n]); or packed int4
-// codes (`int4.py`'s layout; w = code * scale + offset per group of G columns). Codes are exact
-// in bf16, so every form meets x's parts in the same tiles; scales and offsets are applied to
-// the f32 sums.
+// codes (`int4.py`'s layout: blocks of 16 rows, one per tile; w = code * scale + offset per group
+// of G columns). Codes are exact in bf16, so every form meets x's parts in the same tiles; scales
+// and offsets are applied to the f32 sums.
 struct TileWeights {
   at::ScalarType dtype;
   const void* data;
   int64_t ld;           // elements (bytes for int4) per weight row
-  const float* scale;   // bf16 / int8: [N] or null; int4: [N, groups, 2] (scale, offset)
+  const float* scale;   // bf16 / int8: [N] or null; int4: [N, groups, 2] in blocks of 16 rows
   int64_t group = 0;    // int4: G (a multiple of kTileK dividing kChunkK)
   int64_t groups = 0;   // int4: K / G of the whole row
   const float* bias = nullptr;  // [N] or null: added to the first chunk's sums
 
-  const char* row(int64_t n, int64_t k0) const {  // weight row n from column k0 on
+  // bf16 / int8: weight row n from column k0 on. int4: the block of rows n .. n + 15 (n a
+  // multiple of 16) from column k0 on, its 16 rows' columns [k0, k0 + K) in 8 K bytes.
+  const char* row(int64_t n, int64_t k0) const {
     const int64_t bytes = dtype == at::kBFloat16 ? 2 * (n * ld + k0)
                           : dtype == at::kChar   ? n * ld + k0
-                                                 : n * ld + k0 / 2;
+                                                 : n * ld + kI4BlockRows * k0 / 2;
     return static_cast<const char*>(data) + bytes;
   }
   int64_t row_bytes(int64_t K) const {  // stored bytes of K columns
     return dtype == at::kBFloat16 ? 2 * K : dtype == at::kChar ? K : K / 2;
   }
+  // Cache line `i` of the stored weights of rows [n0, ...) and columns [k0, k0 + K), counted row
+  // by row (bf16, int8: `lines` per row) or block by block (int4): what prefetching walks.
+  const char* line_of(int64_t n0, int64_t k0, int64_t K, int64_t lines, int64_t i) const {
+    if (dtype != at::kByte) return row(n0 + i / lines, k0) + i % lines * 64;
+    const int64_t block_lines = kI4BlockRows * row_bytes(K) / 64;  // K % 32 == 0: whole lines
+    return row(n0 + i / block_lines * kI4BlockRows, k0) + i % block_lines * 64;
+  }
+  // int4: (scale, offset) of row j of tile n (rows 16 n .. 16 n + 15) for group g of the row.
+  float group_scale(int64_t n, int64_t j, int64_t g) const {
+    return scale[((n * groups + g) * 2) * kI4BlockRows + j];
+  }
+  float group_offset(int64_t n, int64_t j, int64_t g) const {
+    return scale[((n * groups + g) * 2 + 1) * kI4BlockRows + j];
+  }
 
   // Weight rows [n0, n0 + rows), columns [k0, k0 + K) as bf16 into dst (row stride K), or as
-  // the int8 codes themselves for int8 tiles (`codes`: row stride K bytes).
+  // the int8 codes themselves for int8 tiles (`codes`: row stride K bytes). int4: n0 and rows
+  // are multiples of 16 (whole blocks).
   void unpack(int64_t n0, int64_t rows, int64_t k0, int64_t K, bool codes, uint16_t* dst) const {
     if (codes && dtype == at::kChar) {
       for (int64_t r = 0; r < rows; ++r)
         std::memcpy(reinterpret_cast<char*>(dst) + r * K, row(n0 + r, k0), K);
       return;
     }
-    if (codes) {  // int4: two runs of 32 columns (32 bytes) -> their 64 codes, one per byte
-      const __m256i nibble = _mm256_set1_epi8(15);
-      for (int64_t r = 0; r < rows; ++r) {
-        const uint8_t* src = reinterpret_cast<const uint8_t*>(row(n0 + r, k0));
-        char* out = reinterpret_cast<char*>(dst) + r * K;
-        for (int64_t k = 0; k < K; k += 64) {
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k / 2));
-          const __m256i low = _mm256_and_si256(bytes, nibble);
-          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                              _mm256_permute2x128_si256(low, high, 0x20));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k + 32),
-                              _mm256_permute2x128_si256(low, high, 0x31));
+    if (dtype == at::kByte) {
+      for (int64_t b = 0; b < rows; b += kI4BlockRows) {
+        const uint8_t* block = reinterpret_cast<const uint8_t*>(row(n0 + b, 0));
+        if (codes) {  // one code per byte, straight into the tile rows
+          int4_block_codes(block, k0, K, reinterpret_cast<uint8_t*>(dst) + b * K, K);
+          continue;
+        }
+        for (int64_t k = 0; k < K; k += kTileK) {  // via 32 columns of codes in L1
+          alignas(64) uint8_t c[kI4BlockRows][kTileK];
+          int4_block_codes(block, k0 + k, kTileK, c[0], kTileK);
+          for (int64_t r = 0; r < kI4BlockRows; ++r) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(c[r])));
+            const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(c[r] + 16)));
+            uint16_t* out = dst + (b + r) * K + k;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), int_to_bf16(v));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), int_to_bf16(w));
+          }
         }
       }
       return;
@@ -866,22 +818,12 @@ struct TileWeights {
     for (int64_t r = 0; r < rows; ++r, dst += K) {
       if (dtype == at::kBFloat16) {
         std::memcpy(dst, row(n0 + r, k0), 2 * K);
-      } else if (dtype == at::kChar) {
+      } else {
         const int8_t* src = reinterpret_cast<const int8_t*>(row(n0 + r, k0));
         for (int64_t k = 0; k < K; k += 16) {
           const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
                               int_to_bf16(_mm512_cvtepi8_epi32(codes)));
-        }
-      } else {  // a run of 32 columns is 16 bytes: column j low nibble, j + 16 high nibble
-        const uint8_t* src = reinterpret_cast<const uint8_t*>(row(n0 + r, k0));
-        for (int64_t k = 0; k < K; k += kTileK) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2)));
-          const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), int_to_bf16(low));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 16),
-                              int_to_bf16(_mm512_srli_epi32(bytes, 4)));
         }
       }
     }
@@ -980,10 +922,10 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
     auto scale_into = [&](float (&a)[16][16], int64_t n, int64_t b, int64_t g) {
       const __m512 xs = _mm512_loadu_ps(xsums + g * x_rows + b * 16);
       for (int j = 0; j < 16; ++j) {
-        const float* so = w.scale + ((n * 16 + j) * w.groups + k0 / w.group + g) * 2;
-        const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(so[0]), _mm512_load_ps(sums[j]),
-                                         _mm512_load_ps(a[j]));
-        _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(so[1]), xs, v));
+        const int64_t group = k0 / w.group + g;
+        const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(w.group_scale(n, j, group)),
+                                         _mm512_load_ps(sums[j]), _mm512_load_ps(a[j]));
+        _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(w.group_offset(n, j, group)), xs, v));
       }
     };
     // int4 on int8 tiles: a: [weight row][x row] += scale * (256 hi + lo) + offset * xs / step,
@@ -995,9 +937,11 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
       for (int j = 0; j < 16; ++j) {
         const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(halves[0][j]), 8),
                                              _mm512_load_si512(halves[1][j]));
-        const float* so = w.scale + ((n * 16 + j) * w.groups + k0 / w.group + g) * 2;
-        const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(so[1]), xs, _mm512_load_ps(a[j]));
-        _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(so[0]), _mm512_cvtepi32_ps(sum), v));
+        const int64_t group = k0 / w.group + g;
+        const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(w.group_offset(n, j, group)), xs,
+                                         _mm512_load_ps(a[j]));
+        _mm512_store_ps(a[j], _mm512_fmadd_ps(_mm512_set1_ps(w.group_scale(n, j, group)),
+                                              _mm512_cvtepi32_ps(sum), v));
       }
     };
     const int64_t lines = (w.row_bytes(K) + 63) / 64;  // cache lines of a stored weight row
@@ -1025,8 +969,7 @@ void tile_products(const uint16_t* parts, int64_t XB, int64_t KB, int64_t rows,
             for (int64_t c = c0; c < c0 + group_steps; ++c) {
               if constexpr (fetch_ahead)
                 for (int64_t i = 0; i < per_step && fetched < next; ++i, ++fetched)
-                  _mm_prefetch(w.row(n1 * 16 + fetched / lines, k0) + fetched % lines * 64,
-                               _MM_HINT_T1);
+                  _mm_prefetch(w.line_of(n1 * 16, k0, K, lines, fetched), _MM_HINT_T1);
               _tile_loadd(4, w0 + c * 64, ldw);
               if (two) _tile_loadd(5, w1 + c * 64, ldw);
               for (int s = 0; s < n_parts; ++s) {

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import heap
+from .. import heap, int4
 from ..config import VARIANTS, PaliGemmaConfig
 from ..model import PaliGemmaModel
 from ..quantize import (
@@ -18,6 +19,8 @@ from ..quantize import (
 )
 from .errors import CheckpointError
 from .open import NoProgress, OfficialSource, Source, open_checkpoint
+
+logger = logging.getLogger("paligemma")
 
 
 def load_model(
@@ -35,7 +38,9 @@ def load_model(
     "int8-linear", "int4", "int4-linear") quantizes each matrix as it is read (dtype is then
     ignored): about 0.5x the bf16 checkpoint's memory for a 3B model with int8 instead of 1.5x.
     A quantized checkpoint (`paligemma-convert --quantize`) is mapped as stored, its quantized
-    tensors never copied or computed again; quantize, if given, must name its mode.
+    tensors never copied or computed again; quantize, if given, must name its mode. One
+    written in the first int4 layout (config.json's "quantization" without "int4_layout") has
+    each packed matrix converted as it is read (`int4.from_layout_1`: a copy, on every load).
     """
     if source.config is None:
         raise CheckpointError(
@@ -53,7 +58,20 @@ def load_model(
     with torch.device("meta"):
         model = PaliGemmaModel(source.config).requires_grad_(plan is None)
     quantized = quantized_modules(model, plan.mode) if plan else set()
+    layout_1 = _layout_1_matrices(source, quantized)  # modules whose (weight, scale) convert
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # module -> the half of its pair read first
     state = {}
+
+    def convert(module: str, kind: str, tensor: torch.Tensor) -> None:
+        """Keeps a layout-1 matrix's weight or scale until the other is read (scale usually
+        comes right after its weight, but any order is), then converts the pair."""
+        pair = pending.setdefault(module, {})
+        pair[kind] = tensor
+        if len(pair) == 2:
+            del pending[module]
+            state[f"{module}.weight"], state[f"{module}.scale"] = int4.from_layout_1(
+                pair["weight"], pair["scale"])
+
     for name, chunks in source.tensors(NoProgress()):
         pieces = list(chunks)
         tensor = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(device)
@@ -63,16 +81,22 @@ def load_model(
             if stored is None:
                 state[name], state[f"{module}.scale"] = quantize_weight(
                     tensor, plan.mode, plan.group_size)
+            elif module in layout_1:
+                convert(module, kind, tensor)
             else:  # as mapped: its scale comes as a tensor of its own
                 state[name] = tensor
-            # Placeholders of the stored shapes and dtypes (int4 packs two weights per byte).
+            # Placeholders of the shapes and dtypes as held (int4 packs two weights per byte;
+            # always in the current int4 layout).
             specs = stored_specs(tuple(layer.weight.shape), plan.mode, plan.group_size)
             (w_shape, w_dtype), (s_shape, _) = specs["weight"], specs["scale"]
             layer.weight = nn.Parameter(
                 torch.empty(w_shape, dtype=w_dtype, device="meta"), requires_grad=False)
             layer.scale = torch.empty(s_shape, device="meta")  # now a state key
         elif stored is not None and kind == "scale" and module in quantized:
-            state[name] = tensor
+            if module in layout_1:
+                convert(module, kind, tensor)
+            else:
+                state[name] = tensor
         elif quantize and stored is None:  # own memory: a file mapping goes with `tensor`
             state[name] = tensor.clone(memory_format=torch.contiguous_format)
         else:
@@ -82,6 +106,39 @@ def load_model(
     # (measured: 1.2 GB for PaliGemma 2 3B from a bf16 .npz).
     heap.release_free_heap()
     return model.eval()
+
+
+def _layout_1_matrices(source: Source, quantized: set[str]) -> set[str]:
+    """The modules whose packed int4 weight and scale `source` stores in the first int4 layout
+    (int4_layout 1): converted on every load, with a warning; none for any other checkpoint.
+    Raises CheckpointError for a matrix that cannot be converted (N not a multiple of 16)."""
+    stored = source.quantization
+    if stored is None or not stored.mode.startswith("int4") or stored.int4_layout != 1:
+        return set()
+    modules = set()
+    for name, (shape, dtype) in source.specs.items():
+        module, _, kind = name.rpartition(".")
+        if module not in quantized or kind != "weight" or dtype != torch.uint8:
+            continue  # int8 fallbacks (1-D scales) are the same in both layouts
+        if shape[0] % int4.BLOCK_ROWS:
+            where = getattr(source, "weight_map", {}).get(name, source.files[0])
+            raise CheckpointError(
+                f"{where}: {name!r} is packed int4 with N = {shape[0]} rows, not a multiple of "
+                f"{int4.BLOCK_ROWS}: the checkpoint was written with the first int4 layout "
+                "(its config.json's \"quantization\" has no \"int4_layout\") and this matrix "
+                "cannot be converted to the current one; re-quantize from the unquantized "
+                f"checkpoint with paligemma-convert SRC -o OUT --quantize {stored.mode}"
+            )
+        modules.add(module)
+    if modules:
+        logger.warning(
+            "%s: written with the first int4 layout (config.json's \"quantization\" has no "
+            "\"int4_layout\"): its %d packed int4 matrices are converted in memory on every "
+            "load; re-writing it with paligemma-convert SRC -o OUT --quantize %s from the "
+            "unquantized checkpoint makes loading map it directly",
+            getattr(source, "directory", source.files[0]), len(modules), stored.mode,
+        )
+    return modules
 
 
 def load_pretrained(

@@ -4,7 +4,9 @@
                                     "name": ...} (PaliGemmaConfig.to_dict()), or another
                                     model_type such as "vae-oid" (see convert/); a quantized
                                     checkpoint adds "quantization": {"mode": "int4",
-                                    "group_size": 128} (`quantize.Quantization`)
+                                    "group_size": 128, "int4_layout": 2}
+                                    (`quantize.Quantization`; group_size and int4_layout for
+                                    int4 modes only)
     model.safetensors              every tensor, PaliGemmaModel.state_dict() names, or when
                                    larger than the shard limit:
     model-00001-of-0000N.safetensors ... + model.safetensors.index.json
@@ -13,8 +15,13 @@
 
 A quantized checkpoint (`paligemma-convert --quantize`) stores each quantized weight as
 `quantize_(model, mode)` holds it: `<module>.weight` int8 [N, K] with `<module>.scale` float32
-[N], or packed int4 uint8 [N, K / 2] with `<module>.scale` float32 [N, K / G, 2] (`paligemma.int4`
-documents the layout). Loading maps these as they are: nothing is quantized again.
+[N], or packed int4 uint8 [N, K / 2] with `<module>.scale` float32 [N, K / G, 2] in the layout
+"int4_layout" names (`paligemma.int4` documents layout 2, `int4.LAYOUT`, which the converter
+writes). Loading maps these as they are: nothing is quantized again. An int4 record without
+"int4_layout" is layout 1 (checkpoints written before the layout changed): `formats.load`
+converts each packed matrix to layout 2 as it reads it (`int4.from_layout_1`, a copy in memory
+on every load; one whose N is not a multiple of 16 cannot be converted), and re-writing it with
+`paligemma-convert --quantize` from the unquantized checkpoint lets it load mapped again.
 
 Reading is header-first (`tensor_specs`) and then one memory-mapped tensor at a time
 (`read_tensor`; `formats.load` builds the model from them without a second copy). Writing plans

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import __version__, outputs
+from .. import __version__, int4, outputs
 from ..model import PaliGemmaModel
-from ..quantize import Quantization, quantize_weight, quantized_modules, quantized_specs
+from ..quantize import Quantization, quantize_int8, quantized_modules, quantized_specs, stores_int4
 from ..tokenizer import Tokenizer
 from . import hf, hf_serve, ours, vae
 from .dtypes import DTYPES, dtype_name
@@ -56,12 +56,16 @@ def write_ours(
         if source.config is None or source.quantization is not None:
             what = vae.VARIANT if source.config is None else "an already quantized checkpoint"
             raise CheckpointError(f"{source.files[0]}: --quantize cannot apply to {what}")
+        if quantization.mode.startswith("int4") and quantization.int4_layout != int4.LAYOUT:
+            raise ValueError(f"int4 checkpoints are written in int4 layout {int4.LAYOUT}, "
+                             f"not {quantization.int4_layout}")
         with torch.device("meta"):
             model = PaliGemmaModel(source.config)
         specs = quantized_specs(model, specs, quantization)
         config[ours.QUANTIZATION_KEY] = quantization.to_dict()
         split = functools.partial(
-            _quantized_tensors, quantized_modules(model, quantization.mode), quantization
+            _quantized_tensors, quantized_modules(model, quantization.mode), quantization,
+            {k: shape for k, (shape, _) in source.specs.items()},
         )
     with outputs.atomic(out_dir, "checkpoint", force) as tmp:
         manifest = _manifest(source, "paligemma", specs, hash_sources, quiet)
@@ -71,24 +75,58 @@ def write_ours(
 
 
 def _quantized_tensors(
-    modules: set[str], q: Quantization, name: str, chunks: Iterator[torch.Tensor]
+    modules: set[str],
+    q: Quantization,
+    shapes: dict[str, tuple[int, ...]],
+    name: str,
+    chunks: Iterator[torch.Tensor],
 ) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
     """(name, pieces) to write for one source tensor: itself, or its quantized weight then its
-    scale. Both int8 and int4 quantize rows independently, so row pieces quantize one by one."""
+    scale. Both int8 and int4 quantize rows independently, so row pieces quantize one by one,
+    with the quantizer the whole matrix's shape chose (`shapes`: the source's); int4 ones in
+    whole blocks of `int4.BLOCK_ROWS` rows (`_row_blocks`)."""
     module, _, kind = name.rpartition(".")
     if module not in modules or kind != "weight":
         yield name, chunks
         return
+    if stores_int4(shapes[name], q.mode, q.group_size):
+        pieces = _row_blocks(chunks, int4.BLOCK_ROWS)
+        quantize = functools.partial(int4.quantize_int4, group_size=q.group_size)
+    else:
+        pieces, quantize = chunks, quantize_int8
     scales: list[torch.Tensor] = []
 
     def weights() -> Iterator[torch.Tensor]:
-        for piece in chunks:
-            weight, scale = quantize_weight(piece, q.mode, q.group_size)
+        for piece in pieces:
+            weight, scale = quantize(piece)
             scales.append(scale)
             yield weight
 
     yield name, weights()
     yield f"{module}.scale", iter([torch.cat(scales)])
+
+
+def _row_blocks(chunks: Iterable[torch.Tensor], rows: int) -> Iterator[torch.Tensor]:
+    """The rows of `chunks` (pieces along axis 0, of any heights) again, in pieces whose heights
+    are multiples of `rows`, except a last one of whatever is left. Rows a piece leaves over
+    (fewer than `rows`) are copied and completed from the next piece: at most a piece plus
+    `rows` rows are held at a time."""
+    carry = None
+    for piece in chunks:
+        if carry is not None:
+            need = rows - carry.shape[0]
+            carry, piece = torch.cat([carry, piece[:need]]), piece[need:]
+            if carry.shape[0] < rows:
+                continue
+            yield carry
+            carry = None
+        whole = piece.shape[0] - piece.shape[0] % rows
+        if whole:
+            yield piece[:whole]
+        if whole < piece.shape[0]:
+            carry = piece[whole:].clone()  # not a view that keeps the whole piece alive
+    if carry is not None:
+        yield carry
 
 
 def write_hf(
