@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import JsonReport, add_json_arguments, machine  # noqa: E402
-from paligemma import dispatch  # noqa: E402
+from paligemma import dispatch, int4  # noqa: E402
 from paligemma.config import VARIANTS, PaliGemmaConfig  # noqa: E402
 from paligemma.formats import load_pretrained  # noqa: E402
 from paligemma.formats import ours as checkpoint  # noqa: E402
@@ -168,8 +168,11 @@ def prepare_checkpoints(workdir: Path, config: PaliGemmaConfig, hf: bool) -> tup
 
 
 def quantized_checkpoint(source: Path, mode: str) -> Path:
-    """`source` quantized by `python -m convert --quantize mode`, written once and reused."""
-    out = source.with_name(f"{source.name}-{mode}")
+    """`source` quantized by `python -m convert --quantize mode`, written once and reused. int4
+    directories are named after the int4 layout, so that one written in an older layout (which
+    would load converted, not mapped) is not reused."""
+    layout = f"-layout{int4.LAYOUT}" if mode.startswith("int4") else ""
+    out = source.with_name(f"{source.name}-{mode}{layout}")
     if not (out / checkpoint.CONFIG_FILE).is_file():
         print(f"writing {out} (python -m convert --quantize {mode}) ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "convert", str(source), "--quantize", mode,
