@@ -27,8 +27,8 @@ with column j and j + 16 in one byte; `LAYOUT` 1) are converted when loaded (`fr
 Math stays float32 (`layers.linear` calls `linear` here for uint8 weights):
 - a few rows (decode steps): the C++ decode kernel (`csrc/gemv.cpp`, `paligemma.kernels`, the
   instruction set `paligemma.dispatch` chose) reads the packed weights directly, once (0.56
-  bytes per weight at G = 128, against int8's 1.0; bound by unpacking more than by memory:
-  0.65-0.75 of `x.sum()`'s bandwidth on the AMX Xeon, where bf16 reaches 0.9);
+  bytes per weight at G = 128, against int8's 1.0): at batch 1 0.63-0.80 of `x.sum()`'s
+  bandwidth on the AVX-512 EPYC; at batch 4 bound by the int16 dot products (16 per 64 bytes);
 - many rows (prefill, vision): with the AMX build, the tile GEMM on the codes (exact in bf16)
   and x in three bf16 parts, each group's f32 sums then scaled and offset (`layers._amx_mm`,
   "amx-gemm", from `dispatch.FEW_ROWS` + 1 rows on: at 16 rows 4.1 vs 5.4 ms for the kernel on
