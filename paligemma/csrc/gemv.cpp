@@ -122,8 +122,8 @@ inline vf widen_u8(const uint8_t* p) {  // kLanes bytes -> f32
 }
 constexpr int kI16Lanes = 32;
 constexpr int kRowBlock = 4;  // weight rows per block: 4 x 4 accumulators of 32 registers
-// Software prefetch distance along the weight stream (bytes), for float, int8 and int4 weights.
-constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048, kPrefetchInt4 = 2048;
+// Software prefetch distance along the weight stream (bytes), for float and int8 / int4 weights.
+constexpr int64_t kPrefetchFloat = 2048, kPrefetchInt8 = 2048;
 constexpr bool kPrefetchNextBlock = true;  // see `prefetch_ahead`
 constexpr int64_t kRunBytes = 4096;  // see `Rows`
 #else
@@ -183,7 +183,7 @@ constexpr int kI16Lanes = 16;
 constexpr int kRowBlock = 2;  // weight rows per block: 4 x 2 accumulators of 16 registers
 // 4 KB for float weights: measured on an AVX2-only EPYC (`benchmarks/RESULTS.md`), decode of the
 // bf16 3B model 19% faster than with 2 KB; int8 was 7% slower with 4 KB, so it keeps 2 KB.
-constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048, kPrefetchInt4 = 2048;
+constexpr int64_t kPrefetchFloat = 4096, kPrefetchInt8 = 2048;
 constexpr bool kPrefetchNextBlock = false;  // see `prefetch_ahead`
 constexpr int64_t kRunBytes = 0;  // see `Rows`: not measured on an AVX2 CPU
 #endif
@@ -349,6 +349,15 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
 constexpr int64_t kI4BlockRows = 16;
 constexpr int64_t kI4WordBytes = 64;                // one word of a block: 16 rows x 4 bytes
 constexpr int kI4Vectors = kI4BlockRows / kLanes;  // vectors per word of a block
+
+// Block b of a packed int4 matrix of K columns (w [N, K / 2], s [N, K / G, 2]): its 16 rows'
+// bytes, and the 16 scales, then 16 offsets, of its group g.
+inline const uint8_t* int4_block(const uint8_t* w, int64_t b, int64_t K) {
+  return w + b * kI4BlockRows * K / 2;
+}
+inline const float* int4_group_scales(const float* s, int64_t b, int64_t groups, int64_t g) {
+  return s + (b * groups + g) * 2 * kI4BlockRows;
+}
 // Independent int32 sums per group at XR rows of x, enough to hide the dot products' latency:
 // on the AVX-512 EPYC one decode step's int4 matrices at batch 1 took 0.68x the time with 16
 // than with 8, at batch 4 1.09-1.13x (benchmarks/RESULTS.md). AVX2's 16 registers must also
@@ -413,7 +422,7 @@ inline void dot_block_int4(const QuantizedRows& xq, const std::vector<int32_t>& 
       auto word = [&](auto u) {
         constexpr int kU = decltype(u)::value;
         const uint8_t* wc = wg + (c + kU) * kI4WordBytes;
-        prefetch(wc + kPrefetchInt4);
+        prefetch(wc + kPrefetchInt8);
         vi v[kI4Vectors];
         for (int h = 0; h < kI4Vectors; ++h) v[h] = load_i16(reinterpret_cast<const int16_t*>(
                                                        wc + h * kLanes * 4));
@@ -430,7 +439,7 @@ inline void dot_block_int4(const QuantizedRows& xq, const std::vector<int32_t>& 
         word(std::integral_constant<int, 3>{});
       }
     }
-    const float* sg = s + g * 2 * kI4BlockRows;  // 16 scales, then 16 offsets
+    const float* sg = int4_group_scales(s, 0, groups, g);
     for (int i = 0; i < XR; ++i) {
       const vf xscale = set1(xq.scales[(row0 + i) * groups + g]);
       const vf xsum = set1(xq.sums[(row0 + i) * groups + g]);
@@ -506,12 +515,12 @@ void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* 
                       int64_t K, int64_t G, float* y) {
   const QuantizedRows xq = quantize_rows(x, M, K, G);
   const std::vector<int32_t> pairs = int4_pairs(xq.q);
-  const int64_t block_bytes = kI4BlockRows * K / 2, block_scales = kI4BlockRows * K / G * 2;
   at::parallel_for(0, N / kI4BlockRows, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       auto pass = [&](auto xr, int64_t m) {
-        dot_block_int4<decltype(xr)::value>(xq, pairs, m, w + b * block_bytes, K, G,
-                                            s + b * block_scales, y + m * N + b * kI4BlockRows, N);
+        dot_block_int4<decltype(xr)::value>(xq, pairs, m, int4_block(w, b, K), K, G,
+                                            int4_group_scales(s, b, K / G, 0),
+                                            y + m * N + b * kI4BlockRows, N);
       };
       int64_t m = 0;
       for (; m + kI4MaxXRows <= M; m += kI4MaxXRows)
@@ -585,8 +594,8 @@ void int4_dequantize(const at::Tensor& w, const at::Tensor& s, at::Tensor out) {
     alignas(64) uint8_t codes[kI4BlockRows][256];  // one group: G <= 256
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t g = 0; g < K / G; ++g) {
-        int4_block_codes(wp + b * kI4BlockRows * K / 2, g * G, G, codes[0], 256);
-        const float* sg = sp + (b * (K / G) + g) * 2 * kI4BlockRows;  // 16 scales, 16 offsets
+        int4_block_codes(int4_block(wp, b, K), g * G, G, codes[0], 256);
+        const float* sg = int4_group_scales(sp, b, K / G, g);
         for (int64_t r = 0; r < kI4BlockRows; ++r) {
           const vf scale = set1(sg[r]), offset = set1(sg[kI4BlockRows + r]);
           float* o = op + (b * kI4BlockRows + r) * K + g * G;
@@ -777,10 +786,10 @@ struct TileWeights {
   }
   // int4: (scale, offset) of row j of tile n (rows 16 n .. 16 n + 15) for group g of the row.
   float group_scale(int64_t n, int64_t j, int64_t g) const {
-    return scale[((n * groups + g) * 2) * kI4BlockRows + j];
+    return int4_group_scales(scale, n, groups, g)[j];
   }
   float group_offset(int64_t n, int64_t j, int64_t g) const {
-    return scale[((n * groups + g) * 2 + 1) * kI4BlockRows + j];
+    return int4_group_scales(scale, n, groups, g)[kI4BlockRows + j];
   }
 
   // Weight rows [n0, n0 + rows), columns [k0, k0 + K) as bf16 into dst (row stride K), or as
