@@ -6,7 +6,10 @@ Every layer attends globally: big_vision has no Gemma 2 sliding window.
 
 Activations are float32 whatever the weights' storage dtype (see `layers`). Attention runs through
 `F.scaled_dot_product_attention` when the result is the same up to f32 rounding (no logit
-softcap, no one recording the probabilities), else through explicit f32 scores and softmax.
+softcap, no one recording the probabilities), else through explicit f32 scores and softmax. A
+decode step's few query rows (softcap or not) and RMSNorm without autograd take the C++ kernel's
+one-op versions where it is built (`kernels.attend_cached`, `kernels.rms_norm`): the same f32
+math, without the fixed costs of PyTorch's several small ops per layer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dispatch, kernels
 from .config import TextConfig
 from .kv_cache import KVCache
 from .layers import Embedding, Linear, gelu_tanh_, matmul_dtype
@@ -37,9 +41,12 @@ class RMSNorm(nn.Module):
         self.math_dtype = math_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = (1.0 + self.scale.to(self.math_dtype or torch.float32)).float()
+        isa = dispatch.plan().kernel
+        if isa and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled():
+            return kernels.rms_norm(isa, x, gain, RMS_NORM_EPS)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)
-        gain = (1.0 + self.scale.to(self.math_dtype or torch.float32)).float()
         # in place without autograd: one [..., D] temporary fewer (896 px prefill: 38 MB)
         normed = normed * gain if torch.is_grad_enabled() else normed.mul_(gain)
         return normed.to(x.dtype)
@@ -169,8 +176,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q [B, K, G, C, H] (roped, scaled), k/v [B, K, S, H], mask [B, C, S] -> [B, K, G, C, H]"""
         b, kv_heads, groups, c, h = q.shape
-        bias = attention_bias(mask, groups)
         q = q.reshape(b, kv_heads, groups * c, h)
+        isa = dispatch.plan().kernel
+        if (isa and c <= dispatch.FEW_ROWS and not torch.is_grad_enabled() and q.is_cpu
+                and q.dtype == k.dtype == v.dtype == torch.float32
+                and not self.probs._forward_hooks):
+            out = kernels.attend_cached(isa, q, k, v, mask, self.cfg.attn_logits_softcap)
+            return out.view(b, kv_heads, groups, c, h)
+        bias = attention_bias(mask, groups)
         # The probs hook point is skipped by SDPA: take the explicit path while it is observed.
         if self.cfg.attn_logits_softcap is None and not self.probs._forward_hooks:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)

@@ -76,6 +76,8 @@ def _build(isa: str) -> bool:
         return False
     torch.library.register_fake(f"paligemma::gemv_{isa}")(_gemv_shape)
     torch.library.register_fake(f"paligemma::gelu_tanh_{isa}")(_in_place)
+    torch.library.register_fake(f"paligemma::attend_cached_{isa}")(_attend_shape)
+    torch.library.register_fake(f"paligemma::rms_norm_{isa}")(_rms_norm_shape)
     if isa in INT8_HALVES_ISAS:
         torch.library.register_fake(f"paligemma::int8_halves_{isa}")(_halves_in_place)
         torch.library.register_fake(f"paligemma::int8_combine_{isa}")(_combine_in_place)
@@ -121,6 +123,16 @@ def _in_place(x: torch.Tensor, other: torch.Tensor | None) -> None:
     return None
 
 
+def _attend_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, softcap: float
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _rms_norm_shape(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def _halves_in_place(x: torch.Tensor, halves: torch.Tensor, step: torch.Tensor) -> None:
     return None
 
@@ -139,6 +151,35 @@ def gelu_tanh_(isa: str, x: torch.Tensor, other: torch.Tensor | None = None) -> 
     """x = gelu(x, approximate="tanh") * other (or without `other`), in place; float32,
     contiguous, other of x's shape. Only call after `load(isa)` returned True."""
     getattr(torch.ops.paligemma, f"gelu_tanh_{isa}")(x, other)
+
+
+def attend_cached(
+    isa: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of a few query rows over the KV cache (a decode step), float32:
+    softmax(where(mask, cap(q k^T), MASK_FILL)) v.
+
+    q [B, K, Q, H] (Q = G * C: the G query heads of each kv head at C positions, roped and scaled),
+    k and v [B, K, S, H] with contiguous rows of H (views of the cache), mask [B, C, S] bool
+    (query row g * C + c reads mask row c), softcap: cap * tanh(scores / cap) if given
+    -> [B, K, Q, H]. Only call after `load(isa)` returned True.
+    """
+    mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    return getattr(torch.ops.paligemma, f"attend_cached_{isa}")(
+        q.contiguous(), k, v, mask, softcap or 0.0)
+
+
+def rms_norm(isa: str, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] float32 -> x / sqrt(mean(x^2) + eps) * gain, gain [D] float32, in one pass per
+    row. Only call after `load(isa)` returned True."""
+    rows = x.reshape(-1, x.shape[-1])
+    return getattr(torch.ops.paligemma, f"rms_norm_{isa}")(
+        rows if rows.stride(-1) == 1 else rows.contiguous(), gain.contiguous(), eps).view(x.shape)
 
 
 def gemv(

@@ -15,7 +15,7 @@ import torch.utils.cpp_extension
 
 from paligemma import dispatch, int4, kernels, layers
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma.gemma import GeGLU
+from paligemma.gemma import MASK_FILL, GeGLU
 from paligemma.generate import generate
 from paligemma.layers import dequantize, linear
 from paligemma.model import PaliGemmaModel
@@ -859,6 +859,74 @@ def test_gelu_kernel_matches_float64(isa):
     kernels.gelu_tanh_(isa, y, other)
     torch.testing.assert_close(y[:-1].double(), (expected * other.double())[:-1], rtol=1e-5,
                                atol=1e-6)
+
+
+def attention_float64(q, k, v, mask, softcap):
+    """big_vision's attention in float64: q [B, K, G * C, H], k/v [B, K, S, H], mask [B, C, S]."""
+    scores = q.double() @ k.double().transpose(-1, -2)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = mask[:, None].repeat(1, 1, q.shape[2] // mask.shape[1], 1)
+    scores = torch.where(allowed, scores, torch.tensor(MASK_FILL, dtype=torch.float64))
+    return scores.softmax(-1) @ v.double()
+
+
+# (B, K, G, C, H, S): decode steps of 3B (one kv head of 8 query heads, head_dim 256), of
+# Gemma 2 (4 kv heads), several query positions, and head_dims with a partial last vector.
+ATTENTION_SHAPES = [(1, 1, 8, 1, 256, 274), (4, 1, 8, 1, 256, 37), (2, 4, 2, 3, 64, 100),
+                    (3, 2, 3, 2, 48, 5), (2, 1, 4, 1, 20, 7), (1, 2, 2, 1, 8, 3)]
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_cached_attention_kernel_matches_float64(isa, shape, softcap):
+    """`kernels.attend_cached` over views of a longer cache, with masked keys and a fully masked
+    query row (uniform weights, as the explicit path gives): within 5e-6 of float64, which is
+    what PyTorch's f32 scores, softcap and softmax reach on these inputs (2.7e-6)."""
+    b, kv_heads, groups, c, h, s = shape
+    cache_k, cache_v = torch.randn(2, b, kv_heads, s + 9, h)
+    k, v = cache_k[:, :, :s], cache_v[:, :, :s]
+    q = torch.randn(b, kv_heads, groups * c, h) * 0.3
+    mask = torch.rand(b, c, s) > 0.3
+    mask[0, 0] = False
+    out = kernels.attend_cached(isa, q, k, v, mask, softcap)
+    torch.testing.assert_close(out.double(), attention_float64(q, k, v, mask, softcap),
+                               rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_rms_norm_kernel_matches_float64(isa):
+    """`kernels.rms_norm` on rows with a partial last vector and of very different scales."""
+    x = torch.randn(5, 2051) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0])[:, None]
+    gain = torch.randn(2051)
+    expected = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(kernels.rms_norm(isa, x, gain, 1e-6).double(),
+                               expected * gain.double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_decode_steps_take_the_attention_and_norm_kernels(softcap, monkeypatch, replan):
+    """Each decode step's attention (every layer) and every RMSNorm take the kernel's ops, the
+    prompt's attention (7 + 4 query rows) does not; the tokens and logits are those of PyTorch's
+    ops (`test_decode_without_the_kernel_is_the_same` covers the whole kernel)."""
+    if not KERNEL_ISAS:
+        pytest.skip("no kernel build here")
+    model, prompts = tiny_model(softcap), ragged_prompts()
+    calls = {"attend_cached": [], "rms_norm": []}
+    for name, seen in calls.items():
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, f=original, seen=seen: seen.append(1) or f(*a))
+    tokens, logits = generate(model, *prompts, max_new_tokens=4)
+    depth = model.config.text.depth
+    assert len(calls["attend_cached"]) == 3 * depth  # the 3 steps after the prompt
+    assert len(calls["rms_norm"]) == 4 * (2 * depth + 1)  # the prompt and 3 steps
+    monkeypatch.undo()
+    replan("kernel")
+    plain_tokens, plain = generate(model, *prompts, max_new_tokens=4)
+    assert torch.equal(tokens, plain_tokens)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-4)
 
 
 def test_gelu_without_the_kernel_is_pytorchs(replan):

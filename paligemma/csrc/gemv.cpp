@@ -82,6 +82,12 @@ inline vf fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf set1(float v) { return _mm512_set1_ps(v); }
 inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf select_below(vf x, float limit, vf a, vf b) {  // a where x < limit, else b
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(limit), _CMP_LT_OQ), b, a);
+}
+inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 inline vf widen(const float* p) { return load(p); }
 inline vf widen(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -140,6 +146,16 @@ inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf select_below(vf x, float limit, vf a, vf b) {  // a where x < limit, else b
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, set1(limit), _CMP_LT_OQ));
+}
+inline float hmax(vf v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 inline vf widen(const float* p) { return load(p); }
 inline vf widen(const at::Half* p) {
@@ -1258,6 +1274,253 @@ void gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& other) {
   }
 }
 
+// ---- The small ops between a decode step's matmuls: attention over the KV cache and RMSNorm.
+// PyTorch runs each as several ops (SDPA plus the mask's bias; RMSNorm's five), whose fixed costs
+// were about a fifth of an int4 decode step of the 3B model (benchmarks/RESULTS.md).
+
+constexpr float kMaskFill = -2.3819763e38f;  // big_vision's K_MASK (`paligemma.gemma.MASK_FILL`)
+constexpr int64_t kKeysPerTask = 32;         // keys per task of the scores' pass
+constexpr int kScoreRows = 4;                // query rows per pass over two keys
+constexpr int kValueRows = 4;                // query rows per pass over the values
+constexpr int kValueVectors = 2;             // vectors of columns per pass over the values
+
+// scores[r * S + j] = q[r] . keys[j] for R query rows (length H, R * H apart) and 2 keys
+// (H apart): each vector of q and of the keys is loaded once for the 2R dot products.
+template <int R>
+inline void dot_rows_keys(const float* q, const float* keys, int64_t H, float* scores,
+                          int64_t S) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = zero();
+  int64_t h = 0;
+  for (; h + kLanes <= H; h += kLanes) {
+    const vf k0 = load(keys + h), k1 = load(keys + H + h);
+    for (int r = 0; r < R; ++r) {
+      const vf qr = load(q + r * H + h);
+      acc[r][0] = fmadd(qr, k0, acc[r][0]);
+      acc[r][1] = fmadd(qr, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 2; ++i) {
+      float sum = hsum(acc[r][i]);
+      for (int64_t t = h; t < H; ++t) sum += q[r * H + t] * keys[i * H + t];
+      scores[r * S + i] = sum;
+    }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf s0 = zero(), s1 = zero();
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    s0 = fmadd(load(a + i), load(b + i), s0);
+    s1 = fmadd(load(a + i + kLanes), load(b + i + kLanes), s1);
+  }
+  if (i + kLanes <= n) s0 = fmadd(load(a + i), load(b + i), s0), i += kLanes;
+  float sum = hsum(add(s0, s1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// tanh(u) as Cephes' tanhf computes it, about 1 ulp: u + u^3 P(u^2) for |u| < 0.625, else
+// 1 - 2 / (exp(2 |u|) + 1) with the sign of u.
+inline vf tanh_cephes(vf u) {
+  const vf a = vmax(u, sub(zero(), u));
+  const vf z = mul(a, a);
+  vf p = set1(-5.70498872745e-3f);
+  for (float c : {2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f, -3.33332819422e-1f})
+    p = fmadd(p, z, set1(c));
+  const vf small = fmadd(mul(p, z), a, a);
+  const vf e = exp_clamped(clamp(add(a, a), -87.0f, 88.0f));
+  const vf t = select_below(a, 0.625f, small, sub(set1(1.0f), div(set1(2.0f), add(e, set1(1.0f)))));
+  return select_below(u, 0.0f, sub(zero(), t), t);
+}
+
+// probs[r, j] = softmax_j(p[r, j]) in place over one row of S scores: the largest score is
+// subtracted before exp, masked scores (kMaskFill) get weights below e^-87 of the largest
+// (1.6e-38: zero next to it in f32), and a row with every key masked is uniform, as the explicit
+// f32 softmax of `paligemma.gemma.Attention` computes it.
+inline void softmax_row(float* p, int64_t S) {
+  vf m = set1(kMaskFill);
+  int64_t j = 0;
+  for (; j + kLanes <= S; j += kLanes) m = vmax(m, load(p + j));
+  float top = hmax(m);
+  for (; j < S; ++j) top = std::max(top, p[j]);
+  vf sum = zero();
+  for (j = 0; j + kLanes <= S; j += kLanes) {
+    const vf e = exp_clamped(clamp(add(load(p + j), set1(-top)), -87.0f, 0.0f));
+    store(p + j, e);
+    sum = add(sum, e);
+  }
+  float total = hsum(sum);
+  for (; j < S; ++j) total += p[j] = std::exp(std::max(p[j] - top, -87.0f));
+  const vf inverse = set1(1.0f / total);
+  for (j = 0; j + kLanes <= S; j += kLanes) store(p + j, mul(load(p + j), inverse));
+  for (; j < S; ++j) p[j] *= 1.0f / total;
+}
+
+// out[r, h0 : h0 + V kLanes] = sum_j probs[r, j] v[j, h0 : h0 + V kLanes] for R query rows:
+// each line of values is read once per R rows, each probability once per V vectors.
+template <int R, int V>
+inline void weighted_values(const float* probs, int64_t S, const float* v, int64_t H, int64_t h0,
+                            float* out) {
+  vf acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < V; ++c) acc[r][c] = zero();
+  for (int64_t j = 0; j < S; ++j) {
+    vf vj[V];
+    for (int c = 0; c < V; ++c) vj[c] = load(v + j * H + h0 + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const vf p = set1(probs[r * S + j]);
+      for (int c = 0; c < V; ++c) acc[r][c] = fmadd(p, vj[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < V; ++c) store(out + r * H + h0 + c * kLanes, acc[r][c]);
+}
+
+// The same for one query row and the columns [h0, H) past the last whole vector.
+inline void weighted_values_tail(const float* probs, int64_t S, const float* v, int64_t H,
+                                 int64_t h0, float* out) {
+  for (int64_t h = h0; h < H; ++h) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < S; ++j) sum += probs[j] * v[j * H + h];
+    out[h] = sum;
+  }
+}
+
+// Attention of a few query rows over the KV cache (a decode step): q [B, K, Q, H] float32
+// (contiguous; Q = G * C: the G query heads of kv head K, each at C positions, roped and scaled),
+// k and v [B, K, S, H] float32 whose rows of H are contiguous (the cache's slots [0, S)), mask
+// [B, C, S] bool with unit key stride (True = may attend; query row g * C + c reads mask row c),
+// softcap > 0 caps the scores at it (cap tanh(s / cap)) -> [B, K, Q, H] float32:
+//   softmax_j(where(mask, cap(q . k_j), kMaskFill)) . v, with f32 sums.
+// Three passes, each split across threads: the scores (keys in blocks of kKeysPerTask, each key
+// read once for all Q rows), their softmax per row, and the weighted values (kLanes columns per
+// task).
+at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& mask, double softcap) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "attend_cached: q must be contiguous float32 [B, K, Q, H]");
+  const int64_t B = q.size(0), KH = q.size(1), Q = q.size(2), H = q.size(3), S = k.size(2);
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->size(0) == B &&
+                    t->size(1) == KH && t->size(2) == S && t->size(3) == H &&
+                    t->stride(3) == 1 && t->stride(2) == H,
+                "attend_cached: k and v must be float32 [B, K, S, H] (q's B, K, H) whose rows of ",
+                "H are contiguous");
+  TORCH_CHECK(mask.dim() == 3 && mask.scalar_type() == at::kBool && mask.size(0) == B &&
+                  mask.size(1) > 0 && Q % mask.size(1) == 0 && mask.size(2) == S &&
+                  mask.stride(2) == 1,
+              "attend_cached: mask must be bool [B, C, S] with unit key stride, C dividing Q");
+  const int64_t C = mask.size(1);
+  at::Tensor probs = at::empty({B, KH, Q, S}, q.options());
+  at::Tensor out = at::empty({B, KH, Q, H}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* pp = probs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float cap = static_cast<float>(softcap);
+  const int64_t blocks = (S + kKeysPerTask - 1) / kKeysPerTask;
+  at::parallel_for(0, B * KH * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / blocks, b = bh / KH, j0 = t % blocks * kKeysPerTask;
+      const int64_t j1 = std::min(S, j0 + kKeysPerTask);
+      const float* keys = kp + b * k.stride(0) + bh % KH * k.stride(1);
+      float* scores = pp + bh * Q * S;
+      const float* qb = qp + bh * Q * H;
+      int64_t j = j0;
+      for (; j + 2 <= j1; j += 2) {
+        int64_t r = 0;
+        for (; r + kScoreRows <= Q; r += kScoreRows)
+          dot_rows_keys<kScoreRows>(qb + r * H, keys + j * H, H, scores + r * S + j, S);
+        for (; r < Q; ++r) dot_rows_keys<1>(qb + r * H, keys + j * H, H, scores + r * S + j, S);
+      }
+      for (; j < j1; ++j)
+        for (int64_t r = 0; r < Q; ++r) scores[r * S + j] = dot(qb + r * H, keys + j * H, H);
+      for (int64_t r = 0; r < Q; ++r) {
+        float* row = scores + r * S;
+        if (cap > 0) {
+          int64_t j = j0;
+          for (; j + kLanes <= j1; j += kLanes)
+            store(row + j, mul(tanh_cephes(div(load(row + j), set1(cap))), set1(cap)));
+          for (; j < j1; ++j) row[j] = cap * std::tanh(row[j] / cap);
+        }
+        const bool* allowed = mp + b * mask.stride(0) + r % C * mask.stride(1);
+        for (int64_t j = j0; j < j1; ++j)
+          if (!allowed[j]) row[j] = kMaskFill;
+      }
+    }
+  });
+  at::parallel_for(0, B * KH * Q, std::max<int64_t>(1, 4096 / S), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) softmax_row(pp + r * S, S);
+  });
+  // Tasks of kValueVectors vectors of columns, then single vectors, then the last partial one.
+  const int64_t wide = H / (kValueVectors * kLanes), narrow = H / kLanes - wide * kValueVectors;
+  const int64_t columns = wide + narrow + (H % kLanes ? 1 : 0);
+  at::parallel_for(0, B * KH * columns, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / columns, c = t % columns;
+      const int64_t h0 = c < wide ? c * kValueVectors * kLanes : (wide * kValueVectors + c - wide) * kLanes;
+      const float* values = vp + bh / KH * v.stride(0) + bh % KH * v.stride(1);
+      for (int64_t r = 0; r < Q;) {
+        const float* p = pp + (bh * Q + r) * S;
+        float* o = op + (bh * Q + r) * H;
+        if (c >= wide + narrow) {
+          weighted_values_tail(p, S, values, H, h0, o);
+          r += 1;
+        } else if (r + kValueRows > Q) {
+          c < wide ? weighted_values<1, kValueVectors>(p, S, values, H, h0, o)
+                   : weighted_values<1, 1>(p, S, values, H, h0, o);
+          r += 1;
+        } else {
+          c < wide ? weighted_values<kValueRows, kValueVectors>(p, S, values, H, h0, o)
+                   : weighted_values<kValueRows, 1>(p, S, values, H, h0, o);
+          r += kValueRows;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// x [M, D] float32 (rows contiguous), gain [D] float32 -> [M, D]: x * (1 / sqrt(mean(x^2) + eps))
+// * gain, the two products rounded in that order as `paligemma.gemma.RMSNorm` computes them.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& gain, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "rms_norm: x must be float32 [M, D] with unit column stride");
+  const int64_t M = x.size(0), D = x.size(1), ldx = x.stride(0);
+  const float* g = float_values("rms_norm", "gain", gain, D);
+  at::Tensor y = at::empty({M, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * ldx;
+      float* yr = yp + r * D;
+      vf s0 = zero(), s1 = zero();
+      int64_t d = 0;
+      for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
+        const vf a = load(xr + d), b = load(xr + d + kLanes);
+        s0 = fmadd(a, a, s0);
+        s1 = fmadd(b, b, s1);
+      }
+      for (; d + kLanes <= D; d += kLanes) s0 = fmadd(load(xr + d), load(xr + d), s0);
+      float squares = hsum(add(s0, s1));
+      for (; d < D; ++d) squares += xr[d] * xr[d];
+      const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(D) +
+                                             static_cast<float>(eps));
+      const vf vinv = set1(inverse);
+      for (d = 0; d + kLanes <= D; d += kLanes)
+        store(yr + d, mul(mul(load(xr + d), vinv), load(g + d)));
+      for (; d < D; ++d) yr[d] = xr[d] * inverse * g[d];
+    }
+  });
+  return y;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // "int8-gemm"'s two passes over x and over the output in one each (`layers._int8_mm`, which
 // computes the same in PyTorch ops, bit for bit, without an AVX-512 build).
@@ -1375,6 +1638,9 @@ TORCH_LIBRARY_FRAGMENT(paligemma, m) {
   m.def(PG_STR(PG_CAT(gemv_, PG_ISA)) "(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)) "(Tensor w, Tensor s, Tensor(a!) out) -> ()");
   m.def(PG_STR(PG_CAT(gelu_tanh_, PG_ISA)) "(Tensor(a!) x, Tensor? other) -> ()");
+  m.def(PG_STR(PG_CAT(attend_cached_, PG_ISA))
+        "(Tensor q, Tensor k, Tensor v, Tensor mask, float softcap) -> Tensor");
+  m.def(PG_STR(PG_CAT(rms_norm_, PG_ISA)) "(Tensor x, Tensor gain, float eps) -> Tensor");
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   m.def(PG_STR(PG_CAT(int8_halves_, PG_ISA)) "(Tensor x, Tensor(a!) halves, Tensor(b!) step) -> ()");
   m.def(PG_STR(PG_CAT(int8_combine_, PG_ISA))
@@ -1390,6 +1656,8 @@ TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl(PG_STR(PG_CAT(gemv_, PG_ISA)), &gemv);
   m.impl(PG_STR(PG_CAT(int4_dequantize_, PG_ISA)), &int4_dequantize);
   m.impl(PG_STR(PG_CAT(gelu_tanh_, PG_ISA)), &gelu_tanh_);
+  m.impl(PG_STR(PG_CAT(attend_cached_, PG_ISA)), &attend_cached);
+  m.impl(PG_STR(PG_CAT(rms_norm_, PG_ISA)), &rms_norm);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   m.impl(PG_STR(PG_CAT(int8_halves_, PG_ISA)), &int8_halves);
   m.impl(PG_STR(PG_CAT(int8_combine_, PG_ISA)), &int8_combine);
