@@ -148,8 +148,9 @@ def _gemv_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) ->
 
 
 def gelu_tanh_(isa: str, x: torch.Tensor, other: torch.Tensor | None = None) -> None:
-    """x = gelu(x, approximate="tanh") * other (or without `other`), in place; float32,
-    contiguous, other of x's shape. Only call after `load(isa)` returned True."""
+    """x = gelu(x, approximate="tanh") * other (or without `other`), in place; float32 or
+    bfloat16 (computed in f32, rounded once), contiguous, other of x's dtype and shape. Only call
+    after `load(isa)` returned True."""
     getattr(torch.ops.paligemma, f"gelu_tanh_{isa}")(x, other)
 
 

@@ -246,13 +246,16 @@ def _bf16_mm(
 def gelu_tanh_(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
     """x = gelu(x, approximate="tanh") * other (or gelu(x)), in place (no autograd), returning x.
 
-    float32 x and other on CPU take the kernel's one pass (`kernels.gelu_tanh_`: x * sigmoid(2u),
-    the same function as 0.5 x (1 + tanh(u)), a few ulp from it) where PyTorch makes two passes
-    with a slower tanh: 3.5x faster for a Gemma 2B MLP's 262 x 16384 on one AMX Xeon."""
+    float32 or bf16 x and other on CPU take the kernel's one pass (`kernels.gelu_tanh_`:
+    x * sigmoid(2u), the same function as 0.5 x (1 + tanh(u)), a few ulp from it; bf16 computed
+    in f32 and rounded once) where PyTorch makes two passes with a slower tanh: 3.5x faster for a
+    Gemma 2B MLP's 262 x 16384 f32 on one AMX Xeon; bf16 (`--matmul-precision medium`): see
+    benchmarks/RESULTS.md."""
     isa = dispatch.plan().kernel
     same = other is None or (other.dtype == x.dtype and other.shape == x.shape
                              and other.is_contiguous())
-    if isa and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and same:
+    fast_dtype = x.dtype in (torch.float32, torch.bfloat16)
+    if isa and fast_dtype and x.is_cpu and x.is_contiguous() and same:
         kernels.gelu_tanh_(isa, x, other)
         return x
     x = torch.ops.aten.gelu_(x, approximate="tanh")

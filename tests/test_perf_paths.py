@@ -861,6 +861,25 @@ def test_gelu_kernel_matches_float64(isa):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_gelu_kernel_rounds_bf16_once(isa):
+    """bf16 x and other (`--matmul-precision medium`): gelu(x) * other computed in f32 and
+    rounded once, within half a bf16 ulp (plus f32 rounding) of the float64 value; NaN kept."""
+    x = torch.cat([torch.randn(2000) * 3, torch.linspace(-30, 30, 101),
+                   torch.tensor([float("nan")])]).bfloat16()
+    other = torch.randn(x.shape).bfloat16()
+    expected = F.gelu(x.double(), approximate="tanh") * other.double()
+    y = x.clone()
+    kernels.gelu_tanh_(isa, y, other)
+    assert y.dtype == torch.bfloat16 and y[-1].isnan()
+    y, expected = y[:-1].double(), expected[:-1]
+    # where gelu is not negligible (float64's 1 + tanh(u) cancels to 0 before the kernel's does)
+    large = expected.abs() > 1e-6
+    half_ulp = torch.ldexp(torch.ones_like(y), torch.frexp(y).exponent - 9)  # bf16: 8 bits
+    assert ((y - expected).abs() <= half_ulp * 1.001)[large].all()
+    assert (y - expected)[~large].abs().max() < 1e-6
+
+
 def attention_float64(q, k, v, mask, softcap):
     """big_vision's attention in float64: q [B, K, G * C, H], k/v [B, K, S, H], mask [B, C, S]."""
     scores = q.double() @ k.double().transpose(-1, -2)

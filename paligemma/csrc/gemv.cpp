@@ -96,6 +96,15 @@ inline vf widen(const at::BFloat16* p) {  // a bf16 is the top half of an f32
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline void store(at::BFloat16* p, vf v) {  // rounded to nearest even as c10::BFloat16, NaN kept
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  __m512i top = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  top = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), top,
+                                _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(top));
+}
 inline vi izero() { return _mm512_setzero_si512(); }
 inline vi load_i16(const int16_t* p) { return _mm512_loadu_si512(p); }
 inline vi widen_i8(const int8_t* p) {  // 32 int8 -> 32 int16
@@ -164,6 +173,17 @@ inline vf widen(const at::Half* p) {
 inline vf widen(const at::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline void store(at::BFloat16* p, vf v) {  // rounded to nearest even as c10::BFloat16, NaN kept
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0),
+                           _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // 32-bit lanes to 16-bit: packus works within 128-bit halves; the permute joins them
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 inline vi izero() { return _mm256_setzero_si256(); }
 inline vi load_i16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -1251,27 +1271,38 @@ inline vf gelu_tanh(vf x) {
 }
 
 // x = gelu(x) * other (or gelu(x)), in place: one pass where PyTorch's tanh-GELU and then a
-// multiply take two, and its tanh is a slower one (benchmarks/RESULTS.md).
-void gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& other) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "gelu_tanh_: x must be contiguous float32");
-  TORCH_CHECK(!other.has_value() || (other->scalar_type() == at::kFloat &&
-                                     other->is_contiguous() && other->sizes() == x.sizes()),
-              "gelu_tanh_: other must be contiguous float32 of x's shape");
-  float* xp = x.data_ptr<float>();
-  const float* op = other.has_value() ? other->data_ptr<float>() : nullptr;
-  const int64_t n = x.numel(), vectors = n / kLanes;
+// multiply take two, and its tanh is a slower one (benchmarks/RESULTS.md). float32, or bf16
+// (`--matmul-precision medium`): widened, computed in f32 and rounded once to bf16.
+template <typename T>
+void gelu_tanh_values(T* xp, const T* op, int64_t n) {
+  const int64_t vectors = n / kLanes;
   at::parallel_for(0, vectors, 2048, [&](int64_t v0, int64_t v1) {
     for (int64_t v = v0; v < v1; ++v) {
-      vf g = gelu_tanh(load(xp + v * kLanes));
-      if (op) g = mul(g, load(op + v * kLanes));
+      vf g = gelu_tanh(widen(xp + v * kLanes));
+      if (op) g = mul(g, widen(op + v * kLanes));
       store(xp + v * kLanes, g);
     }
   });
   for (int64_t i = vectors * kLanes; i < n; ++i) {
-    const float u = 0.7978845608028654f * (xp[i] + kGeluKappa * xp[i] * xp[i] * xp[i]);
-    xp[i] = 0.5f * xp[i] * (1.0f + std::tanh(u)) * (op ? op[i] : 1.0f);
+    const float x = static_cast<float>(xp[i]);
+    const float u = 0.7978845608028654f * (x + kGeluKappa * x * x * x);
+    const float scale = op ? static_cast<float>(op[i]) : 1.0f;
+    xp[i] = static_cast<T>(0.5f * x * (1.0f + std::tanh(u)) * scale);
   }
+}
+
+void gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& other) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous(),
+              "gelu_tanh_: x must be contiguous float32 or bfloat16");
+  TORCH_CHECK(!other.has_value() || (other->scalar_type() == dtype &&
+                                     other->is_contiguous() && other->sizes() == x.sizes()),
+              "gelu_tanh_: other must be contiguous, of x's dtype and shape");
+  if (dtype == at::kFloat)
+    gelu_tanh_values(x.data_ptr<float>(), other ? other->data_ptr<float>() : nullptr, x.numel());
+  else
+    gelu_tanh_values(x.data_ptr<at::BFloat16>(),
+                     other ? other->data_ptr<at::BFloat16>() : nullptr, x.numel());
 }
 
 // ---- The small ops between a decode step's matmuls: attention over the KV cache and RMSNorm.
