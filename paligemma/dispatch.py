@@ -34,9 +34,12 @@ step, bandwidth-bound: up to `FEW_ROWS`) or many (prefill, vision: compute-bound
   part.
 
 At the default precision every path computes in float32 (big_vision's numerics); they differ only in
-f32 summation order, except that int8 and int4 weights on the kernel and on "amx-int8", and int8
-weights on "int8-gemm", take x rounded to int16 steps of 2^-15 of its group's (row's) largest value,
-see `csrc/gemv.cpp`: an error about 100x below that of the int8 weights themselves. Library kernels
+f32 summation order, except that int8 weights on the kernel, int8 and int4 weights on "amx-int8",
+and int8 weights on "int8-gemm", take x rounded to int16 steps of 2^-15 of its group's (row's)
+largest value, see `csrc/gemv.cpp`: an error about 100x below that of the int8 weights
+themselves; and int4 weights on the kernel (decode steps) take x rounded to int8 steps of 1/127
+of its group's largest value: an rms error 6-15x below that of the int4 weights themselves, for
+half the dot products. Library kernels
 were measured against ours on an AVX-512 + AMX Xeon (`benchmarks/bf16_matmul.py`,
 `benchmarks/RESULTS.md`): none keeps float32 activations as fast at few rows (`F.linear` in f32 ties
 the kernel at 1 row and is about 2x slower at 4 and 8, `torch._weight_int8pack_mm` with f32

@@ -27,8 +27,10 @@ with column j and j + 16 in one byte; `LAYOUT` 1) are converted when loaded (`fr
 Math stays float32 (`layers.linear` calls `linear` here for uint8 weights):
 - a few rows (decode steps): the C++ decode kernel (`csrc/gemv.cpp`, `paligemma.kernels`, the
   instruction set `paligemma.dispatch` chose) reads the packed weights directly, once (0.56
-  bytes per weight at G = 128, against int8's 1.0): at batch 1 0.63-0.80 of `x.sum()`'s
-  bandwidth on the AVX-512 EPYC; at batch 4 bound by the int16 dot products (16 per 64 bytes);
+  bytes per weight at G = 128, against int8's 1.0), with x rounded to int8 steps of its
+  group's largest |x| / 127 (an rms error 6-15x below the int4 codes' own on Gaussian,
+  heavy-tailed and outlier-laden x; `csrc/gemv.cpp`): half the dot products of int16 steps, so
+  a step at batch 4 costs little more than one at batch 1 (benchmarks/RESULTS.md);
 - many rows (prefill, vision): with the AMX build, the tile GEMM on the codes (exact in bf16)
   and x in three bf16 parts, each group's f32 sums then scaled and offset (`layers._amx_mm`,
   "amx-gemm", from `dispatch.FEW_ROWS` + 1 rows on: at 16 rows 4.1 vs 5.4 ms for the kernel on

@@ -87,16 +87,26 @@ BF16_VNNI = dispatch.Cpu("an EPYC", NO_BF16.flags | {"avx512_bf16", "avx512_vnni
 INT8_STEP = {"amx": 64, "avx512": 64, "avx2": 32}  # int8 weights per step (csrc/gemv.cpp)
 
 
-def int16_rounded(x, step, group=256):
+def int16_rounded(x, step, group=256, levels=32767):
     """x as the kernel multiplies it with int8 weights: the first K // step * step columns
-    rounded to int16 steps of max|x| / 32767 per group of 256 (the rest stays float32)."""
+    rounded to int16 steps of max|x| / 32767 per group of 256 (the rest stays float32); with
+    levels=127 to int8 steps, as for int4 weights (`int8_rounded`). x * (levels / max|x|) is
+    rounded as the kernel rounds it, in f32."""
     out = x.clone()
     body = x.shape[1] // step * step
     for start in range(0, body, group):
         end = min(start + group, body)
-        unit = (x[:, start:end].abs().amax(1, keepdim=True) / 32767).clamp(min=1e-30)
-        out[:, start:end] = torch.round(x[:, start:end] / unit) * unit
+        amax = x[:, start:end].abs().amax(1, keepdim=True)
+        unit = torch.where(amax > 0, amax / levels, 1.0)
+        inverse = torch.where(amax > 0, levels / amax, 0.0)
+        out[:, start:end] = torch.round(x[:, start:end] * inverse) * unit
     return out
+
+
+def int8_rounded(x, group):
+    """x as the kernel multiplies it with packed int4 weights: int8 steps of max|x| / 127 per
+    group of G columns."""
+    return int16_rounded(x, group, group, levels=127)
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
@@ -117,18 +127,25 @@ def test_gemv_kernel_matches_float64(isa, dtype, k, m):
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
 def test_gemv_kernel_int4_matches_float64(isa, group, m):
-    """Packed int4 (3 blocks of 16 rows): the codes' products take x rounded to int16 per group
-    of G, the offsets' the group sums of x itself; x rows 4, 2 and 1 at a time (AVX2: 2, 1)."""
+    """Packed int4 (3 blocks of 16 rows): the dequantized weights times x rounded to int8 per
+    group of G (codes and offsets alike); x rows 4, 2 and 1 at a time (AVX2: 2, 1)."""
     w, scale = int4.quantize_int4(torch.randn(48, 2 * group) * torch.rand(48, 1), group)
     x = torch.randn(m, 2 * group) * 3
-    by_row = int4.row_scales(scale).double()
-    codes = int4.unpack(w).double() * by_row[..., 0].repeat_interleave(group, 1)
-    offsets = by_row[..., 1]  # [48, 2]
-    group_sums = x.double().view(m, 2, group).sum(-1)  # [m, 2]
-    expected = int16_rounded(x, group, group).double() @ codes.T + group_sums @ offsets.T
-    # atol: an x/step tie may round the other way (one int16 step of one element)
-    torch.testing.assert_close(kernels.gemv(isa, x, w, scale), expected.float(), rtol=1e-5,
-                               atol=2e-3)
+    expected = reference(int8_rounded(x, group), w, scale)
+    torch.testing.assert_close(kernels.gemv(isa, x, w, scale), expected, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_gemv_kernel_keeps_a_nan_in_its_row(isa, dtype):
+    """A NaN in a row of x makes that row's outputs NaN with quantized weights too, whose
+    kernels round x to integer steps first (a NaN step, not a clamped code)."""
+    w, scale = (int4.quantize_int4(torch.randn(32, 256), 128) if dtype == torch.uint8
+                else weights(dtype, 32, 256))
+    x = torch.randn(3, 256)
+    x[1, 70] = float("nan")
+    y = kernels.gemv(isa, x, w, scale)
+    assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
@@ -151,11 +168,7 @@ def test_gemv_kernel_on_rows_shorter_than_a_page(isa, dtype, m):
     x = torch.randn(m, 1024)
     if dtype == torch.uint8:
         w, scale = int4.quantize_int4(torch.randn(80, 1024), 128)
-        by_row = int4.row_scales(scale).double()
-        codes = int4.unpack(w).double() * by_row[..., 0].repeat_interleave(128, 1)
-        expected = (int16_rounded(x, 128, 128).double() @ codes.T
-                    + x.double().view(m, 8, 128).sum(-1) @ by_row[..., 1].T).float()
-        atol = 2e-3
+        expected, atol = reference(int8_rounded(x, 128), w, scale), 2e-4
     else:
         w, scale = weights(dtype, 75, 1024)
         xr = int16_rounded(x, INT8_STEP[isa]) if dtype == torch.int8 else x

@@ -18,11 +18,11 @@
 // group's int32 sums are scaled back and accumulated in f32.
 //
 // Packed int4 weights (uint8 [N, K / 2] in `paligemma/int4.py`'s blocks of 16 rows whose 4-byte
-// words alternate; w = q * scale + offset per group of G columns) take the int8 path's int16
-// products on their codes q in [0, 15], 16 weight rows across the lanes, x rounded per group of
-// G; per group
-//   y[n] += scale[n, g] * xscale[g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k x[k],
-// the last sum taken in f32 from x itself. `int4_dequantize` widens packed int4 weights to
+// words alternate; w = q * scale + offset per group of G columns) take u8 x s8 dot products
+// (vpdpbusd, four per 32-bit lane) of their codes q in [0, 15], 16 weight rows across the lanes,
+// with x rounded to int8 per group of G; per group
+//   y[n] += scale[n, g] * xscale[g] * sum_k q[n, k] * xq[k] + offset[n, g] * xscale[g] * sum_k xq[k]
+// = sum_k w[n, k] * x[k] with x rounded. `int4_dequantize` widens packed int4 weights to
 // float32 for the GEMM of many rows.
 //
 // The AMX build (PG_ISA=amx: the AVX-512 code plus AMX-BF16 and AMX-INT8 tiles) adds
@@ -117,6 +117,14 @@ inline vi dot_i16(vi acc, vi a, vi b) {  // acc[j] += a[2j] b[2j] + a[2j+1] b[2j
   return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 #endif
 }
+inline vi dot_u8(vi acc, vi a, vi b) {  // acc[j] += sum_t a[4j + t] b[4j + t], a u8, b s8
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
+#endif
+}
+inline vi set1_i8(int8_t v) { return _mm512_set1_epi8(v); }
 inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vi and_i(vi a, vi b) { return _mm512_and_si512(a, b); }
 inline vi set1_i16(int16_t v) { return _mm512_set1_epi16(v); }
@@ -191,6 +199,11 @@ inline vi widen_i8(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline vi dot_i16(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline vi dot_u8(vi acc, vi a, vi b) {  // acc[j] += sum_t a[4j + t] b[4j + t], a u8, b s8
+  // a pair's two products (<= 15 * 127 each for int4 codes) never saturate the int16 sum
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+}
+inline vi set1_i8(int8_t v) { return _mm256_set1_epi8(v); }
 inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vi and_i(vi a, vi b) { return _mm256_and_si256(a, b); }
 inline vi set1_i16(int16_t v) { return _mm256_set1_epi16(v); }
@@ -299,32 +312,42 @@ inline void dot_rows(const float* x, const W* w, int64_t K, const Rows& rows, co
 constexpr int64_t kGroup = 256;  // int16 rounding group of x (multiple of 2 * kI16Lanes)
 constexpr int64_t kI8Step = 2 * kI16Lanes;  // int8 weights per step: two int16 vectors
 
-// x rows rounded to int16 per group: x ~ q * group_scale; and each group's f32 sum.
+// x rows rounded per group to integer steps of the group's largest |x| / levels (32767: int16 for
+// int8 weights; 127: int8 for int4 weights): x ~ q * group_scale; and each group's sum of the
+// rounded x, group_scale * sum(q) (int4's offsets meet it: the products are then those of the
+// dequantized weights and the rounded x, whose error is |w| times x's, not |q * scale|'s).
 struct QuantizedRows {
   std::vector<int16_t> q;     // [M, K]
   std::vector<float> scales;  // [M, groups]
-  std::vector<float> sums;    // [M, groups]
+  std::vector<float> sums;    // [M, groups]: of the rounded x
   int64_t groups;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group) {
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, float levels) {
   const int64_t groups = (K + group - 1) / group;
   QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * groups),
                   std::vector<float>(M * groups), groups};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < r.groups; ++g) {
       const int64_t begin = g * group, end = std::min(K, begin + group);
-      float amax = 0.0f, sum = 0.0f;
+      float amax = 0.0f;
+      bool nan = false;
       for (int64_t k = begin; k < end; ++k)
-        amax = std::max(amax, std::abs(x[m * K + k])), sum += x[m * K + k];
-      r.scales[m * r.groups + g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
-      r.sums[m * r.groups + g] = sum;
-      // x * (32767 / amax) rounded to nearest (even): within one f32 ulp of x / scale, so a
-      // tie may round the other way; clamped to int16 against that ulp.
-      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-      for (int64_t k = begin; k < end; ++k)
-        r.q[m * K + k] = static_cast<int16_t>(
-            std::max(-32767.0f, std::min(32767.0f, std::nearbyint(x[m * K + k] * inv))));
+        amax = std::max(amax, std::abs(x[m * K + k])), nan |= std::isnan(x[m * K + k]);
+      // a NaN makes the group's scale and sum NaN, so that it reaches every output of its row
+      const float scale = r.scales[m * r.groups + g] =
+          nan ? std::numeric_limits<float>::quiet_NaN() : amax > 0.0f ? amax / levels : 1.0f;
+      // x * (levels / amax) rounded to nearest (even): within one f32 ulp of x / scale, so a
+      // tie may round the other way; clamped to +-levels against that ulp.
+      const float inv = amax > 0.0f && !nan ? levels / amax : 0.0f;
+      int64_t units = 0;  // exact: at most 256 * 32767
+      for (int64_t k = begin; k < end; ++k) {
+        const auto q = static_cast<int16_t>(
+            std::max(-levels, std::min(levels, std::nearbyint(x[m * K + k] * inv))));
+        r.q[m * K + k] = q;
+        units += q;
+      }
+      r.sums[m * r.groups + g] = scale * static_cast<float>(units);
     }
   }
   return r;
@@ -377,11 +400,15 @@ inline void dot_rows_int8(const QuantizedRows& xq, const float* x, int64_t row0,
 // ---- int4 (`paligemma/int4.py`'s layout): weight rows in blocks of 16, the 16 rows' 4-byte words
 // side by side: word c of a block (64 bytes) holds columns 8c .. 8c + 7 of each row, row r in
 // bytes 4r .. 4r + 3, byte j column 8c + 2j in its low nibble and 8c + 2j + 1 in its high one.
-// Read as int16 words, a row's two words hold columns 8c + V and 8c + 4 + V in nibble V, so one
-// shift and one mask per nibble give every 32-bit lane the pair of one weight row that meets x's
-// pair (x[8c + V], x[8c + 4 + V]), broadcast: the lanes hold 16 weight rows, and each group's
-// int32 sums need no adding across lanes (the row-major layout's sums across lanes took about a
-// quarter of a decode step at 4 rows of x).
+// One mask (low nibbles) or one shift and one mask (high nibbles) give every 32-bit lane the four
+// codes of one weight row, as bytes, that meet x's four bytes (x[8c], x[8c + 2], x[8c + 4],
+// x[8c + 6]) or (x[8c + 1], ..., x[8c + 7]), broadcast, in one u8 x s8 dot product (vpdpbusd):
+// the lanes hold 16 weight rows, and each group's int32 sums need no adding across lanes (the
+// row-major layout's sums across lanes took about a quarter of a decode step at 4 rows of x).
+// x is rounded to int8 per group for this (`quantize_rows`, 127 levels): half the dot products
+// of int16 pairs, which bounded a step at 4 rows of x (benchmarks/RESULTS.md), for a rounding of
+// x (at most 1/254 of its group's largest |x|) whose rms error in the products was 6-15x below
+// that of the int4 codes (Gaussian, Student-t and outlier-laden x, 2048 x 2048 at G = 128).
 constexpr int64_t kI4BlockRows = 16;
 constexpr int64_t kI4WordBytes = 64;                // one word of a block: 16 rows x 4 bytes
 constexpr int kI4Vectors = kI4BlockRows / kLanes;  // vectors per word of a block
@@ -394,56 +421,59 @@ inline const uint8_t* int4_block(const uint8_t* w, int64_t b, int64_t K) {
 inline const float* int4_group_scales(const float* s, int64_t b, int64_t groups, int64_t g) {
   return s + (b * groups + g) * 2 * kI4BlockRows;
 }
-// Independent int32 sums per group at XR rows of x, enough to hide the dot products' latency:
-// on the AVX-512 EPYC one decode step's int4 matrices at batch 1 took 0.68x the time with 16
-// than with 8, at batch 4 1.09-1.13x (benchmarks/RESULTS.md). AVX2's 16 registers must also
-// hold the accumulators and words: 2 rows of x at most.
+// Independent int32 sums per group (all rows of x together), enough to hide the dot products'
+// latency (benchmarks/RESULTS.md). AVX2's 16 registers must also hold the accumulators and
+// words: 2 rows of x at most.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr int int4_chains(int XR) { return XR == 1 ? 16 : 8; }
+constexpr int kI4Chains = 8;
 constexpr int kI4MaxXRows = 4;  // x rows per pass over a block
 #else
-constexpr int int4_chains(int) { return 4; }
+constexpr int kI4Chains = 4;
 constexpr int kI4MaxXRows = 2;
 #endif
 
-// x rows rounded to int16 (`quantize_rows`) as the int32 pairs the words meet: per 8 columns,
-// (x0, x4), (x1, x5), (x2, x6), (x3, x7).
-std::vector<int32_t> int4_pairs(const std::vector<int16_t>& q) {
-  std::vector<int32_t> pairs(q.size() / 2);
+// x rows rounded to int8 (`quantize_rows`, 127 levels) as the int32 quads the words' nibbles
+// meet: per 8 columns, the even columns' bytes (x0, x2, x4, x6), then the odd ones'.
+std::vector<int32_t> int4_quads(const std::vector<int16_t>& q) {
+  std::vector<int32_t> quads(q.size() / 4);
   for (size_t k0 = 0; k0 < q.size(); k0 += 8)
-    for (int v = 0; v < 4; ++v)
-      pairs[k0 / 2 + v] = static_cast<uint16_t>(q[k0 + v]) |
-                          static_cast<uint32_t>(static_cast<uint16_t>(q[k0 + 4 + v])) << 16;
-  return pairs;
+    for (int odd = 0; odd < 2; ++odd) {
+      uint32_t quad = 0;
+      for (int t = 0; t < 4; ++t)
+        quad |= static_cast<uint32_t>(static_cast<uint8_t>(q[k0 + 2 * t + odd])) << (8 * t);
+      quads[k0 / 4 + odd] = static_cast<int32_t>(quad);
+    }
+  return quads;
 }
 
-// Nibble V of a word's vectors against XR rows of x's pairs `xp` (row stride `ldx` pairs): into
-// chain (U * 4 + V) % A of each (x row, vector).
-template <int V, int U, int XR, int A>
-inline void int4_products(const vi (&words)[kI4Vectors], const int32_t* xp, int64_t ldx,
+// The low (ODD = 0) or high (ODD = 1) nibbles of a word's vectors against XR rows of x's quads
+// `xq` (row stride `ldx` quads): into chain (U * 2 + ODD) % A of each (x row, vector).
+template <int ODD, int U, int XR, int A>
+inline void int4_products(const vi (&words)[kI4Vectors], const int32_t* xq, int64_t ldx,
                           vi (&sum)[XR][kI4Vectors][A]) {
-  vi wv[kI4Vectors];
+  vi codes[kI4Vectors];
   for (int h = 0; h < kI4Vectors; ++h)
-    wv[h] = V == 3 ? srli_i16<12>(words[h]) : and_i(srli_i16<4 * V>(words[h]), set1_i16(0x0F));
+    codes[h] = and_i(ODD ? srli_i16<4>(words[h]) : words[h], set1_i8(0x0F));
   for (int i = 0; i < XR; ++i) {
-    const vi xv = set1_i32(xp[i * ldx + V]);
+    const vi xv = set1_i32(xq[i * ldx + ODD]);
     for (int h = 0; h < kI4Vectors; ++h)
-      sum[i][h][(U * 4 + V) % A] = dot_i16(sum[i][h][(U * 4 + V) % A], wv[h], xv);
+      sum[i][h][(U * 2 + ODD) % A] = dot_u8(sum[i][h][(U * 2 + ODD) % A], codes[h], xv);
   }
 }
 
 // One block of 16 packed int4 rows (`w`: K / 2 * 16 bytes; `s`: its scales [K / G][2][16]) against
 // XR rows of x from row0 -> y[i * N + r]. Per group g: y[i, r] += scale[r, g] * xscale[i, g] *
 // sum_k q[r, k] * xq[i, k] + offset[r, g] * xsum[i, g]. A group's chains together add G products
-// of a code (<= 15) and an int16 step of x (<= 32767) per lane: < 2^31 for G <= 256.
+// of a code (<= 15) and an int8 step of x (<= 127) per lane: far below 2^31.
 template <int XR>
-inline void dot_block_int4(const QuantizedRows& xq, const std::vector<int32_t>& pairs,
+inline void dot_block_int4(const QuantizedRows& xq, const std::vector<int32_t>& quads,
                            int64_t row0, const uint8_t* w, int64_t K, int64_t G, const float* s,
                            float* y, int64_t N) {
-  constexpr int A = std::max(1, int4_chains(XR) / (XR * kI4Vectors));  // per (x row, vector)
-  constexpr int U = (A + 3) / 4;  // words per step: a word's 4 nibbles feed 4 chains
+  constexpr int A = std::max(1, kI4Chains / (XR * kI4Vectors));  // per (x row, vector)
+  constexpr int U = (A + 1) / 2;  // words per step: a word's 2 nibbles feed 2 chains
+  static_assert(U == 1 || U == 2 || U == 4, "a group's words (G / 8, G % 32 == 0) are whole steps");
   const int64_t groups = K / G, words = G / 8;
-  const int32_t* xp = pairs.data() + row0 * (K / 2);
+  const int32_t* xp = quads.data() + row0 * (K / 4);
   vf acc[XR][kI4Vectors];
   for (int i = 0; i < XR; ++i)
     for (int h = 0; h < kI4Vectors; ++h) acc[i][h] = zero();
@@ -453,26 +483,24 @@ inline void dot_block_int4(const QuantizedRows& xq, const std::vector<int32_t>& 
       for (int h = 0; h < kI4Vectors; ++h)
         for (int a = 0; a < A; ++a) sum[i][h][a] = izero();
     const uint8_t* wg = w + g * words * kI4WordBytes;
-    const int32_t* xg = xp + g * G / 2;
+    const int32_t* xg = xp + g * G / 4;
+    auto word = [&](int64_t c, auto u) {
+      constexpr int kU = decltype(u)::value;
+      const uint8_t* wc = wg + (c + kU) * kI4WordBytes;
+      prefetch(wc + kPrefetchInt8);
+      vi v[kI4Vectors];
+      for (int h = 0; h < kI4Vectors; ++h)
+        v[h] = load_i16(reinterpret_cast<const int16_t*>(wc + h * kLanes * 4));
+      const int32_t* xc = xg + (c + kU) * 2;
+      int4_products<0, kU, XR, A>(v, xc, K / 4, sum);
+      int4_products<1, kU, XR, A>(v, xc, K / 4, sum);
+    };
     for (int64_t c = 0; c < words; c += U) {
-      auto word = [&](auto u) {
-        constexpr int kU = decltype(u)::value;
-        const uint8_t* wc = wg + (c + kU) * kI4WordBytes;
-        prefetch(wc + kPrefetchInt8);
-        vi v[kI4Vectors];
-        for (int h = 0; h < kI4Vectors; ++h) v[h] = load_i16(reinterpret_cast<const int16_t*>(
-                                                       wc + h * kLanes * 4));
-        const int32_t* xc = xg + (c + kU) * 4;
-        int4_products<0, kU, XR, A>(v, xc, K / 2, sum);
-        int4_products<1, kU, XR, A>(v, xc, K / 2, sum);
-        int4_products<2, kU, XR, A>(v, xc, K / 2, sum);
-        int4_products<3, kU, XR, A>(v, xc, K / 2, sum);
-      };
-      word(std::integral_constant<int, 0>{});
-      if constexpr (U > 1) word(std::integral_constant<int, 1>{});
+      word(c, std::integral_constant<int, 0>{});
+      if constexpr (U > 1) word(c, std::integral_constant<int, 1>{});
       if constexpr (U > 2) {
-        word(std::integral_constant<int, 2>{});
-        word(std::integral_constant<int, 3>{});
+        word(c, std::integral_constant<int, 2>{});
+        word(c, std::integral_constant<int, 3>{});
       }
     }
     const float* sg = int4_group_scales(s, 0, groups, g);
@@ -535,7 +563,7 @@ void gemv_kernel(const float* x, int64_t M, const W* w, const float* scale, int6
 void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t N,
                       int64_t K, float* y) {
   TORCH_CHECK(scale != nullptr, "gemv: int8 weights need their float32 scale");
-  const QuantizedRows xq = quantize_rows(x, M, K, kGroup);
+  const QuantizedRows xq = quantize_rows(x, M, K, kGroup, 32767.0f);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for_blocks(begin, end, M, K, [&](auto nr, int64_t n, const Rows& rows, auto xr, int64_t m) {
       dot_rows_int8<decltype(xr)::value, decltype(nr)::value>(xq, x, m, w + n * K, K, rows,
@@ -549,12 +577,12 @@ void gemv_kernel_int8(const float* x, int64_t M, const int8_t* w, const float* s
 // the rows of x kI4MaxXRows at a time while its bytes are in L1 / L2.
 void gemv_kernel_int4(const float* x, int64_t M, const uint8_t* w, const float* s, int64_t N,
                       int64_t K, int64_t G, float* y) {
-  const QuantizedRows xq = quantize_rows(x, M, K, G);
-  const std::vector<int32_t> pairs = int4_pairs(xq.q);
+  const QuantizedRows xq = quantize_rows(x, M, K, G, 127.0f);
+  const std::vector<int32_t> quads = int4_quads(xq.q);
   at::parallel_for(0, N / kI4BlockRows, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       auto pass = [&](auto xr, int64_t m) {
-        dot_block_int4<decltype(xr)::value>(xq, pairs, m, int4_block(w, b, K), K, G,
+        dot_block_int4<decltype(xr)::value>(xq, quads, m, int4_block(w, b, K), K, G,
                                             int4_group_scales(s, b, K / G, 0),
                                             y + m * N + b * kI4BlockRows, N);
       };
