@@ -178,8 +178,9 @@ class Attention(nn.Module):
         b, kv_heads, groups, c, h = q.shape
         q = q.reshape(b, kv_heads, groups * c, h)
         isa = dispatch.plan().kernel
+        rows_of_h = all(t.stride(-1) == 1 and t.stride(-2) == h for t in (k, v))  # the cache's
         if (isa and c <= dispatch.FEW_ROWS and not torch.is_grad_enabled() and q.is_cpu
-                and q.dtype == k.dtype == v.dtype == torch.float32
+                and q.dtype == k.dtype == v.dtype == torch.float32 and rows_of_h
                 and not self.probs._forward_hooks):
             out = kernels.attend_cached(isa, q, k, v, mask, self.cfg.attn_logits_softcap)
             return out.view(b, kv_heads, groups, c, h)
