@@ -127,7 +127,6 @@ inline vi dot_u8(vi acc, vi a, vi b) {  // acc[j] += sum_t a[4j + t] b[4j + t], 
 inline vi set1_i8(int8_t v) { return _mm512_set1_epi8(v); }
 inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vi and_i(vi a, vi b) { return _mm512_and_si512(a, b); }
-inline vi set1_i16(int16_t v) { return _mm512_set1_epi16(v); }
 template <int S> inline vi srli_i16(vi v) { return S ? _mm512_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
 inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
@@ -206,7 +205,6 @@ inline vi dot_u8(vi acc, vi a, vi b) {  // acc[j] += sum_t a[4j + t] b[4j + t], 
 inline vi set1_i8(int8_t v) { return _mm256_set1_epi8(v); }
 inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vi and_i(vi a, vi b) { return _mm256_and_si256(a, b); }
-inline vi set1_i16(int16_t v) { return _mm256_set1_epi16(v); }
 template <int S> inline vi srli_i16(vi v) { return S ? _mm256_srli_epi16(v, S) : v; }
 inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
 inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
@@ -1367,6 +1365,7 @@ inline void dot_rows_keys(const float* q, const float* keys, int64_t H, float* s
     }
 }
 
+// a . b over n floats (any n): two chains of vectors, then the tail.
 inline float dot(const float* a, const float* b, int64_t n) {
   vf s0 = zero(), s1 = zero();
   int64_t i = 0;
@@ -1454,8 +1453,8 @@ inline void weighted_values_tail(const float* probs, int64_t S, const float* v, 
 // softcap > 0 caps the scores at it (cap tanh(s / cap)) -> [B, K, Q, H] float32:
 //   softmax_j(where(mask, cap(q . k_j), kMaskFill)) . v, with f32 sums.
 // Three passes, each split across threads: the scores (keys in blocks of kKeysPerTask, each key
-// read once for all Q rows), their softmax per row, and the weighted values (kLanes columns per
-// task).
+// read once for all Q rows), their softmax per row, and the weighted values (kValueVectors
+// vectors of columns per task where H allows).
 at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& mask, double softcap) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
@@ -1559,20 +1558,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& gain, double eps) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * ldx;
       float* yr = yp + r * D;
-      vf s0 = zero(), s1 = zero();
-      int64_t d = 0;
-      for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
-        const vf a = load(xr + d), b = load(xr + d + kLanes);
-        s0 = fmadd(a, a, s0);
-        s1 = fmadd(b, b, s1);
-      }
-      for (; d + kLanes <= D; d += kLanes) s0 = fmadd(load(xr + d), load(xr + d), s0);
-      float squares = hsum(add(s0, s1));
-      for (; d < D; ++d) squares += xr[d] * xr[d];
+      const float squares = dot(xr, xr, D);
       const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(D) +
                                              static_cast<float>(eps));
       const vf vinv = set1(inverse);
-      for (d = 0; d + kLanes <= D; d += kLanes)
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes)
         store(yr + d, mul(mul(load(xr + d), vinv), load(g + d)));
       for (; d < D; ++d) yr[d] = xr[d] * inverse * g[d];
     }
